@@ -1,0 +1,54 @@
+# diffllm — `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+# The pinned torch is installed before the project so pip never resolves an open range to a
+# multi-GB CUDA wheel on a CPU box. On a GPU node: `make TORCH_SPEC='torch==2.13.0' ...` (PyPI's
+# Linux wheel is the CUDA build) or any build you already have: `make TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.diffllm-installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train test test-fast lint format bench-sampler ablation assets eval clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the project (editable) with its dev tools
+
+train: $(STAMP)  ## run the embedded default (tiny AR LLaMA -> diffusion, CPU, < 5 min); ARGS='k=v ...'
+	$(PY) -m diffllm.train $(ARGS)
+
+test: $(STAMP)  ## run the test suite (CPU, hermetic)
+	$(PY) -m pytest $(ARGS)
+
+test-fast: $(STAMP)  ## the suite without the end-to-end runs
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: $(STAMP)  ## ruff check + format check
+	$(PY) -m ruff check diffllm tests
+	$(PY) -m ruff format --check diffllm tests
+
+format: $(STAMP)  ## ruff fix + format
+	$(PY) -m ruff check --fix diffllm tests
+	$(PY) -m ruff format diffllm tests
+
+assets: $(STAMP)  ## rebuild the embedded tiny assets (data, tokenizer, AR base) from scratch
+	$(PY) -m diffllm.assets --force
+
+bench-sampler: $(STAMP)  ## sampler speed/quality table on the embedded default model
+	$(PY) -m diffllm.bench.sampler $(ARGS)
+
+ablation: $(STAMP)  ## schedule x shift x weighting multirun on the embedded default, writes a table
+	$(PY) -m diffllm.bench.ablation $(ARGS)
+
+clean:  ## remove run outputs (keeps .venv)
+	rm -rf outputs multirun .pytest_cache

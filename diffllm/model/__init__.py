@@ -1,0 +1,1 @@
+"""Model side: loading a causal LM, switching its attention, the [MASK] token and LoRA."""

@@ -1,0 +1,75 @@
+"""The diffusion view of a (bidirectional, LoRA-adapted) causal LM.
+
+With ``shift=True`` (DiffuLLaMA, Dream) the prediction for token i is read from the hidden state
+at position i - 1, exactly as the AR head was trained; with ``shift=False`` position i predicts
+itself. Logits are computed only where they are needed: a full (tokens x 128k) fp32 logits
+tensor costs ~0.5 MB per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def source_positions(targets: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Boolean (B, L) mask of the hidden states that predict the ``targets`` positions.
+
+    With shift, position i is predicted from i - 1; the first position has no source and must
+    never be a target (it is always a prompt token).
+    """
+    if not shift:
+        return targets
+    if targets[:, 0].any():
+        raise ValueError("with shift=True position 0 cannot be predicted; it must be a prompt token")
+    return torch.cat([targets[:, 1:], torch.zeros_like(targets[:, :1])], dim=1)
+
+
+def align(logits: torch.Tensor, shift: bool) -> torch.Tensor:
+    """(B, L, V) raw logits -> (B, L, V) predictions where [:, i] predicts token i."""
+    if not shift:
+        return logits
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+class DiffusionLM(nn.Module):
+    """Wraps a Hugging Face causal LM (optionally a PeftModel) for masked-diffusion use."""
+
+    def __init__(self, model: nn.Module, mask_id: int, shift: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.mask_id = int(mask_id)
+        self.shift = bool(shift)
+
+    @property
+    def base(self) -> nn.Module:
+        """The underlying ``*ForCausalLM`` (through a PEFT wrapper if there is one)."""
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if callable(get_base) else self.model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.base.get_output_embeddings()
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        """(B, L, H) final hidden states of the decoder (LoRA layers included)."""
+        out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return out.last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, V) aligned logits: [:, i] is the prediction for token i."""
+        return align(self.lm_head(self.hidden_states(input_ids, attention_mask)), self.shift)
+
+    def logits_at(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(N, V) predictions for the N True positions of ``targets`` (B, L), in row-major order."""
+        if hidden is None:
+            hidden = self.hidden_states(input_ids, attention_mask)
+        return self.lm_head(hidden[source_positions(targets, self.shift)])
