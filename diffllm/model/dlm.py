@@ -8,8 +8,13 @@ tensor costs ~0.5 MB per token.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
 import torch
 from torch import nn
+
+from diffllm.model.attention import causal_attention
 
 
 def source_positions(targets: torch.Tensor, shift: bool) -> torch.Tensor:
@@ -73,3 +78,15 @@ class DiffusionLM(nn.Module):
         if hidden is None:
             hidden = self.hidden_states(input_ids, attention_mask)
         return self.lm_head(hidden[source_positions(targets, self.shift)])
+
+
+@contextmanager
+def ar_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The original AR model inside a ``with`` block: LoRA adapters off, causal attention back.
+
+    ``model`` is the HF causal LM or its PeftModel wrapper (``DiffusionLM.model``). The [MASK]
+    row added to the embedding is never an input of the AR model, so it changes nothing here.
+    """
+    disable = getattr(model, "disable_adapter", None)
+    with (disable() if callable(disable) else nullcontext()), causal_attention(model):
+        yield model
