@@ -1,0 +1,43 @@
+"""Config helpers: the ``${asset:...}`` resolver and composing ``conf/`` from Python."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def asset_path(name: str) -> str:
+    """``${asset:tiny/ar_base}`` -> absolute path inside the packaged assets folder."""
+    from diffllm.assets import TINY_DIR
+
+    return str(TINY_DIR.parent / name)
+
+
+def register_resolvers() -> None:
+    """Idempotent: the resolvers the config tree uses."""
+    OmegaConf.register_new_resolver("asset", asset_path, replace=True)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """Compose ``conf/`` like ``python -m diffllm.train`` would (for tests and notebooks).
+
+    ``hydra:`` interpolations (the run folder) are not available outside ``@hydra.main``; set
+    ``output_dir=...`` in ``overrides`` instead.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
+
+
+def to_plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Resolved plain-python containers (what PEFT, Lightning hparams and JSON accept)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    return cfg

@@ -1,0 +1,252 @@
+"""Alpaca-format data -> padded batches {input_ids, attention_mask, answer_mask}.
+
+A row renders through the prompt template into (prompt, answer); tokens are
+``prompt_ids + answer_ids + [EOS]`` and ``answer_mask`` is True on ``answer_ids + [EOS]`` only
+(optionally also on extra EOS padding up to a length bucket, LLaDA-style). Tokenisation runs
+through ``datasets.map`` (batched, cached by fingerprint); batches are padded per batch.
+
+Rows that are not Alpaca rows are never silently dropped: they are counted, logged with their
+index and reason, written to ``rejected_rows.jsonl`` in the run folder, and ``strict=True`` turns
+them into an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from diffllm.data.template import MalformedRowError, check_row, render, render_prompt
+
+log = logging.getLogger(__name__)
+
+
+def encode_row(
+    row: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    max_length: int,
+    answer_pad_to: int | None = None,
+) -> dict[str, Any]:
+    """One row -> ``input_ids``, ``answer_mask`` (list of 0/1), ``prompt_len``, ``truncated``.
+
+    The prompt keeps the tokenizer's own special tokens (BOS); the answer has none and ends with
+    EOS. ``answer_pad_to=k`` appends extra EOS so the supervised span is a multiple of k tokens
+    (the model learns to fill a fixed canvas with EOS after its answer).
+    """
+    prompt, answer = render(row, template)
+    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if answer_pad_to:
+        a_ids += [tokenizer.eos_token_id] * (-len(a_ids) % answer_pad_to)
+    truncated = len(p_ids) + len(a_ids) > max_length
+    if truncated:
+        a_ids = a_ids[: max(max_length - len(p_ids), 0)]
+    return {
+        "input_ids": p_ids + a_ids,
+        "answer_mask": [0] * len(p_ids) + [1] * len(a_ids),
+        "prompt_len": len(p_ids),
+        "truncated": truncated,
+    }
+
+
+@dataclass
+class Collator:
+    """Right-pads a list of encoded rows into (B, L) tensors."""
+
+    pad_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            length += -length % self.pad_to_multiple_of
+        batch = len(rows)
+        input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        answer_mask = torch.zeros((batch, length), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(r["input_ids"])
+            attention_mask[i, :n] = 1
+            answer_mask[i, :n] = torch.as_tensor(r["answer_mask"], dtype=torch.bool)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask}
+
+
+@dataclass
+class DataReport:
+    """What happened to the raw rows: nothing is dropped without being counted here."""
+
+    rows: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    too_long: int = 0  # answer cut to fit max_length (the EOS may be lost)
+    no_answer_room: int = 0  # prompt alone fills max_length: kept out of training, listed in rejected
+
+    def summary(self) -> str:
+        return (
+            f"{self.rows} rows: {len(self.rejected)} rejected (malformed or no room for the answer), "
+            f"{self.too_long} with the answer truncated to max_length"
+        )
+
+
+def load_rows(path: str, split: str = "train") -> datasets.Dataset:
+    """A local JSON/JSONL file (or folder of them) with Alpaca keys, or a hub dataset id."""
+    try:
+        if os.path.exists(path):
+            files = sorted(str(p) for p in Path(path).glob("*.json*")) if os.path.isdir(path) else [path]
+            if not files:
+                raise FileNotFoundError(f"no .json/.jsonl file in {path}")
+            return datasets.load_dataset("json", data_files=files, split="train")
+        return datasets.load_dataset(path, split=split)
+    except Exception as err:  # datasets raises many types; all mean the same thing to the user
+        raise RuntimeError(
+            f"could not load data {path!r} ({type(err).__name__}: {err}).\n  Fix: point data.path at a local "
+            ".json/.jsonl file with keys instruction/input/output, or give a hub dataset id on a machine "
+            "with hub access (e.g. data.path=tatsu-lab/alpaca)."
+        ) from err
+
+
+class AlpacaDataModule(L.LightningDataModule):
+    """Alpaca (hub or local file) -> train / val dataloaders of padded prompt/answer batches."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        path: str = "tatsu-lab/alpaca",
+        split: str = "train",
+        val_path: str | None = None,
+        val_size: float | int = 0.02,
+        template: str = "alpaca",
+        max_length: int = 512,
+        answer_pad_to: int | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        limit_train_rows: int | None = None,
+        limit_val_rows: int | None = None,
+        num_sample_prompts: int = 4,
+        strict: bool = False,
+        report_dir: str | None = None,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.collate = Collator(tokenizer.pad_token_id, pad_to_multiple_of)
+        self.report = DataReport()
+        self.train_ds: datasets.Dataset | None = None
+        self.val_ds: datasets.Dataset | None = None
+        self.val_raw: datasets.Dataset | None = None
+
+    # -- raw rows -------------------------------------------------------------------------------
+    def _validate(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
+        """Keep well-formed rows; count, log and record the others with their index and reason."""
+        bad: list[dict[str, Any]] = []
+        keep: list[int] = []
+        for i, row in enumerate(ds):
+            try:
+                check_row(row)
+                keep.append(i)
+            except MalformedRowError as err:
+                bad.append({"split": name, "index": i, "reason": str(err), "row": row})
+        self.report.rows += len(ds)
+        if bad:
+            self.report.rejected.extend(bad)
+            shown = "; ".join(f"row {b['index']}: {b['reason']}" for b in bad[:5])
+            msg = f"{len(bad)} malformed row(s) in {name} data ({shown}{' ...' if len(bad) > 5 else ''})"
+            if self.hparams.strict:
+                raise MalformedRowError(msg + ". Fix the rows or set data.strict=false to skip and report them.")
+            log.warning("%s; skipped, listed in rejected_rows.jsonl", msg)
+        return ds.select(keep) if bad else ds
+
+    def _encode(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
+        hp = self.hparams
+        tokenizer = self.tokenizer
+
+        def encode_batch(batch: dict[str, list]) -> dict[str, list]:
+            rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+            enc = [encode_row(r, tokenizer, hp.template, hp.max_length, hp.answer_pad_to) for r in rows]
+            return {k: [e[k] for e in enc] for k in enc[0]}
+
+        out = ds.map(encode_batch, batched=True, desc=f"tokenising {name}", remove_columns=ds.column_names)
+        self.report.too_long += sum(out["truncated"])
+        no_room = [i for i, m in enumerate(out["answer_mask"]) if not any(m)]
+        if no_room:
+            self.report.no_answer_room += len(no_room)
+            for i in no_room[:1000]:
+                self.report.rejected.append(
+                    {"split": name, "index": i, "reason": f"prompt alone fills max_length={hp.max_length}"}
+                )
+            log.warning(
+                "%d %s row(s) have no room for the answer within max_length=%d; kept out. "
+                "Raise data.max_length to keep them.", len(no_room), name, hp.max_length,
+            )
+            keep = sorted(set(range(len(out))) - set(no_room))
+            out = out.select(keep)
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_ds is not None:
+            return
+        hp = self.hparams
+        raw = self._validate(load_rows(hp.path, hp.split), "train")
+        if hp.val_path:
+            train_raw, val_raw = raw, self._validate(load_rows(hp.val_path, hp.split), "val")
+        else:
+            parts = raw.train_test_split(test_size=hp.val_size, seed=hp.seed, shuffle=True)
+            train_raw, val_raw = parts["train"], parts["test"]
+        if hp.limit_train_rows:
+            train_raw = train_raw.select(range(min(hp.limit_train_rows, len(train_raw))))
+        if hp.limit_val_rows:
+            val_raw = val_raw.select(range(min(hp.limit_val_rows, len(val_raw))))
+        self.val_raw = val_raw
+        self.train_ds = self._encode(train_raw, "train")
+        self.val_ds = self._encode(val_raw, "val")
+        log.info("data: %s; train %d, val %d", self.report.summary(), len(self.train_ds), len(self.val_ds))
+        if hp.report_dir and self.report.rejected:
+            Path(hp.report_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(hp.report_dir) / "rejected_rows.jsonl", "w") as f:
+                for r in self.report.rejected:
+                    f.write(json.dumps(r, default=str) + "\n")
+
+    # -- fixed validation prompts for the sampler -----------------------------------------------
+    def sample_prompts(self, n: int | None = None) -> list[dict[str, Any]]:
+        """The first ``n`` validation rows as {prompt, prompt_ids, reference}, fixed across epochs."""
+        self.setup()
+        n = self.hparams.num_sample_prompts if n is None else n
+        out = []
+        for row in self.val_raw.select(range(min(n, len(self.val_raw)))):
+            prompt = render_prompt(row, self.hparams.template)
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            out.append({"prompt": prompt, "prompt_ids": ids, "reference": row["output"].strip(), "row": dict(row)})
+        return out
+
+    # -- loaders --------------------------------------------------------------------------------
+    def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        cols = ds.with_format(columns=["input_ids", "answer_mask"])
+        return DataLoader(
+            cols,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.hparams.num_workers,
+            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_ds, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_ds, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)

@@ -1,0 +1,221 @@
+"""The LightningModule: orchestration only. The math lives in ``diffllm.diffusion``.
+
+Every choice (schedule, time sampler, loss, annealing, sampler) is a Hydra node instantiated
+here from the plain-dict config the module is built from; the module never branches on strings.
+Checkpoints keep only the trainable weights (LoRA, a trained [MASK] row) plus the config: the
+frozen base is rebuilt from ``model.pretrained`` when a checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from diffllm.diffusion.forward import forward_process
+from diffllm.diffusion.likelihood import ar_nll, elbo_nll
+from diffllm.diffusion.sampler import generate
+from diffllm.metrics import exact_match, rouge_l
+from diffllm.model.load import build_diffusion_model, trainable_line
+
+log = logging.getLogger(__name__)
+
+
+class DiffusionLitModule(L.LightningModule):
+    """Masked-diffusion fine-tuning of a bidirectional LoRA-adapted causal LM.
+
+    cfg: the whole resolved run config as plain containers (``diffllm.config.to_plain``); it is
+    saved as the only hyperparameter, so ``load_from_checkpoint(path)`` rebuilds the same run.
+    """
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.strict_loading = False  # the checkpoint holds the trainable weights only
+        self.cfg = cfg
+        self.dlm, self.tokenizer = build_diffusion_model(lora=cfg["lora"], **cfg["model"])
+        log.info("%s", trainable_line(self.dlm.model))
+        self.schedule = instantiate(cfg["schedule"])
+        self.time_sampler = instantiate(cfg["time_sampler"])
+        self.loss_fn = instantiate(cfg["loss"])
+        self.annealing = instantiate(cfg["anneal"])
+        self.sampler_config = instantiate(cfg["sampler"])
+        self.sample_prompts: list[dict[str, Any]] = []
+        self.val_loss = MeanMetric()
+        self.val_nll_bound = MeanMetric()
+        self.val_ar_nll = MeanMetric()
+
+    @property
+    def mask_id(self) -> int:
+        return self.dlm.mask_id
+
+    # -- the objective ---------------------------------------------------------------------------
+    def diffusion_loss(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Sample t, hide answer tokens w.p. 1 - alpha(t), predict them back; returns (loss, stats)."""
+        x0, attention_mask, answer_mask = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
+        t = self.time_sampler(x0.shape[0], device=x0.device, generator=generator)  # (B,)
+        xt, hidden = forward_process(x0, answer_mask, self.schedule.mask_prob(t), self.mask_id, generator)
+        attn = self.annealing.mask(
+            attention_mask, self.global_step, self.dlm.base.config._attn_implementation, self.dtype
+        )
+        logits = self.dlm.logits_at(xt, hidden, attn)  # (N, V) only at hidden positions
+        t_pos = t[:, None].expand_as(x0)[hidden]  # (N,) the t of each hidden token's row
+        n_answer = answer_mask.sum()
+        loss = self.loss_fn(
+            logits,
+            x0[hidden],
+            t_pos,
+            self.schedule,
+            n_answer=n_answer,
+            n_hidden=hidden.sum(),
+            n_tokens=attention_mask.sum(),
+        )
+        return loss, {"n_answer": n_answer, "n_hidden": hidden.sum()}
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, stats = self.diffusion_loss(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/hidden_frac", stats["n_hidden"] / stats["n_answer"].clamp_min(1), batch_size=bs)
+        return loss
+
+    # -- validation ------------------------------------------------------------------------------
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        seed = int(self.cfg.get("seed", 0)) * 1_000_003 + batch_idx
+        gen = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
+        loss, stats = self.diffusion_loss(batch, generator=gen)
+        self.val_loss.update(loss, weight=stats["n_answer"])
+        lk = self.cfg.get("val_likelihood", {})
+        args = (self.dlm, batch["input_ids"], batch["attention_mask"], batch["answer_mask"])
+        nll, count = elbo_nll(
+            *args, self.schedule, num_samples=lk.get("num_samples", 4), method=lk.get("method", "grid"), seed=seed
+        )
+        ar, ar_count = ar_nll(*args)
+        keep = count > 0
+        self.val_nll_bound.update(nll[keep] / count[keep], weight=count[keep])
+        self.val_ar_nll.update(ar[keep] / ar_count[keep], weight=ar_count[keep])
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        nll, ar = self.val_nll_bound.compute(), self.val_ar_nll.compute()
+        self.log_dict(
+            {
+                "val/loss": self.val_loss.compute(),
+                "val/nll_bound": nll,
+                "val/ar_nll": ar,
+                "val/gap": nll - ar,
+                "val/ppl_bound": torch.exp(nll),
+                "val/ar_ppl": torch.exp(ar),
+            },
+            prog_bar=False,
+        )
+        for m in (self.val_loss, self.val_nll_bound, self.val_ar_nll):
+            m.reset()
+        if not self.trainer.sanity_checking and self.sample_prompts:
+            self._validation_samples()
+
+    @override
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "sample_prompts") and not self.sample_prompts:
+            self.sample_prompts = dm.sample_prompts()
+
+    def sample(self, prompt_ids: list[list[int]], seed: int = 0, **overrides: Any) -> list[str]:
+        """Decode answers for token-id prompts with the configured sampler (overrides replace fields)."""
+        config = self.sampler_config
+        if overrides:
+            config = type(config)(**{**vars(config), **overrides})
+        out = generate(
+            self.dlm, prompt_ids, config, eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, seed=seed
+        )
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
+
+    @rank_zero_only
+    def _validation_samples(self) -> None:
+        """Run the sampler on the fixed validation prompts; log EM, ROUGE-L and a samples table."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            preds = self.sample([p["prompt_ids"] for p in self.sample_prompts], seed=int(self.cfg.get("seed", 0)))
+        self.train(was_training)
+        refs = [p["reference"] for p in self.sample_prompts]
+        self.log("val/exact_match", exact_match(preds, refs), rank_zero_only=True)
+        self.log("val/rougeL", rouge_l(preds, refs), rank_zero_only=True)
+        rows = [
+            {"step": self.global_step, "prompt": p["prompt"], "generated": g, "reference": r}
+            for p, g, r in zip(self.sample_prompts, preds, refs)
+        ]
+        self._log_samples_table(rows)
+
+    def _log_samples_table(self, rows: list[dict[str, Any]]) -> None:
+        """Write the table to every logger in the form it takes: CSV file, TensorBoard text, W&B table."""
+        for logger in self.loggers:
+            if hasattr(logger, "log_text"):  # W&B
+                logger.log_text(key="val/samples", columns=list(rows[0]), data=[list(r.values()) for r in rows])
+            elif hasattr(getattr(logger, "experiment", None), "add_text"):  # TensorBoard
+                md = "| prompt | generated | reference |\n|---|---|---|\n" + "\n".join(
+                    f"| {r['prompt']!r} | {r['generated']!r} | {r['reference']!r} |" for r in rows
+                )
+                logger.experiment.add_text("val/samples", md, self.global_step)
+            elif getattr(logger, "log_dir", None):  # CSV (and anything with a folder)
+                path = Path(logger.log_dir) / "val_samples.csv"
+                new = not path.exists()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    if new:
+                        w.writeheader()
+                    w.writerows(rows)
+
+    # -- optimisation ----------------------------------------------------------------------------
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt_cfg = self.cfg["optimizer"]
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params, lr=opt_cfg["lr"], weight_decay=opt_cfg.get("weight_decay", 0.0), betas=tuple(opt_cfg.get("betas", (0.9, 0.999)))
+        )
+        warmup = int(opt_cfg.get("warmup_steps", 0))
+        total = max(int(self.trainer.estimated_stepping_batches), warmup + 1)
+        floor = float(opt_cfg.get("min_lr_ratio", 0.0))
+
+        def lr_lambda(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints: trainable weights + config only ---------------------------------------------
+    def trainable_state_keys(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["diffllm"] = {"mask_id": self.mask_id, "trainable": trainable_line(self.dlm.model)}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = self.trainable_state_keys() - set(checkpoint["state_dict"])
+        if missing:
+            raise RuntimeError(
+                f"checkpoint lacks {len(missing)} trainable tensor(s) of this config (e.g. {sorted(missing)[:3]}); "
+                "it was written by a run with another lora/model config: load it with that config"
+            )

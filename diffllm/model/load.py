@@ -1,0 +1,263 @@
+"""Load a Hugging Face causal LM and turn it into a masked-diffusion model.
+
+    pretrained causal LM  ->  + [MASK] token (new embedding row or a reused special token)
+                          ->  bidirectional attention (both switches, see ``attention.py``)
+                          ->  PEFT LoRA on the attention projections only
+                          ->  ``DiffusionLM`` (aligned logits, shift, mask id)
+
+``build_from_config`` does the same from an architecture dict, on any device including ``meta``:
+that is how the dry run counts LLaMA 3.2 1B's parameters without downloading a byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from diffllm.model.attention import set_bidirectional
+from diffllm.model.dlm import DiffusionLM
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says what to do."""
+
+
+def _hub_help(pretrained: str, err: Exception) -> ModelLoadError:
+    local = os.path.isdir(pretrained)
+    where = "the local folder" if local else "the Hugging Face Hub"
+    hint = (
+        f"check that {pretrained!r} holds config.json, the weights and the tokenizer files"
+        if local
+        else (
+            "this machine may have no hub access, or the model is gated. Either log in "
+            "(`hf auth login`, after accepting the licence on the model's hub page) or download it "
+            f"elsewhere and point the run at it: `model.pretrained=/path/to/{pretrained.split('/')[-1]}`"
+        )
+    )
+    return ModelLoadError(f"could not load {pretrained!r} from {where} ({type(err).__name__}: {err}).\n  Fix: {hint}.")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(pretrained: str, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``pretrained`` with a pad token (EOS when it has none: Llama 3 has none)."""
+    try:
+        tok = AutoTokenizer.from_pretrained(pretrained, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _hub_help(pretrained, err) from err
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"tokenizer of {pretrained!r} has no EOS token; the answer span needs one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@dataclass(frozen=True)
+class MaskTokenSpec:
+    """How the [MASK] token enters the vocabulary.
+
+    mode:  ``add`` a new token and a new embedding row (the seed recipe), or ``reuse`` an
+           existing (reserved, never-trained) special token given by ``token``.
+    init:  for a new row, ``mean`` of the existing input embeddings or ``token:<text>`` to copy
+           that token's embedding (``random`` keeps the model's own initialisation).
+    """
+
+    mode: str = "add"
+    token: str = "[MASK]"
+    init: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("add", "reuse"):
+            raise ValueError(f"mask_token.mode={self.mode!r}: use 'add' (new row) or 'reuse' (existing token)")
+        if not (self.init in ("mean", "random") or self.init.startswith("token:")):
+            raise ValueError(f"mask_token.init={self.init!r}: use 'mean', 'random' or 'token:<text>'")
+
+
+def _init_new_rows(model: nn.Module, old_vocab: int, init: str, init_ids: Sequence[int] = ()) -> None:
+    """Initialise embedding rows >= old_vocab in place (input and, if untied, output embeddings)."""
+    if init == "random" or model.get_input_embeddings().weight.is_meta:
+        return
+    embeddings = [model.get_input_embeddings()]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not embeddings[0].weight:
+        embeddings.append(out)
+    with torch.no_grad():
+        for emb in embeddings:
+            w = emb.weight
+            src = w[:old_vocab].float().mean(0) if init == "mean" else w[list(init_ids)].float().mean(0)
+            w[old_vocab:] = src.to(w.dtype)
+
+
+def add_mask_token(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, spec: MaskTokenSpec = MaskTokenSpec()
+) -> int:
+    """Give the model a [MASK] token; returns its id.
+
+    With a tokenizer, ``add`` registers ``spec.token`` as its mask token and grows the embedding
+    to the new vocabulary size. Without one (the meta-device dry run) one row is appended and the
+    new id is the old vocabulary size.
+    """
+    old_vocab = model.get_input_embeddings().weight.shape[0]
+    if spec.mode == "reuse":
+        if tokenizer is None:
+            raise ValueError("mask_token.mode=reuse needs a tokenizer to look the token up")
+        mask_id = tokenizer.convert_tokens_to_ids(spec.token)
+        if mask_id is None or mask_id == tokenizer.unk_token_id or mask_id >= old_vocab:
+            raise ValueError(
+                f"mask_token.token={spec.token!r} is not a token of this vocabulary; "
+                "name an existing reserved token (e.g. Llama 3's '<|reserved_special_token_0|>') or use mode=add"
+            )
+        tokenizer.mask_token = spec.token
+        return int(mask_id)
+
+    if tokenizer is not None:
+        tokenizer.add_special_tokens({"mask_token": spec.token})
+        mask_id = int(tokenizer.mask_token_id)
+        new_vocab = max(len(tokenizer), old_vocab)
+        if mask_id < old_vocab:  # the tokenizer already knew the token: no new row needed
+            return mask_id
+    else:
+        mask_id, new_vocab = old_vocab, old_vocab + 1
+    # mean_resizing=False: we initialise the new row ourselves (and it is slow on big vocabularies)
+    model.resize_token_embeddings(new_vocab, mean_resizing=False)
+    init_ids: list[int] = []
+    if spec.init.startswith("token:"):
+        if tokenizer is None:
+            raise ValueError("mask_token.init=token:<text> needs a tokenizer")
+        init_ids = tokenizer.encode(spec.init.split(":", 1)[1], add_special_tokens=False)
+        if not init_ids:
+            raise ValueError(f"mask_token.init={spec.init!r} encodes to no token")
+    _init_new_rows(model, old_vocab, spec.init, init_ids)
+    return mask_id
+
+
+def check_attention_targets(model: nn.Module, target_modules: Sequence[str]) -> None:
+    """Refuse LoRA targets that are not projections inside an attention block."""
+    hits = 0
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in target_modules:
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            if "attention" not in type(parent).__name__.lower():
+                raise ValueError(
+                    f"lora.target_modules contains {leaf!r}, but {name} sits in {type(parent).__name__}, "
+                    "not an attention block; diffllm adapts attention only (e.g. q_proj, k_proj, v_proj, o_proj)"
+                )
+            hits += 1
+    if hits == 0:
+        raise ValueError(f"lora.target_modules={list(target_modules)} matched no module of {type(model).__name__}")
+
+
+def apply_lora(
+    model: nn.Module, lora: Mapping[str, Any], mask_id: int | None = None, train_mask_row: bool = False
+) -> PeftModel:
+    """Wrap ``model`` with PEFT LoRA adapters built from ``lora`` (LoraConfig keyword arguments).
+
+    ``train_mask_row`` makes the [MASK] embedding row trainable too (PEFT trainable tokens); the
+    rest of the embedding stays frozen.
+    """
+    kwargs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(lora).items()}
+    kwargs.pop("_target_", None)
+    kwargs.setdefault("task_type", "CAUSAL_LM")
+    check_attention_targets(model, kwargs.get("target_modules") or ())
+    if train_mask_row:
+        if mask_id is None:
+            raise ValueError("train_mask_row=True needs the mask id")
+        embed_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+        kwargs["trainable_token_indices"] = {embed_name.rsplit(".", 1)[-1]: [int(mask_id)]}
+    return get_peft_model(model, LoraConfig(**kwargs))
+
+
+def _load_causal_lm(pretrained: str, dtype: torch.dtype, attn_implementation: str, **kwargs: Any) -> nn.Module:
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            pretrained, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        )
+    except (OSError, ValueError) as err:
+        raise _hub_help(pretrained, err) from err
+
+
+def build_diffusion_model(
+    pretrained: str,
+    lora: Mapping[str, Any] | None,
+    *,
+    shift: bool = True,
+    attn_implementation: str = "sdpa",
+    dtype: str = "float32",
+    mask_token: Mapping[str, Any] | None = None,
+    train_mask_row: bool = False,
+    trust_remote_code: bool = False,
+    **_: Any,
+) -> tuple[DiffusionLM, PreTrainedTokenizerBase]:
+    """Pretrained causal LM -> bidirectional LoRA ``DiffusionLM`` and its tokenizer ([MASK] included).
+
+    ``lora=None`` returns the converted model without adapters (full fine-tuning or inspection).
+    Extra keys (the model node's ``config`` architecture, used by the dry run) are ignored here.
+    """
+    tokenizer = load_tokenizer(pretrained, trust_remote_code=trust_remote_code)
+    model = _load_causal_lm(pretrained, resolve_dtype(dtype), attn_implementation, trust_remote_code=trust_remote_code)
+    mask_id = add_mask_token(model, tokenizer, MaskTokenSpec(**dict(mask_token or {})))
+    set_bidirectional(model)
+    if lora is not None:
+        model = apply_lora(model, lora, mask_id=mask_id, train_mask_row=train_mask_row)
+    return DiffusionLM(model, mask_id=mask_id, shift=shift), tokenizer
+
+
+def build_from_config(
+    config: Mapping[str, Any],
+    lora: Mapping[str, Any] | None,
+    *,
+    device: str | torch.device = "meta",
+    mask_token: Mapping[str, Any] | None = None,
+    train_mask_row: bool = False,
+    shift: bool = True,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    **_: Any,
+) -> DiffusionLM:
+    """The same conversion from an architecture dict (``model_type`` + config fields), no weights."""
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("model.config needs a 'model_type' (e.g. llama) to build the architecture")
+    hf_config = AutoConfig.for_model(model_type, **config)
+    hf_config._attn_implementation = attn_implementation
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=resolve_dtype(dtype))
+    mask_id = add_mask_token(model, None, MaskTokenSpec(**dict(mask_token or {})))
+    set_bidirectional(model)
+    if lora is not None:
+        model = apply_lora(model, lora, mask_id=mask_id, train_mask_row=train_mask_row)
+    return DiffusionLM(model, mask_id=mask_id, shift=shift)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts, as PEFT's ``print_trainable_parameters`` counts them."""
+    if isinstance(model, PeftModel):
+        return model.get_nb_trainable_parameters()
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def trainable_line(model: nn.Module) -> str:
+    """PEFT's line: ``trainable params: 1,703,936 || all params: 1,237,520,384 || trainable%: 0.1377``."""
+    trainable, total = parameter_counts(model)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"

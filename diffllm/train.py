@@ -1,0 +1,91 @@
+"""Training entry point: ``python -m diffllm.train [overrides]`` (Hydra).
+
+``train(cfg)`` is a plain importable function returning (metrics, objects); ``main`` is the thin
+Hydra wrapper and returns the metric a sweeper optimises.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from diffllm.config import register_resolvers, to_plain
+from diffllm.model.load import ModelLoadError, build_from_config, trainable_line
+
+log = logging.getLogger("diffllm.train")
+
+
+def dry_run(cfg: DictConfig) -> dict[str, Any]:
+    """Build the converted model without weights (meta device) and print PEFT's parameter line."""
+    model_cfg = to_plain(cfg.model)
+    if model_cfg.get("config"):
+        dlm = build_from_config(model_cfg["config"], to_plain(cfg.lora), device="meta", **model_cfg)
+    else:  # no architecture in the config: load the real thing (a local folder, e.g. the tiny model)
+        from diffllm.model.load import build_diffusion_model
+
+        dlm, _ = build_diffusion_model(lora=to_plain(cfg.lora), **model_cfg)
+    line = trainable_line(dlm.model)
+    print(line, flush=True)
+    return {"trainable_line": line, "mask_id": dlm.mask_id}
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit the diffusion model described by ``cfg``; returns (metrics, {module, datamodule, trainer})."""
+    register_resolvers()
+    if cfg.get("dry_run"):
+        return dry_run(cfg), {}
+
+    from diffllm.assets import ensure_tiny_assets
+    from diffllm.lit_module import DiffusionLitModule
+    from diffllm.report import build_report, format_report, write_report
+
+    if "${asset:" in OmegaConf.to_yaml(cfg, resolve=False):
+        ensure_tiny_assets()
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.output_dir)
+    plain = to_plain(cfg)
+    module = DiffusionLitModule(plain)
+    datamodule = instantiate(cfg.data, tokenizer=module.tokenizer)
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=None)
+    callbacks = [ckpt] + ([LearningRateMonitor(logging_interval="step")] if loggers else [])
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out_dir))
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True) if out_dir.exists() else None
+
+    log.info("%s", trainable_line(module.dlm.model))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    if cfg.report.enabled and trainer.is_global_zero:
+        report = build_report(
+            module, datamodule, num_rows=cfg.report.num_rows, likelihood_samples=cfg.report.likelihood_samples, seed=cfg.seed
+        )
+        path = write_report(report, out_dir)
+        print("\n" + format_report(report), flush=True)
+        print(f"\noutputs: {out_dir}\n  checkpoint: {ckpt.last_model_path}\n  report:     {path}", flush=True)
+        metrics.update({f"report/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+    return metrics, {"module": module, "datamodule": datamodule, "trainer": trainer}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics, _ = train(cfg)
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return None if value is None else float(value)
+
+
+if __name__ == "__main__":
+    register_resolvers()
+    main()
