@@ -1,0 +1,180 @@
+"""Conversion: bidirectional attention, the [MASK] row, LoRA on attention only, parameter counts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from diffllm.config import compose
+from diffllm.model.attention import causal_attention, is_bidirectional, set_bidirectional
+from diffllm.model.load import (
+    ModelLoadError,
+    apply_lora,
+    build_diffusion_model,
+    build_from_config,
+    parameter_counts,
+    trainable_line,
+)
+from diffllm.train import train
+
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+def attn_impls() -> list[str]:
+    impls = ["eager", "sdpa"]
+    try:
+        import flash_attn  # noqa: F401
+
+        if torch.cuda.is_available():
+            impls.append("flash_attention_2")
+    except ImportError:
+        pass
+    return impls
+
+
+def _perturbed_lora(tiny_model_dir: str, impl: str):
+    dlm, tok = build_diffusion_model(tiny_model_dir, LORA, attn_implementation=impl, shift=False)
+    torch.manual_seed(1)
+    for n, p in dlm.model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)  # a trained-looking adapter, so LoRA is on the path under test
+    return dlm.eval(), tok
+
+
+@pytest.mark.parametrize("impl", attn_impls())
+@pytest.mark.parametrize("padded", [False, True])
+def test_last_token_changes_first_logit(tiny_model_dir, impl, padded):
+    dlm, tok = _perturbed_lora(tiny_model_dir, impl)
+    assert is_bidirectional(dlm.model)
+    ids = torch.tensor([tok.encode("copy the words cat dog red")])
+    if padded:  # batch of 2, the second row right-padded by 3
+        other = tok.encode("copy cat")
+        row2 = other + [tok.pad_token_id] * (ids.shape[1] - len(other))
+        ids = torch.cat([ids, torch.tensor([row2])])
+        mask = (ids != tok.pad_token_id).long()
+        mask[0] = 1
+    else:
+        mask = torch.ones_like(ids)
+    changed = ids.clone()
+    changed[0, -1] = tok.convert_tokens_to_ids("blue")
+    with torch.no_grad():
+        a, b = dlm(ids, mask), dlm(changed, mask)
+        assert (a[0, 0] - b[0, 0]).abs().max() > 1e-4, "position 0 did not see the last token"
+        with causal_attention(dlm.model):
+            c, d = dlm(ids, mask), dlm(changed, mask)
+        torch.testing.assert_close(c[0, 0], d[0, 0])  # the switch back to causal really is causal
+    assert is_bidirectional(dlm.model)
+
+
+@pytest.mark.parametrize("impl", attn_impls())
+def test_padding_does_not_change_real_tokens(tiny_model_dir, impl):
+    dlm, tok = _perturbed_lora(tiny_model_dir, impl)
+    short = tok.encode("sort the list cat dog")
+    long = tok.encode("reverse the words cat dog red blue green")
+    pad = len(long) - len(short)
+    batch = torch.tensor([long, short + [tok.pad_token_id] * pad])
+    mask = torch.tensor([[1] * len(long), [1] * len(short) + [0] * pad])
+    with torch.no_grad():
+        both = dlm(batch, mask)
+        alone = dlm(torch.tensor([short]), torch.ones(1, len(short), dtype=torch.long))
+    torch.testing.assert_close(both[1, : len(short)], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_mask_token_is_a_new_mean_row(tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    old_vocab = base.get_input_embeddings().weight.shape[0]
+    dlm, tok = build_diffusion_model(tiny_model_dir, None)
+    assert dlm.mask_id == old_vocab == tok.mask_token_id
+    assert tok.convert_ids_to_tokens(dlm.mask_id) == "[MASK]"
+    emb = dlm.base.get_input_embeddings().weight
+    assert emb.shape[0] == old_vocab + 1
+    torch.testing.assert_close(emb[:old_vocab], base.get_input_embeddings().weight)
+    torch.testing.assert_close(emb[old_vocab], base.get_input_embeddings().weight.mean(0))
+    out = dlm.base.get_output_embeddings().weight  # untied here: its new row is the mean too
+    torch.testing.assert_close(out[old_vocab], base.get_output_embeddings().weight.mean(0))
+
+
+def test_mask_token_reuse_keeps_vocab(tiny_model_dir):
+    dlm, tok = build_diffusion_model(tiny_model_dir, None, mask_token={"mode": "reuse", "token": "<reserved_0>"})
+    assert dlm.mask_id == tok.convert_tokens_to_ids("<reserved_0>") == tok.mask_token_id
+    assert dlm.base.get_input_embeddings().weight.shape[0] == len(tok)
+    for bad in ("<nope>", "<unk>"):
+        with pytest.raises(ValueError, match="not a token of this vocabulary"):
+            build_diffusion_model(tiny_model_dir, None, mask_token={"mode": "reuse", "token": bad})
+
+
+def test_lora_only_on_attention_and_frozen_count(tiny_model_dir):
+    dlm, tok = build_diffusion_model(tiny_model_dir, LORA)
+    cfg = dlm.base.config
+    trainable = {n: p for n, p in dlm.model.named_parameters() if p.requires_grad}
+    assert trainable, "nothing to train"
+    for name in trainable:
+        assert "lora_" in name and any(f".{m}." in name for m in LORA["target_modules"]), name
+    # exact count: r * (in + out) for each adapted projection, every layer
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    per_layer = LORA["r"] * ((h + h) + (h + kv) + (h + kv) + (h + h))
+    assert sum(p.numel() for p in trainable.values()) == per_layer * cfg.num_hidden_layers
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base_count = sum(p.numel() for p in base.parameters()) + 2 * cfg.hidden_size  # + the [MASK] row, in and out
+    frozen = sum(p.numel() for p in dlm.model.parameters() if not p.requires_grad)
+    assert frozen == base_count
+
+
+def test_train_mask_row_adds_exactly_one_row(tiny_model_dir):
+    dlm, _ = build_diffusion_model(tiny_model_dir, LORA, train_mask_row=True)
+    plain, _ = build_diffusion_model(tiny_model_dir, LORA)
+    t1, _ = parameter_counts(dlm.model)
+    t0, _ = parameter_counts(plain.model)
+    assert t1 - t0 == dlm.base.config.hidden_size
+    extra = [n for n, p in dlm.model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert extra and all("embed_tokens" in n for n in extra)
+
+
+def test_lora_refuses_mlp_targets(tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="not an attention block"):
+        apply_lora(base, {**LORA, "target_modules": ["q_proj", "up_proj"]})
+    with pytest.raises(ValueError, match="matched no module"):
+        apply_lora(base, {**LORA, "target_modules": ["query"]})
+
+
+def test_set_bidirectional_refuses_models_without_attention_switch():
+    with pytest.raises(ValueError, match="no attention module"):
+        set_bidirectional(torch.nn.Linear(2, 2))
+
+
+SEED_LINE = "trainable params: 1,703,936 || all params: 1,237,520,384 || trainable%: 0.1377"
+
+
+def test_llama_3_2_1b_on_meta_matches_the_seed_figures():
+    cfg = compose(["+experiment=alpaca_lora", "dry_run=true", "output_dir=/tmp/unused"])
+    metrics, _ = train(cfg)
+    assert metrics["trainable_line"] == SEED_LINE
+    assert metrics["mask_id"] == 128256
+    dlm = build_from_config(dict(cfg.model.config), dict(cfg.lora))
+    assert trainable_line(dlm.model) == SEED_LINE
+    assert is_bidirectional(dlm.model)
+    assert dlm.base.get_input_embeddings().weight.shape[0] == 128257
+
+
+def test_dry_run_cli_prints_the_seed_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "diffllm.train", "+experiment=alpaca_lora", "dry_run=true", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # composes from any working directory
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert SEED_LINE in out.stdout
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="model.pretrained="):
+        build_diffusion_model("meta-llama/Llama-3.2-1B", LORA)
+    with pytest.raises(ModelLoadError, match="local folder"):
+        build_diffusion_model(str(tmp_path), LORA)
