@@ -1,17 +1,36 @@
 """The masked-diffusion training loss.
 
-For a batch with answer spans A_b, hidden set H_b ⊂ A_b at times t_b:
+For a batch with answer spans A_b, hidden sets H_b ⊂ A_b drawn at times t_b:
 
-    loss = sum_b sum_{i in H_b} w(t_b) * CE(p_theta(. | x_t)_i, x0_i)  /  sum_b |A_b|
+    loss = sum_b sum_{i in H_b} c(t_b) * CE(p_theta(. | x_t)_i, x0_i)  /  Z
 
-i.e. the ELBO's per-token cross-entropy, normalised by the number of answer tokens in the batch,
-so its expectation over t and the masking is an upper bound on the answer NLL per token.
+with a weighting c and a normaliser Z chosen by ``MaskedDiffusionLoss``:
+
+    weighting      c(t)                          normalisation   Z
+    "elbo"         w(t) = -alpha'(t)/(1-alpha(t))  "answer_tokens"  sum_b |A_b|       (LLaDA SFT)
+    "uniform"      1                              "hidden_tokens"  sum_b |H_b|       (DiffuLLaMA)
+                                                  "batch_tokens"   non-pad tokens of the batch
+
+Why ("elbo", "answer_tokens") is the default: for each row, E_t E_{H|t}[ sum_{i in H} w(t) CE_i ]
+is the continuous-time negative ELBO of the answer given the prompt (MDLM, LLaDA), an upper bound on
+-log p_theta(answer | prompt). Dividing by the fixed answer length keeps that expectation intact,
+so the loss estimates an upper bound on the answer NLL per token, in nats, directly comparable to
+the AR model's per-token NLL on the same answers (``val/nll_bound`` vs ``val/ar_nll``). Dividing by
+the random |H_b| instead (a ratio of random variables) or dropping w(t) gives a fine training
+signal but no longer a bound: its value cannot be compared with an NLL.
+
+With several rows the ratio sum_b ELBO_b / sum_b |A_b| is a token-weighted average (longer
+answers count more), as in LLaDA. Under DDP each rank normalises by its own counts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from diffllm.diffusion.schedule import NoiseSchedule
 
 
 def masked_diffusion_loss(
@@ -22,7 +41,75 @@ def masked_diffusion_loss(
     logits:     (N, V) predictions at the N hidden positions (already shift-aligned)
     targets:    (N,)   the clean tokens there
     weights:    (N,)   w(t) of each position's row
-    normaliser: the number of answer tokens the sum is divided by
+    normaliser: the number of tokens the sum is divided by
     """
     ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
     return (ce * weights).sum() / normaliser
+
+
+def elbo_weight(t: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """c(t) = w(t) = -alpha'(t) / (1 - alpha(t)), the continuous-time ELBO weight."""
+    return schedule.weight(t.float())
+
+
+def uniform_weight(t: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """c(t) = 1: plain cross-entropy on the hidden tokens (MaskGIT-style, not a bound)."""
+    return torch.ones_like(t, dtype=torch.float32)
+
+
+WEIGHTINGS: dict[str, Callable[[torch.Tensor, NoiseSchedule], torch.Tensor]] = {
+    "elbo": elbo_weight,
+    "uniform": uniform_weight,
+}
+
+# normalisation name -> the keyword argument of MaskedDiffusionLoss.__call__ that holds Z
+NORMALISATIONS: dict[str, str] = {
+    "answer_tokens": "n_answer",
+    "hidden_tokens": "n_hidden",
+    "batch_tokens": "n_tokens",
+}
+
+
+class MaskedDiffusionLoss:
+    """The weighted, normalised cross-entropy of the hidden tokens (see the module docstring).
+
+    Call with the predictions at the N hidden positions only:
+
+        logits (N, V), targets (N,), t_of_position (N,) = t of each position's row,
+        e.g. ``t[:, None].expand_as(hidden)[hidden]`` for (B,) times and a (B, L) ``hidden`` mask;
+        n_answer / n_hidden / n_tokens: batch totals (int or 0-d tensor) of answer tokens,
+        hidden tokens and non-pad tokens. Only the one the normalisation names is used.
+
+    A zero normaliser (e.g. no token hidden at tiny t with "hidden_tokens") is treated as 1, so the
+    loss is 0 rather than NaN.
+    """
+
+    def __init__(self, weighting: str = "elbo", normalisation: str = "answer_tokens") -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {sorted(WEIGHTINGS)}")
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(
+                f"unknown loss normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}"
+            )
+        self.weighting = weighting
+        self.normalisation = normalisation
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        t_of_position: torch.Tensor,
+        schedule: NoiseSchedule,
+        *,
+        n_answer: int | torch.Tensor,
+        n_hidden: int | torch.Tensor,
+        n_tokens: int | torch.Tensor,
+    ) -> torch.Tensor:
+        counts = {"n_answer": n_answer, "n_hidden": n_hidden, "n_tokens": n_tokens}
+        z = counts[NORMALISATIONS[self.normalisation]]
+        z = z.clamp_min(1) if isinstance(z, torch.Tensor) else max(z, 1)
+        weights = WEIGHTINGS[self.weighting](t_of_position, schedule)  # (N,)
+        return masked_diffusion_loss(logits, targets, weights, z)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(weighting={self.weighting!r}, normalisation={self.normalisation!r})"
