@@ -1,0 +1,340 @@
+"""The denoising sampler: fill an all-[MASK] answer canvas over a number of steps.
+
+Layout of the canvas (B, P + G): left-padded prompts of P columns, then G = ``gen_length`` answer
+positions, all [MASK] at the start. The answer is split into G / b blocks of b = ``block_length``
+positions, decoded left to right (LLaDA semi-autoregressive sampling); inside a block, every step
+
+1. runs the model on the canvas and reads the logits of the block's still-masked positions,
+2. lets the strategy (``strategies.STRATEGIES``) propose a token x_i and a confidence c_i there,
+3. commits some of them, chosen by the confidence:
+
+   * schedule (default): the n masked positions of the block at its start are spread evenly over
+     its S = steps / num_blocks steps, k_s = floor(n / S) + [s < n mod S] (LLaDA
+     ``get_num_transfer_tokens``); the last step commits whatever is left;
+   * threshold τ (Fast-dLLM parallel decoding): every masked position with c_i > τ, at least the
+     single most confident one; the block ends when it has no [MASK] left.
+
+Committed tokens are never changed again (no remasking), the prompt is never changed, and the
+[MASK] token itself is never proposed, so the output holds no [MASK].
+
+Options: classifier-free guidance (LLaDA): a second pass with the prompt replaced by [MASK],
+``logits = uncond + (cfg_scale + 1) * (cond - uncond)``; ``eos_penalty`` lowers c_i where x_i is
+EOS; ``fill_after_eos`` turns every [MASK] after a committed EOS into EOS.
+
+Prefix KV cache (``cache="prefix"``, Fast-dLLM): at the start of each block the whole canvas is run
+once and the keys/values of everything before the block are kept; the block's later steps run
+only [block + suffix] on top of them. The cached prefix was computed while the block was still
+masked, so with bidirectional attention this is an approximation (exact for a causal model).
+
+Batch rows never interact: padding is masked out and position ids restart at every row's first
+real token, each row draws from its own ``torch.Generator`` seeded with ``seed``, and a row draws
+nothing at steps where its block is already full, so a row's answer is the one it gets alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from diffllm.diffusion.strategies import STRATEGIES, TokenSampling, choose_positions
+from diffllm.diffusion.trajectory import Trajectory, TrajectoryStep
+
+CACHE_MODES = ("none", "prefix")
+
+
+@dataclass
+class SamplerConfig:
+    """Sampler settings; the field names are the Hydra keys of ``conf/sampler/*.yaml``."""
+
+    gen_length: int = 64  # answer positions G
+    steps: int | None = None  # denoising steps in total (None = gen_length); schedule mode only
+    block_length: int | None = None  # semi-AR block size (None = gen_length: one block)
+    strategy: str = "low_confidence"  # key of strategies.STRATEGIES
+    temperature: float = 0.0  # 0 = greedy argmax
+    top_k: int | None = None
+    top_p: float | None = None
+    threshold: float | None = None  # τ: commit all c_i > τ (at least one) instead of the schedule
+    cache: str = "none"  # "none" | "prefix"
+    cfg_scale: float = 0.0  # classifier-free guidance (0 = off)
+    eos_penalty: float = 0.0  # subtracted from c_i where x_i is EOS
+    # schedule mode: skip a block's remaining steps once no row has a [MASK] in it (a threshold block
+    # always ends once full; stop_early=false keeps nfe == steps for fair speed comparisons)
+    stop_early: bool = True
+    fill_after_eos: bool = False  # every [MASK] after a committed EOS becomes EOS
+
+    def __post_init__(self) -> None:
+        if self.gen_length < 1:
+            raise ValueError(f"gen_length must be >= 1, got {self.gen_length}")
+        b = self.resolved_block_length
+        if not 1 <= b <= self.gen_length or self.gen_length % b:
+            raise ValueError(
+                f"block_length={self.block_length} must divide gen_length={self.gen_length}; "
+                f"set block_length to a divisor of {self.gen_length} (or null for one block)"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"unknown cache {self.cache!r}; choose one of {list(CACHE_MODES)}")
+        if self.threshold is not None:
+            if self.steps is not None:
+                raise ValueError(
+                    f"steps={self.steps} is unused with threshold={self.threshold}: a block ends when "
+                    "it has no [MASK] left; set steps=null (or threshold=null to use the schedule)"
+                )
+        else:
+            steps = self.resolved_steps
+            if steps < 1 or steps % self.num_blocks:
+                raise ValueError(
+                    f"steps={steps} cannot be spread evenly over {self.num_blocks} blocks "
+                    f"(gen_length={self.gen_length}, block_length={b}); set steps to a positive "
+                    f"multiple of {self.num_blocks}"
+                )
+            if steps > self.gen_length:
+                raise ValueError(
+                    f"steps={steps} > gen_length={self.gen_length} would spend forward passes that "
+                    f"commit nothing; set steps <= {self.gen_length}"
+                )
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 or null (0/null = off), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or null, got {self.top_p}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {self.cfg_scale}")
+
+    @property
+    def resolved_block_length(self) -> int:
+        return self.gen_length if self.block_length is None else int(self.block_length)
+
+    @property
+    def resolved_steps(self) -> int:
+        return self.gen_length if self.steps is None else int(self.steps)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.resolved_block_length
+
+    @property
+    def steps_per_block(self) -> int | None:
+        """Schedule steps S per block; None with a threshold (data-dependent, at most b)."""
+        return None if self.threshold is not None else self.resolved_steps // self.num_blocks
+
+    @property
+    def sampling(self) -> TokenSampling:
+        return TokenSampling(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class SampleOutput:
+    """What ``generate`` returns."""
+
+    tokens: list[list[int]]  # answers, truncated at the first EOS (EOS removed)
+    canvas: torch.Tensor  # (B, gen_length) the final answer canvas, EOS and all
+    nfe: int  # network evaluations on the batch; a CFG step counts 2 (cond + uncond)
+    steps: int  # denoising steps taken (forward rounds)
+    trajectories: list[Trajectory] | None = None
+
+
+def transfer_schedule(num_masked: int, steps: int) -> list[int]:
+    """k_s = floor(n / S) + [s < n mod S] for s < S: n commits spread evenly, sum k_s = n."""
+    base, extra = divmod(num_masked, steps)
+    return [base + (1 if s < extra else 0) for s in range(steps)]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids (B, P) and attention mask (B, P), padded on the left."""
+    if not prompts:
+        raise ValueError("prompts is empty; pass a list of token-id lists")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def truncate_at_eos(row: list[int], eos_id: int) -> list[int]:
+    return row[: row.index(eos_id)] if eos_id in row else row
+
+
+def _device(module: nn.Module) -> torch.device:
+    try:
+        return next(module.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+class _Denoiser:
+    """Runs the model and hands back the hidden states that predict the current block.
+
+    ``hidden[:, j]`` (rows 0..B-1 conditional, B..2B-1 unconditional under CFG) predicts canvas
+    position ``lo + j``. With the prefix cache the first call of a block runs the whole canvas and
+    keeps the KV of positions < ``lo - shift``; later calls run only ``[lo - shift, L)`` on it.
+    """
+
+    def __init__(self, dlm: nn.Module, config: SamplerConfig, prompt_mask: torch.Tensor) -> None:
+        self.dlm = dlm
+        self.shift = int(dlm.shift)
+        self.cfg = config.cfg_scale > 0
+        self.use_cache = config.cache == "prefix"
+        self.prompt_mask = prompt_mask.bool()  # (B, P)
+        self.cache = None
+        self.start = 0
+
+    def new_block(self) -> None:
+        self.cache = None
+        self.start = 0
+
+    def __call__(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, lo: int, hi: int
+    ) -> torch.Tensor:
+        if self.cfg:  # unconditional copy: the prompt's real tokens become [MASK]
+            uncond = x.clone()
+            prompt = uncond[:, : self.prompt_mask.shape[1]]
+            prompt[self.prompt_mask] = self.dlm.mask_id
+            x = torch.cat([x, uncond])
+            attention_mask = torch.cat([attention_mask, attention_mask])
+            position_ids = torch.cat([position_ids, position_ids])
+        kwargs: dict = {"use_cache": False}
+        if self.use_cache:
+            if self.cache is None:
+                self.cache = DynamicCache(config=self.dlm.base.config)
+                self.start = 0
+            kwargs = {"cache": self.cache, "use_cache": True}
+        start = self.start
+        hidden = self.dlm.hidden_states(
+            x[:, start:], attention_mask, position_ids=position_ids[:, start:], **kwargs
+        )  # (B or 2B, L - start, H); the mask covers cache + new tokens
+        if self.use_cache:  # keep only the prefix before the block (the source of its first token)
+            self.start = lo - self.shift
+            self.cache.crop(self.start - self.cache.get_seq_length())
+        return hidden[:, lo - self.shift - start : hi - self.shift - start]
+
+    def logits(self, hidden: torch.Tensor, row: int, cols: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """(n, V) float32 logits of one row at block columns ``cols``, CFG applied, [MASK] banned."""
+        logits = self.dlm.lm_head(hidden[row, cols]).float()
+        if self.cfg:
+            batch = hidden.shape[0] // 2
+            uncond = self.dlm.lm_head(hidden[batch + row, cols]).float()
+            logits = uncond + (cfg_scale + 1.0) * (logits - uncond)
+        logits[:, self.dlm.mask_id] = float("-inf")
+        return logits
+
+
+@torch.no_grad()
+def generate(
+    dlm: nn.Module,
+    prompts: list[list[int]],
+    config: SamplerConfig,
+    *,
+    eos_id: int,
+    pad_id: int | None,
+    seed: int = 0,
+    record_trajectory: bool = False,
+) -> SampleOutput:
+    """Denoise ``config.gen_length`` answer tokens after each prompt (see the module docstring).
+
+    ``dlm`` is a ``DiffusionLM`` (anything with ``hidden_states``, ``lm_head``, ``mask_id``,
+    ``shift``; ``.base.config`` for the prefix cache). The model is put in eval mode for the call.
+    ``prompts`` are token-id lists of any lengths; ``pad_id`` only fills the left padding, which the
+    attention mask hides (None = use ``eos_id``, as for LLaMA tokenizers without a pad token).
+    """
+    strategy = STRATEGIES[config.strategy]
+    sampling = config.sampling
+    device = _device(dlm)
+    mask_id = int(dlm.mask_id)
+    if mask_id == eos_id:
+        raise ValueError(f"mask_id={mask_id} equals eos_id; the [MASK] token must be a token of its own")
+    pad_id = eos_id if pad_id is None else pad_id
+
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    batch, width = prompt_ids.shape
+    gen = config.gen_length
+    x = torch.cat([prompt_ids, torch.full((batch, gen), mask_id)], dim=1).to(device)  # (B, P + G)
+    attention_mask = torch.cat([prompt_mask, torch.ones(batch, gen, dtype=torch.long)], 1).to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # (B, P + G), 0 at the first real token
+    generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(batch)]
+    trajectories = [Trajectory(list(p), mask_id) for p in prompts] if record_trajectory else None
+    denoise = _Denoiser(dlm, config, prompt_mask.to(device))
+    block_len, steps_per_block = config.resolved_block_length, config.steps_per_block
+    nfe_per_step = 2 if config.cfg_scale > 0 else 1
+    steps_taken = 0
+
+    was_training = dlm.training
+    dlm.eval()
+    try:
+        for block in range(config.num_blocks):
+            lo = width + block * block_len
+            hi = lo + block_len
+            denoise.new_block()
+            masked = x[:, lo:hi] == mask_id  # (B, b)
+            schedule = None
+            if steps_per_block is not None:
+                schedule = [transfer_schedule(int(n), steps_per_block) for n in masked.sum(-1)]
+            max_steps = block_len if steps_per_block is None else steps_per_block
+            for step in range(max_steps):
+                masked = x[:, lo:hi] == mask_id  # (B, b)
+                active = masked.any(-1)  # (B,)
+                if not active.any() and (config.stop_early or steps_per_block is None):
+                    break
+                hidden = denoise(x, attention_mask, position_ids, lo, hi)
+                steps_taken += 1
+                last = steps_per_block is not None and step == steps_per_block - 1
+                for row in range(batch):
+                    if not active[row]:
+                        continue  # no draw from this row's generator: it would not step alone
+                    cols = masked[row].nonzero().squeeze(-1)  # (n,) block columns still masked
+                    logits = denoise.logits(hidden, row, cols, config.cfg_scale)  # (n, V)
+                    confidence, tokens = strategy(logits, sampling, generators[row])  # (n,), (n,)
+                    confidence = confidence - config.eos_penalty * (tokens == eos_id).double()
+                    if schedule is None:
+                        chosen = choose_positions(confidence, None, config.threshold)
+                    else:
+                        num = cols.numel() if last else schedule[row][step]
+                        chosen = choose_positions(confidence, num, None)
+                    positions = lo + cols[chosen]
+                    x[row, positions] = tokens[chosen]
+                    filled = _fill_after_eos(x[row, width:], eos_id, mask_id) if config.fill_after_eos else []
+                    if trajectories is not None:
+                        trajectories[row].steps.append(
+                            TrajectoryStep(
+                                block=block,
+                                canvas=x[row, width:].tolist(),
+                                committed=(positions - width).tolist(),
+                                confidences=confidence[chosen].tolist(),
+                                filled=filled,
+                            )
+                        )
+    finally:
+        dlm.train(was_training)
+
+    canvas = x[:, width:]  # (B, G)
+    if (canvas == mask_id).any():
+        raise RuntimeError(f"sampler bug: [MASK] left in the output canvas under {config}")
+    rows = canvas.tolist()
+    return SampleOutput(
+        tokens=[truncate_at_eos(r, eos_id) for r in rows],
+        canvas=canvas.cpu(),
+        nfe=steps_taken * nfe_per_step,
+        steps=steps_taken,
+        trajectories=trajectories,
+    )
+
+
+def _fill_after_eos(answer: torch.Tensor, eos_id: int, mask_id: int) -> list[int]:
+    """Set every [MASK] after the first EOS of ``answer`` (G,) to EOS in place; returns those positions."""
+    eos_at = (answer == eos_id).nonzero()
+    if eos_at.numel() == 0:
+        return []
+    after = torch.arange(answer.numel(), device=answer.device) > eos_at[0, 0]
+    fill = after & (answer == mask_id)
+    answer[fill] = eos_id
+    return fill.nonzero().squeeze(-1).tolist()
