@@ -26,8 +26,9 @@ log = logging.getLogger("diffllm.train")
 def dry_run(cfg: DictConfig) -> dict[str, Any]:
     """Build the converted model without weights (meta device) and print PEFT's parameter line."""
     model_cfg = to_plain(cfg.model)
-    if model_cfg.get("config"):
-        dlm = build_from_config(model_cfg["config"], to_plain(cfg.lora), device="meta", **model_cfg)
+    architecture = model_cfg.pop("config", None)
+    if architecture:
+        dlm = build_from_config(architecture, to_plain(cfg.lora), device="meta", **model_cfg)
     else:  # no architecture in the config: load the real thing (a local folder, e.g. the tiny model)
         from diffllm.model.load import build_diffusion_model
 

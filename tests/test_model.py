@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from diffllm.config import compose
+from diffllm.config import compose, to_plain
 from diffllm.model.attention import causal_attention, is_bidirectional, set_bidirectional
 from diffllm.model.load import (
     ModelLoadError,
@@ -155,7 +155,7 @@ def test_llama_3_2_1b_on_meta_matches_the_seed_figures():
     metrics, _ = train(cfg)
     assert metrics["trainable_line"] == SEED_LINE
     assert metrics["mask_id"] == 128256
-    dlm = build_from_config(dict(cfg.model.config), dict(cfg.lora))
+    dlm = build_from_config(to_plain(cfg.model.config), to_plain(cfg.lora))
     assert trainable_line(dlm.model) == SEED_LINE
     assert is_bidirectional(dlm.model)
     assert dlm.base.get_input_embeddings().weight.shape[0] == 128257
