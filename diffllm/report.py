@@ -45,7 +45,7 @@ def build_report(module, datamodule, num_rows: int = 64, likelihood_samples: int
         batch = datamodule.collate([val[i] for i in range(start, min(start + bs, n))])
         batch = {k: v.to(device) for k, v in batch.items()}
         args = (dlm, batch["input_ids"], batch["attention_mask"], batch["answer_mask"])
-        s, c = elbo_nll(*args, module.schedule, num_samples=likelihood_samples, method="grid", seed=seed + start)
+        s, c = elbo_nll(*args, module.eval_schedule, num_samples=likelihood_samples, method="grid", seed=seed + start)
         a, _ = ar_nll(*args)
         nll_sum, ar_sum, count = nll_sum + s.sum().item(), ar_sum + a.sum().item(), count + c.sum().item()
 
