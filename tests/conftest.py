@@ -67,3 +67,34 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+# A few optimizer steps of the embedded default on CPU: enough for every CLI/notebook test that
+# needs "a checkpoint of a real run". Shared by the whole session (about 20 s).
+TINY_RUN = [
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=1",
+    "trainer.num_sanity_val_steps=1",
+    "trainer.enable_progress_bar=false",
+    "data.limit_train_rows=128",
+    "data.limit_val_rows=16",
+    "data.batch_size=8",
+    "data.num_sample_prompts=2",
+    "report.num_rows=8",
+    "report.likelihood_samples=2",
+    "sampler.gen_length=8",
+    "sampler.steps=8",
+    "val_likelihood.num_samples=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(run folder, last.ckpt path, metrics) of a short embedded-default run."""
+    from diffllm.config import compose
+    from diffllm.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    metrics, _ = train(compose(TINY_RUN + [f"output_dir={out}"]))
+    return out, out / "checkpoints" / "last.ckpt", metrics
