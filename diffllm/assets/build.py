@@ -1,0 +1,392 @@
+"""Build the embedded tiny world: task data -> BPE tokenizer -> a tiny LLaMA trained autoregressively.
+
+The default diffusion run converts this tiny AR model exactly as it converts Llama 3.2: same
+architecture class (``LlamaForCausalLM``, tied embeddings, grouped-query attention), a tokenizer
+with BOS/EOS/PAD and no mask token (the conversion adds "[MASK]" as a new embedding row).
+
+The AR base is trained with next-token cross-entropy on the whole rendered sequence
+(``<s> prompt answer </s>``), i.e. it is a small *base* LM of this data, as LLaMA is a base LM of
+text, not an answer-only SFT model. Answer tokens are up-weighted (``answer_weight``): the prompts
+carry ~3.7 nats of irreducible entropy per list word, and without the weight that noise dominates
+the gradient of a 3-minute budget.
+
+Everything is seeded; with the same torch build and thread count the weights are reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from diffllm.data.template import render, render_prompt
+from diffllm.data.tiny_tasks import TASKS, generate_rows, read_jsonl, write_jsonl
+
+TEMPLATE = "short"
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
+
+
+@dataclass
+class BuildConfig:
+    """Every knob of the tiny build; saved next to the assets as ``build_info.json``."""
+
+    n_train: int = 8000
+    n_val: int = 500
+    train_seed: int = 0
+    val_seed: int = 1
+    vocab_size: int = 512  # upper bound; BPE stops when no pair occurs twice (~496 here)
+    model: dict = field(
+        default_factory=lambda: dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=344,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,  # as in Llama-3.2-1B
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+        )
+    )
+    model_seed: int = 0
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    answer_weight: float = 4.0  # loss weight of answer tokens (+EOS) relative to prompt tokens
+    threads: int = 2
+    eval_rows: int | None = None  # None: all val rows
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on ``texts``; digits are split one per token.
+
+    Byte-level (as in Llama 3) so any text round-trips exactly; the 256 byte symbols are all in
+    the vocabulary. Encoding adds BOS (``<s>``) in front, like Llama 3; EOS is appended by the
+    caller after the answer.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    bos_id = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=128
+    )
+
+
+def encode_row(tokenizer, row: dict) -> tuple[list[int], list[bool]]:
+    """``<s> prompt answer </s>`` ids and the answer mask (True on answer tokens and EOS)."""
+    prompt, answer = render(row, TEMPLATE)
+    prompt_ids = tokenizer(prompt).input_ids  # starts with BOS
+    answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, [False] * len(prompt_ids) + [True] * len(answer_ids)
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def _batch(encoded: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, L) ids and (B, L) bool answer mask (False on padding)."""
+    length = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    answer = torch.zeros((len(encoded), length), dtype=torch.bool)
+    for i, (row_ids, row_mask) in enumerate(encoded):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        answer[i, : len(row_mask)] = torch.tensor(row_mask)
+    return ids, answer
+
+
+def train_ar(
+    model: LlamaForCausalLM, encoded: list[tuple[list[int], list[bool]]], cfg: BuildConfig, pad_id: int
+) -> list[float]:
+    """Next-token CE on ``<s> prompt answer </s>``, answer tokens weighted ``cfg.answer_weight``.
+
+    Right padding needs no attention mask under causal attention (a real token never attends to a
+    later pad); pad targets get weight 0. Returns the per-step losses.
+    """
+    gen = torch.Generator().manual_seed(cfg.train_seed)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10 %
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    losses, order, cursor = [], torch.randperm(len(encoded), generator=gen), 0
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        if cursor + cfg.batch_size > len(order):
+            order, cursor = torch.randperm(len(encoded), generator=gen), 0
+        idx = order[cursor : cursor + cfg.batch_size].tolist()
+        cursor += cfg.batch_size
+        ids, answer = _batch([encoded[i] for i in idx], pad_id)  # (B, L)
+        logits = model(input_ids=ids).logits[:, :-1]  # (B, L-1, V): position i predicts i+1
+        targets, target_answer = ids[:, 1:], answer[:, 1:]
+        weight = torch.where(target_answer, cfg.answer_weight, 1.0) * (targets != pad_id)
+        ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L-1)
+        loss = (ce * weight).sum() / weight.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 250 == 0 or step == 0:
+            print(
+                f"  step {step + 1:5d}/{cfg.steps}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}"
+                f"  lr {sched.get_last_lr()[0]:.2e}  {time.perf_counter() - start:6.1f}s",
+                flush=True,
+            )
+    model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 12) -> list[str]:
+    """Greedy (causal, HF ``generate``) answers; prompts are batched by token length, no padding."""
+    model.eval()
+    prompts = [tokenizer(render_prompt(r, TEMPLATE)).input_ids for r in rows]
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, ids in enumerate(prompts):
+        by_length[len(ids)].append(i)
+    answers: list[str] = [""] * len(rows)
+    for length, members in by_length.items():
+        for chunk in range(0, len(members), 64):
+            idx = members[chunk : chunk + 64]
+            ids = torch.tensor([prompts[i] for i in idx])
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for i, seq in zip(idx, out[:, length:]):
+                answers[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+    return answers
+
+
+def exact_match_by_task(rows: Sequence[dict], answers: Sequence[str]) -> dict[str, float]:
+    """Fraction of exact (stripped) matches per task, plus 'all'."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for row, answer in zip(rows, answers):
+        ok = answer == row["output"].strip()
+        hits[row["task"]].append(ok)
+        hits["all"].append(ok)
+    return {task: round(sum(v) / len(v), 4) for task, v in sorted(hits.items())}
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, rows: Sequence[dict], batch_size: int = 64) -> dict[str, float]:
+    """Teacher-forced AR NLL of answer tokens + EOS, nats per token, per task and 'all'."""
+    model.eval()
+    total: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, answer = _batch([encode_row(tokenizer, r) for r in chunk], tokenizer.pad_token_id)
+        logits = model(input_ids=ids).logits[:, :-1]
+        ce = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, L-1)
+        mask = answer[:, 1:]
+        for row, row_ce, row_mask in zip(chunk, ce, mask):
+            for key in (row["task"], "all"):
+                total[key] += row_ce[row_mask].sum().item()
+                count[key] += int(row_mask.sum())
+    return {k: round(total[k] / count[k], 4) for k in sorted(total)}
+
+
+def unigram_cross_entropy(tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict]) -> float:
+    """CE (nats/token) of val answer tokens + EOS under the add-one unigram of train answers."""
+
+    def answer_tokens(rows):
+        for r in rows:
+            ids, mask = encode_row(tokenizer, r)
+            yield from (i for i, m in zip(ids, mask) if m)
+
+    counts = Counter(answer_tokens(train_rows))
+    vocab, total = len(tokenizer), sum(counts.values())
+    val = list(answer_tokens(val_rows))
+    return round(-sum(math.log((counts[i] + 1) / (total + vocab)) for i in val) / len(val), 4)
+
+
+# ---------------------------------------------------------------------------------------- build
+
+
+def build(out: str | Path, cfg: BuildConfig | None = None) -> dict:
+    """Write train.jsonl, val.jsonl, ar_base/ (model + tokenizer), build_info.json and README.md."""
+    cfg = cfg or BuildConfig()
+    final = Path(out)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="diffllm-tiny-"))  # outside the repo: no litter if killed
+    torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+
+    print(
+        f"[1/4] data: {cfg.n_train} train rows (seed {cfg.train_seed}), {cfg.n_val} val rows (seed {cfg.val_seed})"
+    )
+    write_jsonl(generate_rows(cfg.n_train, cfg.train_seed, split="train"), staging / "train.jsonl")
+    write_jsonl(generate_rows(cfg.n_val, cfg.val_seed, split="val"), staging / "val.jsonl")
+    train_rows, val_rows = read_jsonl(staging / "train.jsonl"), read_jsonl(staging / "val.jsonl")
+
+    print(f"[2/4] tokenizer: byte-level BPE, vocab <= {cfg.vocab_size}, trained on rendered train rows")
+    tokenizer = train_tokenizer(["".join(render(r, TEMPLATE)) for r in train_rows], cfg.vocab_size)
+    encoded = [encode_row(tokenizer, r) for r in train_rows]
+    lengths = [len(ids) for ids, _ in encoded]
+    print(
+        f"      vocab {len(tokenizer)}; sequence length min/mean/max {min(lengths)}/{sum(lengths) / len(lengths):.1f}/{max(lengths)}"
+    )
+
+    print(f"[3/4] AR base: LlamaForCausalLM {cfg.model}; {cfg.steps} steps x batch {cfg.batch_size}")
+    torch.manual_seed(cfg.model_seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **cfg.model,
+    )
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"      {n_params:,} parameters")
+    t_train = time.perf_counter()
+    losses = train_ar(model, encoded, cfg, tokenizer.pad_token_id)
+    train_seconds = time.perf_counter() - t_train
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(staging / "ar_base")
+    tokenizer.save_pretrained(staging / "ar_base")
+
+    print("[4/4] evaluation on val rows (causal attention, greedy HF generate)")
+    eval_rows = val_rows if cfg.eval_rows is None else val_rows[: cfg.eval_rows]
+    answers = greedy_answers(model, tokenizer, eval_rows)
+    metrics = {
+        "exact_match": exact_match_by_task(eval_rows, answers),
+        "answer_nll": answer_nll(model, tokenizer, eval_rows),
+        "unigram_ce": unigram_cross_entropy(tokenizer, train_rows, eval_rows),
+        "final_train_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+    }
+    info = {
+        "build_config": asdict(cfg),
+        "template": TEMPLATE,
+        "tasks": list(TASKS),
+        "vocab_size": len(tokenizer),
+        "special_tokens": {
+            "pad": tokenizer.pad_token_id,
+            "bos": tokenizer.bos_token_id,
+            "eos": tokenizer.eos_token_id,
+        },
+        "sequence_length": {
+            "min": min(lengths),
+            "mean": round(sum(lengths) / len(lengths), 2),
+            "max": max(lengths),
+        },
+        "parameters": n_params,
+        "train_seconds": round(train_seconds, 1),
+        "torch": torch.__version__,
+        "eval_rows": len(eval_rows),
+        "metrics": metrics,
+    }
+    (staging / "README.md").write_text(_readme(info))
+    (staging / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    _publish(staging, final)
+    print(f"      exact match: {metrics['exact_match']}")
+    print(f"      answer NLL (nats/token): {metrics['answer_nll']}")
+    print(f"      unigram CE of answer tokens: {metrics['unigram_ce']} nats/token")
+    print(f"done in {time.perf_counter() - t0:.0f}s (AR training {train_seconds:.0f}s) -> {final}")
+    return info
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Move the built files from ``staging`` into ``final``, ``build_info.json`` last.
+
+    The build happens in a staging folder so that an interrupted build never leaves a folder that
+    looks complete (``ensure_tiny_assets`` checks for ``build_info.json`` among others); it may be
+    on another file system, hence ``shutil.move``.
+    """
+    final.mkdir(parents=True, exist_ok=True)
+    (final / "build_info.json").unlink(missing_ok=True)
+    for name in ("train.jsonl", "val.jsonl", "ar_base", "README.md", "build_info.json"):
+        target = final / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        shutil.move(staging / name, target)
+    staging.rmdir()
+
+
+def _readme(info: dict) -> str:
+    cfg, m = info["build_config"], info["metrics"]
+    rows = "\n".join(
+        f"| {t} | {m['exact_match'][t]:.3f} | {m['answer_nll'][t]:.3f} |" for t in [*info["tasks"], "all"]
+    )
+    return f"""# Tiny embedded world (generated — do not edit by hand)
+
+Rebuild with `python -m diffllm.assets --force` (about 3-4 minutes on 2 CPU cores); the numbers below
+come from that command (`build_info.json` holds them machine-readably).
+
+- `train.jsonl`: {cfg["n_train"]} rows, `generate_rows({cfg["n_train"]}, seed={cfg["train_seed"]}, split="train")`
+- `val.jsonl`: {cfg["n_val"]} rows, `generate_rows({cfg["n_val"]}, seed={cfg["val_seed"]}, split="val")`
+  (train and val problems are disjoint by a hash of the prompt; see `diffllm/data/tiny_tasks.py`)
+- tasks: {", ".join(info["tasks"])}; template `{info["template"]}`; sequences `<s> prompt answer </s>`
+  are {info["sequence_length"]["min"]}-{info["sequence_length"]["max"]} tokens (mean {info["sequence_length"]["mean"]})
+- `ar_base/`: tokenizer (byte-level BPE, vocab {info["vocab_size"]}, `<pad>`={info["special_tokens"]["pad"]},
+  `<s>`={info["special_tokens"]["bos"]}, `</s>`={info["special_tokens"]["eos"]}, no mask token; encoding adds `<s>`)
+  and `LlamaForCausalLM` ({info["parameters"]:,} parameters): {json.dumps(cfg["model"])}
+- AR training: next-token CE on the whole sequence, answer tokens (+EOS) weighted x{cfg["answer_weight"]};
+  {cfg["steps"]} steps x batch {cfg["batch_size"]}, AdamW lr {cfg["lr"]} (warmup {cfg["warmup_steps"]}, cosine to 10 %),
+  {cfg["threads"]} threads: {info["train_seconds"]} s (torch {info["torch"]}); final train loss {m["final_train_loss"]}
+
+## AR base on {info["eval_rows"]} val rows (causal attention)
+
+Greedy exact match (HF `generate`) and teacher-forced answer NLL (answer tokens + EOS, nats/token):
+
+| task | exact match | answer NLL |
+|---|---|---|
+{rows}
+
+Unigram cross-entropy of the answer tokens (train-answer unigram, add-one): **{m["unigram_ce"]} nats/token**.
+"""
