@@ -44,6 +44,7 @@ class DiffusionLitModule(L.LightningModule):
         self.strict_loading = False  # the checkpoint holds the trainable weights only
         self.cfg = cfg
         self.dlm, self.tokenizer = build_diffusion_model(lora=cfg["lora"], **cfg["model"])
+        self.dlm.train()  # from_pretrained returns eval mode; LoRA dropout must be live in training
         log.info("%s", trainable_line(self.dlm.model))
         self.schedule = instantiate(cfg["schedule"])
         # The ELBO only depends on alpha(0) = 1 and alpha(1) = 0, so every such schedule gives the
