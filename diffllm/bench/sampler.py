@@ -1,0 +1,377 @@
+"""Sampler benchmark: speed and quality of the diffusion samplers against the AR model.
+
+    python -m diffllm.bench.sampler [--ckpt PATH] [--lengths 64 128 256] [--rows 32] [--out table.md]
+
+For every generation length G, on the same validation prompts, in one process (so the ratios
+hold), it times
+
+    naive             one token per step: steps = G, one block, no EOS fill (LLaDA's plain loop)
+    schedule          steps = G / 4 (4 tokens per step on the even schedule), one block
+    threshold         commit every position with confidence > 0.9 (at least one), blocks of 32
+    threshold+cache   the same with the Fast-dLLM prefix KV cache per block
+    AR + KV cache     the original model, greedy, adapters off, causal (``ar_generate``)
+
+All diffusion rows are greedy with low-confidence ordering; every row but naive uses the settings
+a user would pick for short answers on a long canvas: ``fill_after_eos=true`` (once an EOS is
+committed, the [MASK]s after it become EOS: they are cut off by the answer's EOS anyway) and
+``stop_early=true``. AR stops once every row of the batch has produced EOS.
+
+Tokens/s counts answer-canvas tokens: rows x G for every method, EOS fill included, whether the
+method computed them or not; it is "answers of budget G per second", so the ratio columns are
+wall-clock speed-ups. NFE is the number of forward passes over all batches (AR: prefill + one per
+new token). Exact match compares the decoded answers (up to the first EOS) with the references.
+
+``build_table`` and ``check_goals`` are pure: they turn measurements into the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NAIVE, SCHEDULE, THRESHOLD, CACHED, AR = "naive", "schedule", "threshold", "threshold+cache", "AR + KV cache"
+METHODS = (NAIVE, SCHEDULE, THRESHOLD, CACHED, AR)
+TAU = 0.9
+BLOCK = 32
+SCHEDULE_TOKENS_PER_STEP = 4
+GOAL_SPEEDUP_VS_NAIVE = 4.0
+GOAL_MAX_EM_LOSS_POINTS = 1.0
+GOAL_SPEEDUP_VS_AR = 1.0
+GOAL_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One method at one generation length, over all benchmark rows."""
+
+    method: str
+    gen_length: int
+    seconds: float  # wall-clock for all rows (best of the repeats)
+    tokens: int  # answer-canvas tokens counted: rows x gen_length
+    nfe: int  # forward passes over all batches
+    exact_match: float  # fraction in [0, 1]
+    settings: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Goal:
+    text: str
+    value: str
+    passed: bool
+
+    def line(self) -> str:
+        return f"- {'PASS' if self.passed else 'MISS'}: {self.text}: {self.value}"
+
+
+def sampler_settings(method: str, gen_length: int) -> dict[str, Any]:
+    """SamplerConfig fields of a diffusion method at length ``gen_length`` (see the module docstring)."""
+    block = min(BLOCK, gen_length)
+    common = {"gen_length": gen_length, "strategy": "low_confidence", "temperature": 0.0, "cfg_scale": 0.0}
+    common |= {"top_k": None, "top_p": None, "eos_penalty": 0.0, "stop_early": True}
+    if method == NAIVE:
+        one_per_step = {"steps": gen_length, "block_length": None, "threshold": None, "cache": "none"}
+        return common | one_per_step | {"fill_after_eos": False}
+    fill = {"fill_after_eos": True}
+    if method == SCHEDULE:
+        steps = max(gen_length // SCHEDULE_TOKENS_PER_STEP, 1)
+        return common | fill | {"steps": steps, "block_length": None, "threshold": None, "cache": "none"}
+    if method == THRESHOLD:
+        return common | fill | {"steps": None, "block_length": block, "threshold": TAU, "cache": "none"}
+    if method == CACHED:
+        return common | fill | {"steps": None, "block_length": block, "threshold": TAU, "cache": "prefix"}
+    raise ValueError(f"unknown diffusion method {method!r}; choose one of {list(METHODS[:-1])}")
+
+
+def _short(method: str, gen_length: int) -> str:
+    if method == AR:
+        return f"greedy, max {gen_length} new"
+    s = sampler_settings(method, gen_length)
+    if s["threshold"] is None:
+        text = f"steps {s['steps']}"
+    else:
+        text = f"τ {s['threshold']}, block {s['block_length']}"
+    if s["cache"] != "none":
+        text += f", {s['cache']} cache"
+    return text + (", EOS fill" if s["fill_after_eos"] else "")
+
+
+# -- pure: measurements -> table -----------------------------------------------------------------
+def _ratio(x: float, base: float | None) -> str:
+    if base is None or base <= 0 or x != x:
+        return "–"
+    return f"{x / base:.2f}×"
+
+
+def build_table(
+    measurements: Sequence[Measurement], *, rows: int, batch_size: int, threads: int, device: str
+) -> str:
+    """The markdown table: one line per (length, method), ratios against naive and AR at that length."""
+    by_key = {(m.gen_length, m.method): m for m in measurements}
+    head = (
+        "| G | method | settings | NFE | seconds | tokens/s | × naive | × AR | exact match |\n"
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|"
+    )
+    title = (
+        f"Sampler benchmark: {rows} validation rows, batch size {batch_size}, "
+        f"{threads} torch thread(s), device {device}"
+    )
+    lines = [title, "", head]
+    for gen_length in sorted({m.gen_length for m in measurements}):
+        naive = by_key.get((gen_length, NAIVE))
+        ar = by_key.get((gen_length, AR))
+        for method in METHODS:
+            m = by_key.get((gen_length, method))
+            if m is None:
+                continue
+            lines.append(
+                f"| {gen_length} | {method} | {m.settings or _short(method, gen_length)} | {m.nfe} | "
+                f"{m.seconds:.2f} | {m.tokens_per_s:,.0f} | "
+                f"{_ratio(m.tokens_per_s, naive.tokens_per_s if naive else None)} | "
+                f"{_ratio(m.tokens_per_s, ar.tokens_per_s if ar else None)} | {100 * m.exact_match:.1f} % |"
+            )
+    return "\n".join(lines)
+
+
+def check_goals(measurements: Sequence[Measurement], length: int = GOAL_LENGTH) -> list[Goal]:
+    """The three goals at ``length`` (the largest measured length if ``length`` was not measured)."""
+    lengths = {m.gen_length for m in measurements}
+    if not lengths:
+        return []
+    at = length if length in lengths else max(lengths)
+    note = "" if at == length else f" (measured at {at}, {length} not run)"
+    by = {m.method: m for m in measurements if m.gen_length == at}
+    fast, naive, ar = by.get(CACHED), by.get(NAIVE), by.get(AR)
+    goals = []
+    if fast and naive:
+        speed = fast.tokens_per_s / naive.tokens_per_s
+        goals.append(
+            Goal(
+                f"threshold+cache ≥ {GOAL_SPEEDUP_VS_NAIVE:g}× naive tokens/s at G={at}{note}",
+                f"{speed:.2f}×",
+                speed >= GOAL_SPEEDUP_VS_NAIVE,
+            )
+        )
+        loss = 100 * (naive.exact_match - fast.exact_match)
+        goals.append(
+            Goal(
+                f"threshold+cache loses ≤ {GOAL_MAX_EM_LOSS_POINTS:g} point of exact match vs naive at G={at}{note}",
+                f"{loss:+.1f} points ({100 * naive.exact_match:.1f} % → {100 * fast.exact_match:.1f} %)",
+                loss <= GOAL_MAX_EM_LOSS_POINTS + 1e-9,
+            )
+        )
+    if fast and ar:
+        speed = fast.tokens_per_s / ar.tokens_per_s
+        goals.append(
+            Goal(
+                f"threshold+cache ≥ {GOAL_SPEEDUP_VS_AR:g}× AR tokens/s at G={at}{note}",
+                f"{speed:.2f}×",
+                speed >= GOAL_SPEEDUP_VS_AR,
+            )
+        )
+    return goals
+
+
+def build_report(
+    measurements: Sequence[Measurement],
+    *,
+    rows: int,
+    batch_size: int,
+    threads: int,
+    device: str,
+    command: str = "",
+) -> str:
+    """Table, the note on what is counted, and the goals with PASS/MISS."""
+    table = build_table(measurements, rows=rows, batch_size=batch_size, threads=threads, device=device)
+    notes = [
+        "",
+        "tokens/s counts answer-canvas tokens: rows × G for every method (EOS fill included, "
+        "computed or not), so × naive / × AR are wall-clock speed-ups for the same answers with a "
+        "budget of G tokens. NFE = forward passes over all batches (AR: prefill + one per new token; "
+        "it stops once every row has produced EOS). Greedy decoding everywhere; times are the best "
+        f"of the repeats after one warm-up; one row is {100 / max(rows, 1):.1f} exact-match points.",
+    ]
+    if command:
+        notes.append(f"Command: `{command}`")
+    goals = check_goals(measurements)
+    lines = [table, *notes, "", "Goals:"] + [g.line() for g in goals]
+    return "\n".join(lines)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def find_checkpoint(roots: Sequence[Path]) -> Path | None:
+    """The newest ``outputs/*/*/checkpoints/last.ckpt`` under the first root that has one."""
+    for root in roots:
+        found = glob.glob(str(root / "outputs" / "*" / "*" / "checkpoints" / "last.ckpt"))
+        if found:
+            return Path(max(found, key=os.path.getmtime))
+    return None
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def measure(
+    model: Any,
+    prompt_ids: list[list[int]],
+    references: list[str],
+    lengths: Sequence[int],
+    *,
+    batch_size: int,
+    repeats: int = 1,
+    methods: Sequence[str] = METHODS,
+    log: Callable[[str], None] = lambda s: None,
+) -> list[Measurement]:
+    """Run every method at every length on the same prompts; warm every method up once first."""
+    import torch
+
+    from diffllm.ar_generate import ar_generate
+    from diffllm.diffusion.sampler import SamplerConfig, generate
+    from diffllm.metrics import exact_match
+
+    tok, dlm = model.tokenizer, model.dlm
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    batches = [prompt_ids[i : i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
+
+    def run(method: str, gen_length: int, todo: list[list[list[int]]]) -> tuple[list[list[int]], int]:
+        tokens, nfe = [], 0
+        for batch in todo:
+            if method == AR:
+                out = ar_generate(dlm, batch, max_new_tokens=gen_length, eos_id=eos, pad_id=pad)
+            else:
+                config = SamplerConfig(**sampler_settings(method, gen_length))
+                out = generate(dlm, batch, config, eos_id=eos, pad_id=pad, seed=0)
+            tokens += out.tokens
+            nfe += out.nfe
+        return tokens, nfe
+
+    with torch.inference_mode():
+        for method in methods:  # warm-up: allocator, kernels, lazy imports
+            run(method, min(lengths), batches[:1])
+        results = []
+        for gen_length in lengths:
+            for method in methods:
+                seconds, (tokens, nfe) = _time(lambda m=method, g=gen_length: run(m, g, batches), repeats)
+                preds = [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
+                m = Measurement(
+                    method=method,
+                    gen_length=gen_length,
+                    seconds=seconds,
+                    tokens=len(prompt_ids) * gen_length,
+                    nfe=nfe,
+                    exact_match=exact_match(preds, references),
+                    settings=_short(method, gen_length),
+                )
+                log(
+                    f"G={gen_length:<4} {method:<16} {seconds:7.2f} s  nfe {nfe:<5} EM {100 * m.exact_match:5.1f} %"
+                )
+                results.append(m)
+    return results
+
+
+def load_rows(model: Any, rows: int) -> tuple[list[list[int]], list[str]]:
+    """The first ``rows`` validation rows of the checkpoint's data config: prompt ids and references."""
+    from hydra.utils import instantiate
+
+    data = dict(model.cfg["data"])
+    data.update(report_dir=None, limit_train_rows=1, limit_val_rows=rows, num_workers=0)
+    dm = instantiate(data, tokenizer=model.tokenizer)
+    prompts = dm.sample_prompts(rows)
+    return [p["prompt_ids"] for p in prompts], [p["reference"] for p in prompts]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m diffllm.bench.sampler",
+        description="Speed (tokens/s, forward passes) and exact match of the diffusion samplers vs AR.",
+    )
+    p.add_argument("--ckpt", help="a .ckpt (default: the newest outputs/*/*/checkpoints/last.ckpt)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256], help="generation lengths G")
+    p.add_argument("--rows", type=int, default=32, help="validation rows (the same prompts for every method)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per sampler / AR call")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per cell; the best time is kept")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: all cores, os.cpu_count())"
+    )
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--out", help="also write the markdown table to this file")
+    return p.parse_args(argv)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    args = parse_args(argv)
+    if args.rows < 1 or args.batch_size < 1 or args.repeats < 1:
+        _fail(
+            f"--rows={args.rows}, --batch-size={args.batch_size}, --repeats={args.repeats}: each must be >= 1"
+        )
+    if any(g < 1 for g in args.lengths):
+        _fail(f"--lengths {args.lengths}: every length must be >= 1")
+    if args.ckpt:
+        ckpt = Path(args.ckpt)
+        if not ckpt.exists():
+            _fail(f"--ckpt {args.ckpt!r} does not exist; pass a run's checkpoints/last.ckpt")
+    else:
+        found = find_checkpoint([Path.cwd(), Path(__file__).resolve().parents[2]])
+        if found is None:
+            _fail(
+                "no checkpoint: no outputs/*/*/checkpoints/last.ckpt here; run `make train` first or pass --ckpt"
+            )
+        ckpt = found
+
+    import datasets
+    import torch
+
+    from diffllm.generate import InputError, check_device, load_quietly
+
+    try:
+        check_device(args.device)
+    except InputError as err:
+        _fail(str(err).replace("device=", "--device "))
+    datasets.disable_progress_bars()
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)  # the same for every method; reported in the table header
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"checkpoint: {ckpt}")
+    model = load_quietly(ckpt, args.device)
+    prompt_ids, references = load_rows(model, args.rows)
+    measurements = measure(
+        model, prompt_ids, references, args.lengths, batch_size=args.batch_size, repeats=args.repeats, log=log
+    )
+    command = "python -m diffllm.bench.sampler " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = build_report(
+        measurements,
+        rows=len(prompt_ids),
+        batch_size=args.batch_size,
+        threads=threads,
+        device=args.device,
+        command=command.strip() + f"  (checkpoint {ckpt})",
+    )
+    print(report, flush=True)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The generate CLI and API on the tiny run's checkpoint, and the sampler benchmark's table arithmetic."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffllm.bench.sampler import AR, CACHED, NAIVE, SCHEDULE, Measurement, build_table, check_goals
+from diffllm.config import CONF_DIR
+from diffllm.diffusion.sampler import SamplerConfig, truncate_at_eos
+from diffllm.diffusion.trajectory import trajectories_from_json
+from diffllm.generate import InputError, PromptRow, read_prompts_file, sampler_with_overrides
+
+INSTRUCTION = "Reverse these words: lion fish ring house"
+INPUT = "cat dog"
+# temperature 1 so that the seed matters: the API must reproduce the CLI's draw, not just argmax
+SAMPLING = ["sampler.temperature=1.0", "seed=3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls on 2 shared cores are far slower with thread contention (as in test_sampler)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "diffllm.generate", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def printed(stdout: str, label: str) -> list[str]:
+    """The answers printed after ``label:`` (one line each in the tiny world)."""
+    return [line[len(label) + 1 :].strip() for line in stdout.splitlines() if line.startswith(label + ":")]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_run, tmp_path_factory):
+    """One CLI call with a trajectory file, the terminal trajectory and the AR answer."""
+    _, ckpt, _ = tiny_run
+    cwd = tmp_path_factory.mktemp("generate_cwd")
+    proc = run_cli(
+        f"ckpt_path={ckpt}",
+        f"prompt={INSTRUCTION}",
+        f"input={INPUT}",
+        "trajectory=traj.json",
+        "show_trajectory=true",
+        "ar=true",
+        *SAMPLING,
+        cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc, cwd
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run):
+    from diffllm.inference import load_for_inference
+
+    return load_for_inference(tiny_run[1])
+
+
+def test_cli_trajectory_file_matches_printed_answer(cli_run, model):
+    from diffllm.data.template import render_prompt
+
+    proc, cwd = cli_run
+    assert sorted(os.listdir(cwd)) == ["traj.json"]  # no run folder, .hydra/ or log file
+    (traj,) = trajectories_from_json((cwd / "traj.json").read_text())
+    tok = model.tokenizer
+    template = model.cfg["data"]["template"]
+    prompt = render_prompt({"instruction": INSTRUCTION, "input": INPUT}, template)
+    assert traj.prompt == tok(prompt, add_special_tokens=True)["input_ids"]  # the run's own template
+    canvas = traj.final_canvas
+    assert len(canvas) == model.sampler_config.gen_length
+    assert traj.mask_id not in canvas
+    assert sorted(traj.commit_step()) == list(range(len(canvas)))  # every position decided exactly once
+    answer = tok.decode(truncate_at_eos(canvas, tok.eos_token_id), skip_special_tokens=True).strip()
+    assert printed(proc.stdout, "diffusion") == [answer]
+    # show_trajectory: one rendered line per recorded step
+    steps = [line for line in proc.stdout.splitlines() if f"/{len(traj.steps)} b" in line.split("|")[0]]
+    assert len(steps) == len(traj.steps)
+
+
+def test_cli_ar_prints_both_answers(cli_run):
+    proc, _ = cli_run
+    lines = proc.stdout.splitlines()
+    diffusion = [i for i, line in enumerate(lines) if line.startswith("diffusion:")]
+    ar = [i for i, line in enumerate(lines) if line.startswith("ar:")]
+    assert len(diffusion) == len(ar) == 1 and ar[0] == diffusion[0] + 1  # the AR answer right under it
+    assert "forward passes: diffusion" in proc.stdout and ", ar " in proc.stdout
+
+
+def test_api_matches_cli_for_the_same_seed(cli_run, model):
+    from diffllm.generate import generate_answers
+
+    proc, cwd = cli_run
+    kwargs = {"sampler_overrides": {"temperature": 1.0}, "trajectory": True, "ar": True}
+    (row,) = generate_answers(model, [INSTRUCTION], [INPUT], seed=3, **kwargs)
+    assert [row["answer"]] == printed(proc.stdout, "diffusion")
+    assert [row["ar_answer"]] == printed(proc.stdout, "ar")
+    (traj,) = trajectories_from_json((cwd / "traj.json").read_text())
+    assert row["trajectory"].to_dict() == traj.to_dict()
+    (other,) = generate_answers(model, [INSTRUCTION], [INPUT], seed=4, **kwargs)
+    assert other["canvas"] != row["canvas"]  # the seed reaches the sampler
+
+
+def test_cli_jsonl_prompts_file(tiny_run, tmp_path):
+    rows = [
+        {"instruction": "Repeat the words.", "input": "hat cat rock", "output": "hat cat rock"},
+        {"instruction": "Reverse these words: lion fish ring house", "output": "house ring fish lion"},
+        {"instruction": "Sort these words: snow car dog"},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n")
+    proc = run_cli(f"ckpt_path={tiny_run[1]}", f"prompts_file={path}", "batch_size=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert printed(proc.stdout, "instruction") == [r["instruction"] for r in rows]
+    assert printed(proc.stdout, "input") == ["hat cat rock"]
+    assert printed(proc.stdout, "reference") == ["hat cat rock", "house ring fish lion"]
+    assert len(printed(proc.stdout, "diffusion")) == 3
+    assert "(2 batches of <= 2)" in proc.stdout
+    assert "# exact match vs reference: diffusion " in proc.stdout and "/2" in proc.stdout
+
+
+def test_read_prompts_file_plain_lines_and_jsonl(tmp_path):
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("Reverse these words: a b\n\n  Sort these words: c a  \n")
+    assert read_prompts_file(plain) == [
+        PromptRow("Reverse these words: a b"),
+        PromptRow("Sort these words: c a"),
+    ]
+    # JSONL is recognised by the first line even without the .jsonl suffix
+    jsonl = tmp_path / "prompts.txt2"
+    jsonl.write_text(
+        '{"instruction": "Repeat the words.", "input": "a b", "output": "a b"}\n{"instruction": "x"}\n'
+    )
+    assert read_prompts_file(jsonl) == [PromptRow("Repeat the words.", "a b", "a b"), PromptRow("x")]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"instruction": "ok"}', "", '{"instruction": "broken"'], "line 3 is not valid JSON"),
+        (['{"instruction": "ok"}', '["a list"]'], "line 2 is a JSON list"),
+        (
+            ['{"instruction": "ok"}', '{"input": "no instruction"}'],
+            "line 2 has no (or an empty) 'instruction'",
+        ),
+        (['{"instruction": 7}'], "line 1: 'instruction' must be a string"),
+    ],
+)
+def test_read_prompts_file_names_the_bad_line(tmp_path, lines, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        read_prompts_file(path)
+    assert str(path) in str(err.value)
+
+
+def test_cli_bad_input_exits_2_with_a_clear_message(tiny_run, tmp_path):
+    ckpt = tiny_run[1]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "fine"}\n{"instruction": "oops",\n')
+    cases = [
+        ([f"ckpt_path={ckpt}", f"prompts_file={bad}"], [str(bad), "line 2", "not valid JSON"]),
+        (["prompt=hi"], ["ckpt_path is missing", "ckpt_path="]),
+        ([f"ckpt_path={tmp_path / 'nope.ckpt'}", "prompt=hi"], ["nope.ckpt", "does not exist"]),
+        ([f"ckpt_path={ckpt}", f"prompts_file={tmp_path / 'absent.txt'}"], ["absent.txt", "does not exist"]),
+        ([f"ckpt_path={ckpt}"], ["no prompt", "prompts_file="]),
+    ]
+    for args, needles in cases:
+        proc = run_cli(*args, cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        for needle in needles:
+            assert needle in proc.stderr, (args, proc.stderr)
+
+
+def test_sampler_overrides_on_top_of_the_checkpoint():
+    base = SamplerConfig(gen_length=8, steps=8, block_length=4)
+    # a threshold drops the checkpoint's step count (unused with a threshold)
+    assert sampler_with_overrides(base, {"threshold": 0.9}) == dataclasses.replace(
+        base, steps=None, threshold=0.9
+    )
+    assert sampler_with_overrides(base, {"steps": 4}).steps == 4
+    assert sampler_with_overrides(base, None) is base
+    with pytest.raises(InputError, match=r"unknown sampler setting\(s\) \['stepz'\]"):
+        sampler_with_overrides(base, {"stepz": 4})
+    with pytest.raises(InputError, match="set steps <= 4"):
+        sampler_with_overrides(base, {"gen_length": 4})
+
+
+def test_generate_yaml_lists_every_sampler_field():
+    cfg = yaml.safe_load((CONF_DIR / "generate.yaml").read_text())
+    assert list(cfg["sampler"]) == [f.name for f in dataclasses.fields(SamplerConfig)]
+    assert set(cfg["sampler"].values()) == {"???"}  # ??? = keep the checkpoint's value
+
+
+def test_benchmark_table_ratios_and_goals():
+    rows, g = 32, 256
+    tokens = rows * g  # 8192 canvas tokens per method
+
+    def m(method: str, seconds: float, em: float, nfe: int) -> Measurement:
+        return Measurement(method, g, seconds, tokens, nfe, em, settings="s")
+
+    runs = [
+        m(NAIVE, 16.0, 0.50, 256),
+        m(SCHEDULE, 8.0, 0.50, 64),
+        m(CACHED, 2.0, 0.50, 20),
+        m(AR, 4.0, 0.5, 9),
+    ]
+    table = build_table(runs, rows=rows, batch_size=32, threads=2, device="cpu")
+    assert "batch size 32" in table.splitlines()[0]
+    lines = {line.split("|")[2].strip(): line for line in table.splitlines() if line.startswith(f"| {g} |")}
+    # tokens/s: naive 8192/16 = 512, schedule 1024, cached 4096, AR 2048
+    assert "| 256 | 16.00 | 512 | 1.00× | 0.25× | 50.0 % |" in lines[NAIVE]
+    assert "| 64 | 8.00 | 1,024 | 2.00× | 0.50× |" in lines[SCHEDULE]
+    assert "| 20 | 2.00 | 4,096 | 8.00× | 2.00× |" in lines[CACHED]
+    assert "| 9 | 4.00 | 2,048 | 4.00× | 1.00× |" in lines[AR]
+    assert [goal.passed for goal in check_goals(runs)] == [True, True, True]
+
+    # one row of 32 lost (3.1 points) misses the EM goal; 3x naive misses the speed goal
+    slower = [r if r.method != CACHED else m(CACHED, 16 / 3, 0.50 - 1 / 32, 30) for r in runs]
+    goals = check_goals(slower)
+    assert [goal.passed for goal in goals] == [False, False, False]
+    assert goals[0].value == "3.00×" and goals[1].value.startswith("+3.1 points")
+    assert goals[2].line().startswith("- MISS:")
