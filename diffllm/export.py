@@ -1,0 +1,260 @@
+"""Export a trained diffusion model to Hugging Face formats, and load an export back.
+
+    python -m diffllm.export ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt out=exports/tiny
+
+writes two self-describing folders:
+
+    out/adapter/   PEFT adapter folder (``PeftModel.save_pretrained``): the LoRA weights and, when
+                   the [MASK] row was trained, its trainable-token delta; the tokenizer with [MASK]
+                   and ``diffllm.json``. It needs the base model: load the base, apply the same
+                   [MASK] conversion, then ``PeftModel.from_pretrained`` (``load_exported`` does it).
+    out/merged/    the adapters merged into a copy of the model: a plain ``*ForCausalLM`` folder with
+                   its tokenizer ([MASK] included) and ``diffllm.json``; ``AutoModelForCausalLM`` and
+                   ``AutoTokenizer`` load it without diffllm or PEFT.
+
+The whole embedding matrix is never written into the adapter: an untrained [MASK] row (mean of the
+input embeddings) is reproduced exactly by re-running ``add_mask_token`` on the base, a trained one
+travels as PEFT's trainable-token delta.
+
+What no Hugging Face format can carry is the bidirectional switch. ``config.json`` keeps
+``is_causal: false``, which makes transformers build a bidirectional *padding* mask, but the
+per-module ``is_causal`` flag that SDPA reads when there is no padding is not saved: a model loaded
+with plain ``from_pretrained`` is bidirectional with eager attention and CAUSAL with SDPA on an
+unpadded batch. ``load_exported`` re-applies ``set_bidirectional``; any other consumer must do the
+same (``diffllm.json`` says ``"bidirectional": true`` and gives the recipe under ``usage``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from peft import PeftModel
+
+from diffllm.config import CONF_DIR
+from diffllm.data.template import TEMPLATES
+from diffllm.diffusion.sampler import SamplerConfig
+from diffllm.inference import InferenceModel, load_for_inference
+from diffllm.model.attention import set_bidirectional
+from diffllm.model.dlm import DiffusionLM
+from diffllm.model.load import (
+    ModelLoadError,
+    build_diffusion_model,
+    load_tokenizer,
+    resolve_dtype,
+    trainable_line,
+)
+
+log = logging.getLogger("diffllm.export")
+
+CARD = "diffllm.json"
+FORMAT = "diffllm-export/1"
+KINDS = ("adapter", "merged")
+
+USAGE = {
+    "merged": (
+        "model = AutoModelForCausalLM.from_pretrained(folder); tokenizer = AutoTokenizer.from_pretrained(folder); "
+        "then set `is_causal = False` on model.config and on every attention module "
+        "(diffllm.model.attention.set_bidirectional(model)). diffllm: diffllm.export.load_exported(folder)."
+    ),
+    "adapter": (
+        "base = AutoModelForCausalLM.from_pretrained(base_model); tokenizer = AutoTokenizer.from_pretrained(folder); "
+        "base.resize_token_embeddings(len(tokenizer)) and set row mask_id as diffllm.model.load.add_mask_token does "
+        "(init in model.mask_token); set_bidirectional(base); PeftModel.from_pretrained(base, folder). "
+        "diffllm: diffllm.export.load_exported(folder[, base_model=...])."
+    ),
+}
+
+
+def _template(name: str) -> dict[str, str]:
+    with_input, no_input = TEMPLATES[name]
+    return {"name": name, "with_input": with_input, "no_input": no_input}
+
+
+def model_card(im: InferenceModel, kind: str, source: str) -> dict[str, Any]:
+    """Everything needed to run an export as a diffusion model (written as ``diffllm.json``)."""
+    cfg, tok, dlm = im.cfg, im.tokenizer, im.dlm
+    model_cfg = {k: v for k, v in cfg.get("model", {}).items() if k != "config"}
+    template = cfg.get("data", {}).get("template")
+    return {
+        "format": FORMAT,
+        "kind": kind,
+        "bidirectional": True,
+        "mask_id": dlm.mask_id,
+        "mask_token": tok.convert_ids_to_tokens(dlm.mask_id),
+        "shift": dlm.shift,
+        "eos_id": tok.eos_token_id,
+        "pad_id": tok.pad_token_id,
+        "vocab_size": len(tok),
+        "base_model": model_cfg.get("pretrained"),
+        "model": model_cfg,  # attn_implementation, dtype, mask_token spec, train_mask_row
+        "lora": cfg.get("lora"),
+        "trainable": trainable_line(dlm.model),
+        "sampler": dict(vars(im.sampler_config)),
+        "prompt_template": _template(template) if template in TEMPLATES else None,
+        "source_checkpoint": source,
+        "usage": USAGE[kind],
+        "run_config": cfg,
+    }
+
+
+def _write_card(folder: Path, card: dict[str, Any]) -> None:
+    (folder / CARD).write_text(json.dumps(card, indent=2, default=str) + "\n")
+
+
+def _prepare(folder: Path, overwrite: bool) -> Path:
+    if folder.exists() and any(folder.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{folder} exists and is not empty; pass overwrite=true or choose another out="
+            )
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def export_model(
+    im: InferenceModel,
+    out: str | Path,
+    formats: tuple[str, ...] | list[str] = KINDS,
+    *,
+    source: str = "",
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write ``out/adapter`` and/or ``out/merged`` for a loaded model; returns {kind: folder}."""
+    unknown = set(formats) - set(KINDS)
+    if unknown or not formats:
+        raise ValueError(f"formats={list(formats)}: choose one or more of {list(KINDS)}")
+    peft_model = im.dlm.model
+    if not isinstance(peft_model, PeftModel):
+        raise ValueError(
+            f"{source or 'this model'} holds no PEFT adapters (a lora=null run or an exported merged folder); "
+            "export needs a training checkpoint with LoRA adapters"
+        )
+    out = Path(out)
+    written: dict[str, Path] = {}
+    if "adapter" in formats:
+        folder = _prepare(out / "adapter", overwrite)
+        # save_embedding_layers=False: the resized vocabulary would otherwise make PEFT save the
+        # whole embedding (and LM head) -- 0.5 GB for Llama 3.2 1B -- for the sake of one row.
+        peft_model.save_pretrained(folder, save_embedding_layers=False)
+        im.tokenizer.save_pretrained(folder)
+        _write_card(folder, model_card(im, "adapter", source))
+        written["adapter"] = folder
+    if "merged" in formats:
+        folder = _prepare(out / "merged", overwrite)
+        merged = copy.deepcopy(peft_model).merge_and_unload()  # the loaded model stays unmerged
+        set_bidirectional(merged)  # config.json keeps is_causal=false as a hint for readers
+        merged.save_pretrained(folder)
+        im.tokenizer.save_pretrained(folder)
+        _write_card(folder, model_card(im, "merged", source))
+        written["merged"] = folder
+        del merged
+    for kind, folder in written.items():
+        log.info("exported %s -> %s", kind, folder)
+    return written
+
+
+def export(
+    ckpt_path: str | Path,
+    out: str | Path,
+    formats: tuple[str, ...] | list[str] = KINDS,
+    *,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """A training checkpoint -> ``out/adapter`` and/or ``out/merged``; returns {kind: folder}."""
+    im = load_for_inference(ckpt_path, device=device)
+    return export_model(im, out, formats, source=str(ckpt_path), overwrite=overwrite)
+
+
+def read_card(folder: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(the folder holding ``diffllm.json``, its content). An export root resolves to ``merged/`` first."""
+    folder = Path(folder)
+    if not (folder / CARD).exists():
+        for kind in ("merged", "adapter"):
+            if (folder / kind / CARD).exists():
+                folder = folder / kind
+                break
+        else:
+            raise FileNotFoundError(
+                f"{folder} has no {CARD} (nor merged/ or adapter/ with one); pass a folder written by "
+                "`python -m diffllm.export`"
+            )
+    card = json.loads((folder / CARD).read_text())
+    if card.get("format") != FORMAT or card.get("kind") not in KINDS:
+        raise ValueError(
+            f"{folder / CARD} is not a {FORMAT} card (format={card.get('format')!r}, kind={card.get('kind')!r})"
+        )
+    return folder, card
+
+
+def load_exported(
+    folder: str | Path, device: str | torch.device = "cpu", base_model: str | None = None
+) -> InferenceModel:
+    """An exported folder (``adapter/``, ``merged/`` or their parent) -> ``InferenceModel`` in eval mode.
+
+    ``base_model`` replaces the recorded base path for an adapter (the base moved, or another
+    copy of the same weights).
+    """
+    folder, card = read_card(folder)
+    model_cfg = dict(card["model"])
+    if card["kind"] == "merged":
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = load_tokenizer(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=resolve_dtype(model_cfg.get("dtype", "float32")),
+            attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
+        )
+    else:
+        model_cfg["pretrained"] = base_model or card["base_model"]
+        # the same tokenizer + [MASK] conversion as training; the adapter restores a trained [MASK] row
+        dlm, tokenizer = build_diffusion_model(lora=None, **model_cfg)
+        model = PeftModel.from_pretrained(dlm.model, folder, is_trainable=False)
+    if tokenizer.mask_token_id != card["mask_id"]:
+        raise ValueError(
+            f"{folder}: the tokenizer's [MASK] id is {tokenizer.mask_token_id}, diffllm.json says {card['mask_id']}; "
+            "the base model or tokenizer differs from the one the export was trained on"
+        )
+    set_bidirectional(model)  # module-level is_causal flags are not saved by any HF format
+    model.to(device).eval()
+    return InferenceModel(
+        dlm=DiffusionLM(model, mask_id=card["mask_id"], shift=card["shift"]),
+        tokenizer=tokenizer,
+        sampler_config=SamplerConfig(**card["sampler"]),
+        cfg=card.get("run_config") or {},
+        source=str(folder),
+    )
+
+
+def run(cfg: DictConfig) -> dict[str, Path]:
+    """The CLI body (``conf/export.yaml``)."""
+    written = export(
+        cfg.ckpt_path, cfg.out, tuple(cfg.formats), device=cfg.device, overwrite=bool(cfg.overwrite)
+    )
+    for kind, folder in written.items():
+        print(f"{kind:8s} {folder}", flush=True)
+    return written
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ModelLoadError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""diffllm.evaluate: reproduces the run's validation figures exactly, writes its report files."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from diffllm.config import CONF_DIR
+from diffllm.diffusion.sampler import SamplerConfig
+from diffllm.evaluate import (
+    default_out_dir,
+    default_steps_grid,
+    evaluate,
+    length_buckets,
+    main,
+    pooled,
+    validated_rows,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls on 2 shared cores are far slower with thread contention (as in test_sampler)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cli_eval(tiny_run, tmp_path_factory):
+    """``python -m diffllm.evaluate ckpt_path=... out_dir=... steps_grid=[2,8,16]`` in-process."""
+    out = tmp_path_factory.mktemp("eval")
+    argv = sys.argv
+    sys.argv = [
+        "diffllm.evaluate",
+        f"ckpt_path={tiny_run[1]}",
+        f"out_dir={out}",
+        "steps_grid=[2,8,16]",
+        "progress=false",
+    ]
+    try:
+        main()
+    finally:
+        sys.argv = argv
+    return out, json.loads((out / "eval.json").read_text())
+
+
+def test_evaluate_reproduces_the_runs_validation_metrics(tiny_run, cli_eval):
+    """Same rows (limit_val_batches=1 batch of the 16 val rows), same seed per batch, same estimator:
+    the figures equal what training logged for this checkpoint."""
+    _, _, metrics = tiny_run
+    _, r = cli_eval
+    assert r["rows"] == 16 and r["likelihood"]["num_samples"] == 2 and r["likelihood"]["method"] == "grid"
+    assert r["nll_bound"] == pytest.approx(metrics["val/nll_bound"], abs=1e-4)
+    assert r["ar_nll"] == pytest.approx(metrics["val/ar_nll"], abs=1e-4)
+    assert r["gap"] == pytest.approx(r["nll_bound"] - r["ar_nll"])
+    assert r["ppl_bound"] == pytest.approx(np.exp(r["nll_bound"]))
+
+
+def test_evaluate_report_contents(cli_eval):
+    out, r = cli_eval
+    # buckets partition the scored rows and pool back to the headline figures
+    buckets = r["length_buckets"]
+    assert sum(b["rows"] for b in buckets) == r["rows"]
+    assert sum(b["tokens"] for b in buckets) == r["answer_tokens"]
+    assert sum(b["nll_bound"] * b["tokens"] for b in buckets) / r["answer_tokens"] == pytest.approx(
+        r["nll_bound"]
+    )
+    # the sweep: 16 > gen_length=8 is refused by the sampler config and reported, not silently dropped
+    assert [g["steps"] for g in r["steps_grid"]] == [2, 8]
+    assert [s["steps"] for s in r["steps_skipped"]] == [16]
+    assert all(1 <= g["nfe"] <= g["steps"] for g in r["steps_grid"])  # one batch of 16 prompts
+    # the run's sampler uses steps=8: that sweep point is the headline diffusion result
+    at8 = r["steps_grid"][1]
+    assert (at8["exact_match"], at8["rougeL"], at8["nfe"]) == (
+        r["diffusion_exact_match"],
+        r["diffusion_rougeL"],
+        r["diffusion_nfe"],
+    )
+    for key in ("diffusion_exact_match", "ar_exact_match", "diffusion_rougeL", "ar_rougeL", "ar_bleu"):
+        assert 0.0 <= r[key] <= 1.0, key
+    assert r["gen_rows"] == 16 and len(r["examples"]) == 8
+    md = (out / "eval.md").read_text()
+    assert "| answer NLL (nats/token) |" in md and f"{r['nll_bound']:.3f}" in md
+    assert "(steps=16 skipped" in md
+    for name in ("nll_by_length.png", "quality_vs_steps.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({name})" in md
+
+
+def test_evaluate_a_data_file_with_sampler_overrides(tiny_run, tmp_path):
+    rows = [
+        {"instruction": "Reverse these words: cat dog sun", "input": "", "output": "sun dog cat"},
+        {"instruction": "Repeat the words.", "input": "red blue", "output": "red blue"},
+        {"instruction": "What is 2 + 3?", "input": "", "output": "5"},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = evaluate(
+        tiny_run[1],
+        data_path=path,
+        out_dir=tmp_path / "out",
+        sampler={"strategy": "margin", "steps": 4},
+        steps_grid=[4],
+        ar_baseline=False,
+        progress=False,
+    )
+    assert r["rows"] == 3 and r["gen_rows"] == 3 and r["data"] == f"file {path}"
+    assert [e["reference"] for e in r["examples"]] == ["sun dog cat", "red blue", "5"]
+    assert r["sampler"]["strategy"] == "margin" and r["sampler"]["steps"] == 4
+    assert np.isnan(r["ar_nll"]) and np.isnan(r["ar_exact_match"])
+    assert r["diffusion_nfe"] == 4 and r["steps_grid"][0]["exact_match"] == r["diffusion_exact_match"]
+
+
+def test_length_buckets_and_pooling():
+    count = np.array([1, 2, 3, 4, 7, 8, 0])
+    nll = np.array([1.0, 4.0, 3.0, 8.0, 7.0, 8.0, 0.0])
+    ar = nll / 2
+    buckets = length_buckets(nll, ar, count)
+    assert [b["label"] for b in buckets] == ["1", "2-3", "4-7", "8-15"]
+    assert [b["rows"] for b in buckets] == [1, 2, 2, 1]  # the empty answer is left out
+    assert buckets[1]["nll_bound"] == pytest.approx(7.0 / 5)
+    assert buckets[1]["gap"] == pytest.approx(7.0 / 10)
+    assert pooled(nll, count) == pytest.approx(31.0 / 25)
+
+
+def test_validated_rows_reads_limit_val_batches_like_lightning():
+    assert validated_rows({"trainer": {"limit_val_batches": 1}}, 16, 64) == 16
+    assert validated_rows({"trainer": {"limit_val_batches": 2}}, 300, 64) == 128
+    assert validated_rows({"trainer": {"limit_val_batches": 0.5}}, 300, 64) == 128  # int(5 * 0.5) batches
+    assert validated_rows({"trainer": {"limit_val_batches": 1.0}}, 300, 64) == 300
+    assert validated_rows({}, 300, 64) == 300
+
+
+def test_default_steps_grid():
+    assert default_steps_grid(SamplerConfig(gen_length=32, steps=32, block_length=8)) == [4, 8, 16, 32]
+    assert default_steps_grid(SamplerConfig(gen_length=8, steps=8)) == [1, 2, 4, 8]
+
+
+def test_out_dir_defaults(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert default_out_dir(ckpt) == tmp_path / "run"
+    assert default_out_dir(tmp_path) == tmp_path / "eval"
+
+
+def test_evaluate_yaml_lists_every_sampler_field():
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONF_DIR / "evaluate.yaml")
+    assert set(cfg.sampler) == {f.name for f in fields(SamplerConfig)}
+    assert all(OmegaConf.is_missing(cfg.sampler, k) for k in cfg.sampler)
