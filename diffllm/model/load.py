@@ -205,15 +205,25 @@ def build_diffusion_model(
     mask_token: Mapping[str, Any] | None = None,
     train_mask_row: bool = False,
     trust_remote_code: bool = False,
+    from_scratch: bool = False,
     **_: Any,
 ) -> tuple[DiffusionLM, PreTrainedTokenizerBase]:
     """Pretrained causal LM -> bidirectional LoRA ``DiffusionLM`` and its tokenizer ([MASK] included).
 
     ``lora=None`` returns the converted model without adapters (full fine-tuning or inspection).
+    ``from_scratch=True`` is the control experiment: the same architecture with freshly initialised
+    weights (seeded by the caller), to show how much the AR pretraining contributes.
     Extra keys (the model node's ``config`` architecture, used by the dry run) are ignored here.
     """
     tokenizer = load_tokenizer(pretrained, trust_remote_code=trust_remote_code)
-    model = _load_causal_lm(pretrained, resolve_dtype(dtype), attn_implementation, trust_remote_code=trust_remote_code)
+    if from_scratch:
+        hf_config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        hf_config._attn_implementation = attn_implementation
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=resolve_dtype(dtype))
+    else:
+        model = _load_causal_lm(
+            pretrained, resolve_dtype(dtype), attn_implementation, trust_remote_code=trust_remote_code
+        )
     mask_id = add_mask_token(model, tokenizer, MaskTokenSpec(**dict(mask_token or {})))
     set_bidirectional(model)
     if lora is not None:
