@@ -225,3 +225,7 @@ class DiffusionLitModule(L.LightningModule):
                 f"checkpoint lacks {len(missing)} trainable tensor(s) of this config (e.g. {sorted(missing)[:3]}); "
                 "it was written by a run with another lora/model config: load it with that config"
             )
+        # The frozen base was rebuilt from model.pretrained: complete the state dict with it so the
+        # load is exact and quiet (nothing is reported missing).
+        for key, value in self.state_dict().items():
+            checkpoint["state_dict"].setdefault(key, value)

@@ -48,8 +48,20 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def printed(stdout: str, label: str) -> list[str]:
-    """The answers printed after ``label:`` (one line each in the tiny world)."""
-    return [line[len(label) + 1 :].strip() for line in stdout.splitlines() if line.startswith(label + ":")]
+    """The answers printed after ``label:``, continuation lines (indented under it) included."""
+    from diffllm.generate import LABEL_WIDTH
+
+    out: list[str] = []
+    lines = stdout.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(label + ":"):
+            parts = [line[LABEL_WIDTH + 1 :]]
+            for nxt in lines[i + 1 :]:
+                if not nxt.startswith(" " * (LABEL_WIDTH + 1)):
+                    break
+                parts.append(nxt[LABEL_WIDTH + 1 :])
+            out.append("\n".join(parts).strip())
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +116,8 @@ def test_cli_ar_prints_both_answers(cli_run):
     lines = proc.stdout.splitlines()
     diffusion = [i for i, line in enumerate(lines) if line.startswith("diffusion:")]
     ar = [i for i, line in enumerate(lines) if line.startswith("ar:")]
-    assert len(diffusion) == len(ar) == 1 and ar[0] == diffusion[0] + 1  # the AR answer right under it
+    n_lines = len(printed(proc.stdout, "diffusion")[0].split("\n"))  # a multi-line answer is indented
+    assert len(diffusion) == len(ar) == 1 and ar[0] == diffusion[0] + n_lines  # the AR answer right under it
     assert "forward passes: diffusion" in proc.stdout and ", ar " in proc.stdout
 
 
