@@ -62,10 +62,11 @@ class BuildConfig:
     model_seed: int = 0
     steps: int = 2000
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 6e-4
     warmup_steps: int = 100
     weight_decay: float = 0.1
-    answer_weight: float = 4.0  # loss weight of answer tokens (+EOS) relative to prompt tokens
+    prompt_weight: float = 0.0  # loss weight of prompt tokens; answer tokens (+EOS) weigh 1
+    row_mean: bool = False  # normalise the loss per row (True) or per token of the batch (False)
     threads: int = 2
     eval_rows: int | None = None  # None: all val rows
 
@@ -130,7 +131,7 @@ def _batch(encoded: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[to
 def train_ar(
     model: LlamaForCausalLM, encoded: list[tuple[list[int], list[bool]]], cfg: BuildConfig, pad_id: int
 ) -> list[float]:
-    """Next-token CE on ``<s> prompt answer </s>``, answer tokens weighted ``cfg.answer_weight``.
+    """Next-token CE on ``<s> prompt answer </s>``, prompt tokens weighted ``cfg.prompt_weight``.
 
     Right padding needs no attention mask under causal attention (a real token never attends to a
     later pad); pad targets get weight 0. Returns the per-step losses.
@@ -162,8 +163,10 @@ def train_ar(
         ids, answer = _batch([encoded[i] for i in idx], pad_id)  # (B, L)
         logits = model(input_ids=ids).logits[:, :-1]  # (B, L-1, V): position i predicts i+1
         targets, target_answer = ids[:, 1:], answer[:, 1:]
-        weight = torch.where(target_answer, cfg.answer_weight, 1.0) * (targets != pad_id)
+        weight = torch.where(target_answer, 1.0, cfg.prompt_weight) * (targets != pad_id)
         ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L-1)
+        if cfg.row_mean:  # every row weighs the same, whatever its answer length
+            weight = weight / weight.sum(dim=1, keepdim=True)
         loss = (ce * weight).sum() / weight.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -376,7 +379,7 @@ come from that command (`build_info.json` holds them machine-readably).
 - `ar_base/`: tokenizer (byte-level BPE, vocab {info["vocab_size"]}, `<pad>`={info["special_tokens"]["pad"]},
   `<s>`={info["special_tokens"]["bos"]}, `</s>`={info["special_tokens"]["eos"]}, no mask token; encoding adds `<s>`)
   and `LlamaForCausalLM` ({info["parameters"]:,} parameters): {json.dumps(cfg["model"])}
-- AR training: next-token CE on the whole sequence, answer tokens (+EOS) weighted x{cfg["answer_weight"]};
+- AR training: next-token CE on the whole sequence, prompt tokens weighted {cfg["prompt_weight"]} (answer tokens + EOS: 1);
   {cfg["steps"]} steps x batch {cfg["batch_size"]}, AdamW lr {cfg["lr"]} (warmup {cfg["warmup_steps"]}, cosine to 10 %),
   {cfg["threads"]} threads: {info["train_seconds"]} s (torch {info["torch"]}); final train loss {m["final_train_loss"]}
 

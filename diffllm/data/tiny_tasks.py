@@ -7,8 +7,8 @@ generic ``instruction`` with the data in ``input``):
     copy     repeat a list of 3-6 distinct words          "cat dog sun"   -> "cat dog sun"
     reverse  the list in reverse order                     "cat dog sun"   -> "sun dog cat"
     sort     the list in alphabetical order                "sun cat dog"   -> "cat dog sun"
-    add      the sum of two numbers in 0..99               "23 + 45"       -> "68"
-    lookup   the value of one key in 3-5 pairs             "a=3, b=7" (b)  -> "7"
+    add      the sum of two numbers in 0..9                "7 + 5"         -> "12"
+    lookup   one key of 3-5 pairs, with its value          "a=3, b=7" (b)  -> "b=7"
     count    the number of words in a list of 3-6          "cat dog sun"   -> "3"
 
 Generation is deterministic: the same ``(n, seed, split)`` gives byte-identical JSONL. The train and
@@ -70,7 +70,7 @@ def _sort(rng: random.Random, with_input: bool) -> Problem:
 
 
 def _add(rng: random.Random, with_input: bool) -> Problem:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     if with_input:
         return "Add the two numbers.", f"{a} + {b}", str(a + b)
     return f"What is {a} + {b}?", "", str(a + b)
@@ -81,9 +81,12 @@ def _lookup(rng: random.Random, with_input: bool) -> Problem:
     values = [rng.randint(0, 9) for _ in keys]
     target = rng.randrange(len(keys))
     pairs = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
+    # The answer restates the key ("b=7") so the value follows "b=" exactly as in the pairs, which
+    # an induction head can copy; with the bare value the tiny AR base often picks a wrong key's value.
+    answer = f"{keys[target]}={values[target]}"
     if with_input:
-        return f"What is the value of {keys[target]}?", pairs, str(values[target])
-    return f"Given {pairs}, what is {keys[target]}?", "", str(values[target])
+        return f"What is the value of {keys[target]}?", pairs, answer
+    return f"Given {pairs}, what is {keys[target]}?", "", answer
 
 
 def _count(rng: random.Random, with_input: bool) -> Problem:
