@@ -256,3 +256,20 @@ def test_benchmark_table_ratios_and_goals():
     assert [goal.passed for goal in goals] == [False, False, False]
     assert goals[0].value == "3.00×" and goals[1].value.startswith("+3.1 points")
     assert goals[2].line().startswith("- MISS:")
+
+
+def test_benchmark_picks_the_newest_default_run(tmp_path):
+    from diffllm.bench.sampler import find_checkpoint
+
+    assert find_checkpoint([tmp_path]) is None
+    newer, older, sweep = (
+        tmp_path / "outputs/2025-01-01/10-00-00/checkpoints/last.ckpt",
+        tmp_path / "outputs/2025-01-02/09-00-00/checkpoints/last.ckpt",
+        tmp_path / "outputs/ablation/schedule=cosine/checkpoints/last.ckpt",  # a sweep, not `make train`
+    )
+    for mtime, path in ((2_000_000, newer), (1_000_000, older), (3_000_000, sweep)):
+        path.parent.mkdir(parents=True)
+        path.write_text("")
+        os.utime(path, (mtime, mtime))
+    # the newest dated run by modification time (not by name); the even newer sweep is ignored
+    assert find_checkpoint([tmp_path / "nowhere", tmp_path]) == newer

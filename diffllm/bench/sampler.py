@@ -209,10 +209,15 @@ def build_report(
 
 
 # -- measuring ------------------------------------------------------------------------------------
+# `make train` writes to outputs/<date>/<time>/ (conf/train.yaml); a date-shaped pattern keeps
+# sweeps and named runs (outputs/ablation/<overrides>/, outputs/<name>/) out of the default choice.
+DEFAULT_RUN_CKPT = "outputs/[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]/*/checkpoints/last.ckpt"
+
+
 def find_checkpoint(roots: Sequence[Path]) -> Path | None:
-    """The newest ``outputs/*/*/checkpoints/last.ckpt`` under the first root that has one."""
+    """The newest ``outputs/<date>/<time>/checkpoints/last.ckpt`` under the first root that has one."""
     for root in roots:
-        found = glob.glob(str(root / "outputs" / "*" / "*" / "checkpoints" / "last.ckpt"))
+        found = glob.glob(str(root / DEFAULT_RUN_CKPT))
         if found:
             return Path(max(found, key=os.path.getmtime))
     return None
@@ -301,7 +306,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m diffllm.bench.sampler",
         description="Speed (tokens/s, forward passes) and exact match of the diffusion samplers vs AR.",
     )
-    p.add_argument("--ckpt", help="a .ckpt (default: the newest outputs/*/*/checkpoints/last.ckpt)")
+    p.add_argument(
+        "--ckpt",
+        help="a .ckpt (default: the newest outputs/<date>/<time>/checkpoints/last.ckpt of `make train`)",
+    )
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256], help="generation lengths G")
     p.add_argument("--rows", type=int, default=32, help="validation rows (the same prompts for every method)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per sampler / AR call")
@@ -335,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         found = find_checkpoint([Path.cwd(), Path(__file__).resolve().parents[2]])
         if found is None:
             _fail(
-                "no checkpoint: no outputs/*/*/checkpoints/last.ckpt here; run `make train` first or pass --ckpt"
+                "no checkpoint: no outputs/<date>/<time>/checkpoints/last.ckpt here; run `make train` first or pass --ckpt"
             )
         ckpt = found
 
