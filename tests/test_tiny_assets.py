@@ -20,10 +20,12 @@ from diffllm.assets import (
 from diffllm.data.template import MalformedRowError, render, render_prompt
 from diffllm.data.tiny_tasks import TASKS, WORDS, generate_rows, read_jsonl, split_of, write_jsonl
 
-# Exact-match floor for greedy answers on the first 30 val rows (5 per task). The build measured
-# the figures in build_info.json on all 500 val rows (see assets/tiny/README.md); this floor sits
-# well below them so that only a broken model, tokenizer or template fails it.
-EXACT_MATCH_FLOOR = 0.8
+# Exact-match floors for greedy answers on the first 30 val rows (5 per task). Measured when the
+# committed base was built: 0.867 on these 30 rows (26/30: lookup 1/5, every other task 5/5) and
+# 0.876 on all 500 (assets/tiny/README.md). The floors sit below that so that only a broken model,
+# tokenizer or template fails them; lookup is the base's weak task and has no floor of its own.
+EXACT_MATCH_FLOOR = 0.7
+SOLVED_TASKS_FLOOR = 0.8  # copy, reverse, sort, add, count: at least 4 of 5 each
 N_EM_ROWS = 30
 
 INFO = build_info()
@@ -93,7 +95,9 @@ def test_committed_data_equals_regeneration(tmp_path):
 
 @pytest.mark.parametrize("source", ["fresh", "committed"])
 def test_every_output_is_the_correct_answer(source):
-    rows = generate_rows(1200, seed=123) if source == "fresh" else read_jsonl(TINY_TRAIN) + read_jsonl(TINY_VAL)
+    rows = (
+        generate_rows(1200, seed=123) if source == "fresh" else read_jsonl(TINY_TRAIN) + read_jsonl(TINY_VAL)
+    )
     for row in rows:
         assert solve(row["instruction"], row["input"]) == (row["task"], row["output"]), row
 
@@ -179,7 +183,9 @@ def test_tokenization_is_compact_and_splits_digits(tokenizer):
     for word in WORDS:  # one token, first in a line or after a space
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
         assert len(tokenizer(" " + word, add_special_tokens=False).input_ids) == 1, word
-    assert tokenizer.convert_ids_to_tokens(tokenizer("1234", add_special_tokens=False).input_ids) == list("1234")
+    assert tokenizer.convert_ids_to_tokens(tokenizer("1234", add_special_tokens=False).input_ids) == list(
+        "1234"
+    )
     lengths = [len(tokenizer("".join(render(r, "short"))).input_ids) + 1 for r in read_jsonl(TINY_VAL)]
     assert max(lengths) <= 48 and max(lengths) <= INFO["sequence_length"]["max"] + 2
 
@@ -208,8 +214,9 @@ def test_ar_base_is_a_competent_tied_llama(tokenizer):
     assert model.config.vocab_size == len(tokenizer)
     rows = read_jsonl(TINY_VAL)[:N_EM_ROWS]
     em = exact_match_by_task(rows, greedy_answers(model, tokenizer, rows))
-    assert INFO["metrics"]["exact_match"]["all"] >= EXACT_MATCH_FLOOR  # the committed figure
+    assert INFO["metrics"]["exact_match"]["all"] >= 0.85  # the committed figure (0.876)
     assert em["all"] >= EXACT_MATCH_FLOOR, em
+    assert all(em[t] >= SOLVED_TASKS_FLOOR for t in ("copy", "reverse", "sort", "add", "count")), em
     assert INFO["metrics"]["answer_nll"]["all"] < 0.5 * INFO["metrics"]["unigram_ce"]
 
 
