@@ -131,11 +131,17 @@ def test_api_matches_cli_for_the_same_seed(cli_run, model):
     assert [row["ar_answer"]] == printed(proc.stdout, "ar")
     (traj,) = trajectories_from_json((cwd / "traj.json").read_text())
     assert row["trajectory"].to_dict() == traj.to_dict()
+
     # the seed reaches the sampler: with random ordering the commit order changes with the seed
     # (tokens alone may not: a sharp model samples the same answer at temperature 1)
     def order(seed: int) -> list:
         (r,) = generate_answers(
-            model, [INSTRUCTION], [INPUT], seed=seed, trajectory=True, sampler_overrides={"strategy": "random"}
+            model,
+            [INSTRUCTION],
+            [INPUT],
+            seed=seed,
+            trajectory=True,
+            sampler_overrides={"strategy": "random"},
         )
         return [step.committed for step in r["trajectory"].steps]
 
@@ -265,6 +271,10 @@ def test_benchmark_table_ratios_and_goals():
     assert [goal.passed for goal in goals] == [False, False, False]
     assert goals[0].value == "3.00×" and goals[1].value.startswith("+3.1 points")
     assert goals[2].line().startswith("- MISS:")
+
+    # a naive sampler with no exact match leaves no quality to lose: the EM goal cannot be judged
+    hopeless = [dataclasses.replace(r, exact_match=0.0) if r.method in (NAIVE, CACHED) else r for r in runs]
+    assert check_goals(hopeless)[1].passed is None and check_goals(hopeless)[1].line().startswith("- N/A:")
 
 
 def test_benchmark_picks_the_newest_default_run(tmp_path):
