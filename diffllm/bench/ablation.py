@@ -63,13 +63,24 @@ def to_markdown(rows: list[dict[str, object]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default=f"multirun/ablation-{time.strftime('%Y%m%d-%H%M%S')}")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per job (default: the experiment's)")
-    ap.add_argument("--collect-only", action="store_true", help="only rebuild the table from an existing sweep")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per job (default: the experiment's)"
+    )
+    ap.add_argument(
+        "--collect-only", action="store_true", help="only rebuild the table from an existing sweep"
+    )
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args(argv)
     sweep = Path(args.out_dir)
     if not args.collect_only:
-        cmd = [sys.executable, "-m", "diffllm.train", "-m", "+experiment=ablation", f"hydra.sweep.dir={sweep}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "diffllm.train",
+            "-m",
+            "+experiment=ablation",
+            f"hydra.sweep.dir={sweep}",
+        ]
         cmd += [f"{k}={','.join(v)}" for k, v in AXES.items()]
         if args.steps:
             cmd += [f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}"]
