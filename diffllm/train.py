@@ -56,9 +56,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     module = DiffusionLitModule(plain)
     datamodule = instantiate(cfg.data, tokenizer=module.tokenizer)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
-    ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=None)
+    ckpt = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=None
+    )
     callbacks = [ckpt] + ([LearningRateMonitor(logging_interval="step")] if loggers else [])
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out_dir))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out_dir)
+    )
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True) if out_dir.exists() else None
 
     log.info("%s", trainable_line(module.dlm.model))
@@ -67,7 +71,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     if cfg.report.enabled and trainer.is_global_zero:
         report = build_report(
-            module, datamodule, num_rows=cfg.report.num_rows, likelihood_samples=cfg.report.likelihood_samples, seed=cfg.seed
+            module,
+            datamodule,
+            num_rows=cfg.report.num_rows,
+            likelihood_samples=cfg.report.likelihood_samples,
+            seed=cfg.seed,
         )
         path = write_report(report, out_dir)
         print("\n" + format_report(report), flush=True)

@@ -21,7 +21,12 @@ from diffllm.model.load import (
 )
 from diffllm.train import train
 
-LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+LORA = {
+    "r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
 
 
 def attn_impls() -> list[str]:
@@ -99,7 +104,9 @@ def test_mask_token_is_a_new_mean_row(tiny_model_dir):
 
 
 def test_mask_token_reuse_keeps_vocab(tiny_model_dir):
-    dlm, tok = build_diffusion_model(tiny_model_dir, None, mask_token={"mode": "reuse", "token": "<reserved_0>"})
+    dlm, tok = build_diffusion_model(
+        tiny_model_dir, None, mask_token={"mode": "reuse", "token": "<reserved_0>"}
+    )
     assert dlm.mask_id == tok.convert_tokens_to_ids("<reserved_0>") == tok.mask_token_id
     assert dlm.base.get_input_embeddings().weight.shape[0] == len(tok)
     for bad in ("<nope>", "<unk>"):
@@ -119,7 +126,9 @@ def test_lora_only_on_attention_and_frozen_count(tiny_model_dir):
     per_layer = LORA["r"] * ((h + h) + (h + kv) + (h + kv) + (h + h))
     assert sum(p.numel() for p in trainable.values()) == per_layer * cfg.num_hidden_layers
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    base_count = sum(p.numel() for p in base.parameters()) + 2 * cfg.hidden_size  # + the [MASK] row, in and out
+    base_count = (
+        sum(p.numel() for p in base.parameters()) + 2 * cfg.hidden_size
+    )  # + the [MASK] row, in and out
     frozen = sum(p.numel() for p in dlm.model.parameters() if not p.requires_grad)
     assert frozen == base_count
 
@@ -163,7 +172,14 @@ def test_llama_3_2_1b_on_meta_matches_the_seed_figures():
 
 def test_dry_run_cli_prints_the_seed_line(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "diffllm.train", "+experiment=alpaca_lora", "dry_run=true", f"hydra.run.dir={tmp_path}"],
+        [
+            sys.executable,
+            "-m",
+            "diffllm.train",
+            "+experiment=alpaca_lora",
+            "dry_run=true",
+            f"hydra.run.dir={tmp_path}",
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,  # composes from any working directory

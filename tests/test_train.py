@@ -11,7 +11,6 @@ import torch
 
 from diffllm.config import CONF_DIR, compose
 from diffllm.train import train
-
 from tests.conftest import TINY_RUN as TINY
 
 
@@ -64,7 +63,10 @@ def test_tiny_run_trains_checkpoints_and_resumes(tmp_path, capsys):
     # resume: continues from step 6 to 9 with the restored adapter weights
     out2 = tmp_path / "resumed"
     metrics2, objs2 = train(
-        compose(TINY + ["trainer.max_steps=9", f"ckpt_path={ckpt_path}", f"output_dir={out2}", "report.enabled=false"])
+        compose(
+            TINY
+            + ["trainer.max_steps=9", f"ckpt_path={ckpt_path}", f"output_dir={out2}", "report.enabled=false"]
+        )
     )
     assert objs2["trainer"].global_step == 9
 
@@ -80,8 +82,14 @@ def test_tiny_run_trains_checkpoints_and_resumes(tmp_path, capsys):
 @pytest.mark.slow
 def test_multirun_sweep_writes_readable_subfolders(tmp_path):
     cmd = [
-        sys.executable, "-m", "diffllm.train", "-m", "+experiment=tiny_sweep", "lora.r=2,4",
-        f"hydra.sweep.dir={tmp_path}", "trainer.enable_progress_bar=false",
+        sys.executable,
+        "-m",
+        "diffllm.train",
+        "-m",
+        "+experiment=tiny_sweep",
+        "lora.r=2,4",
+        f"hydra.sweep.dir={tmp_path}",
+        "trainer.enable_progress_bar=false",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -41,7 +41,9 @@ def check_row(row: Mapping) -> None:
     for key in REQUIRED_KEYS:
         value = row.get(key, "")
         if value is not None and not isinstance(value, str):
-            raise MalformedRowError(f"key {key!r} must be a string, got {type(value).__name__}: {value!r:.60}")
+            raise MalformedRowError(
+                f"key {key!r} must be a string, got {type(value).__name__}: {value!r:.60}"
+            )
     if not row["instruction"].strip():
         raise MalformedRowError("empty 'instruction'")
 

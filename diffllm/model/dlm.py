@@ -88,5 +88,5 @@ def ar_mode(model: nn.Module) -> Iterator[nn.Module]:
     row added to the embedding is never an input of the AR model, so it changes nothing here.
     """
     disable = getattr(model, "disable_adapter", None)
-    with (disable() if callable(disable) else nullcontext()), causal_attention(model):
+    with disable() if callable(disable) else nullcontext(), causal_attention(model):
         yield model

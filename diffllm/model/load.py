@@ -46,7 +46,9 @@ def _hub_help(pretrained: str, err: Exception) -> ModelLoadError:
             f"elsewhere and point the run at it: `model.pretrained=/path/to/{pretrained.split('/')[-1]}`"
         )
     )
-    return ModelLoadError(f"could not load {pretrained!r} from {where} ({type(err).__name__}: {err}).\n  Fix: {hint}.")
+    return ModelLoadError(
+        f"could not load {pretrained!r} from {where} ({type(err).__name__}: {err}).\n  Fix: {hint}."
+    )
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -86,7 +88,9 @@ class MaskTokenSpec:
 
     def __post_init__(self) -> None:
         if self.mode not in ("add", "reuse"):
-            raise ValueError(f"mask_token.mode={self.mode!r}: use 'add' (new row) or 'reuse' (existing token)")
+            raise ValueError(
+                f"mask_token.mode={self.mode!r}: use 'add' (new row) or 'reuse' (existing token)"
+            )
         if not (self.init in ("mean", "random") or self.init.startswith("token:")):
             raise ValueError(f"mask_token.init={self.init!r}: use 'mean', 'random' or 'token:<text>'")
 
@@ -152,7 +156,7 @@ def add_mask_token(
 def check_attention_targets(model: nn.Module, target_modules: Sequence[str]) -> None:
     """Refuse LoRA targets that are not projections inside an attention block."""
     hits = 0
-    for name, module in model.named_modules():
+    for name, _ in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in target_modules:
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
@@ -163,7 +167,9 @@ def check_attention_targets(model: nn.Module, target_modules: Sequence[str]) -> 
                 )
             hits += 1
     if hits == 0:
-        raise ValueError(f"lora.target_modules={list(target_modules)} matched no module of {type(model).__name__}")
+        raise ValueError(
+            f"lora.target_modules={list(target_modules)} matched no module of {type(model).__name__}"
+        )
 
 
 def apply_lora(
@@ -186,7 +192,9 @@ def apply_lora(
     return get_peft_model(model, LoraConfig(**kwargs))
 
 
-def _load_causal_lm(pretrained: str, dtype: torch.dtype, attn_implementation: str, **kwargs: Any) -> nn.Module:
+def _load_causal_lm(
+    pretrained: str, dtype: torch.dtype, attn_implementation: str, **kwargs: Any
+) -> nn.Module:
     try:
         return AutoModelForCausalLM.from_pretrained(
             pretrained, dtype=dtype, attn_implementation=attn_implementation, **kwargs
