@@ -16,6 +16,20 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 torch.set_num_threads(2)
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests (``pytestmark = usefixtures("one_thread")``).
+
+    Tiny matmuls gain nothing from a second OpenMP thread, and on a shared 2-core box the spin-waits
+    make them 10-50x slower whenever another process is busy.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 WORDS = (
     "### Instruction : Input : Response : reverse the words sort copy add what is cat dog red blue "
     "green apple pear one two three four five the list of numbers 0 1 2 3 4 5 6 7 8 9 + = ?"
@@ -25,7 +39,9 @@ WORDS = (
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer trained in-process (BOS/EOS/PAD/UNK, no [MASK]: conversion adds it)."""
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
     trainer = trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<reserved_0>"])
     tok.train_from_iterator([" ".join(WORDS)] * 3, trainer)
     tok.post_processor = processors.TemplateProcessing(

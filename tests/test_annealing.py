@@ -17,13 +17,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 IMPLS = ["eager", "sdpa"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: OpenMP threads only add spin-wait overhead, badly so on a shared 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models on 2 shared cores: OpenMP threads only add spin-wait overhead (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bidirectional_llama(attn_implementation: str) -> LlamaForCausalLM:

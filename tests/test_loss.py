@@ -22,13 +22,8 @@ from diffllm.model.dlm import DiffusionLM
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: OpenMP threads only add spin-wait overhead, badly so on a shared 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models on 2 shared cores: OpenMP threads only add spin-wait overhead (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Three hidden positions, vocabulary of 3:
