@@ -20,13 +20,8 @@ V, MASK, EOS, PAD = 16, 15, 14, 13  # mock vocabulary
 PROMPTS = [[1, 5, 6], [1, 9, 10, 11, 12, 3, 4], [1]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on 2 shared cores are ~50x slower with thread contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models on 2 shared cores: OpenMP threads only add spin-wait overhead (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TableDLM(nn.Module):
@@ -243,6 +238,9 @@ CONFIGS = {
         eos_penalty=0.1,
     ),
     "entropy-greedy": dict(gen_length=8, steps=8, strategy="entropy"),
+    "hidden-future-cache": dict(
+        gen_length=12, steps=6, block_length=4, cache="prefix", future_blocks="hidden", fill_after_eos=True
+    ),
 }
 
 
@@ -345,6 +343,45 @@ def test_prefix_cache_with_one_step_per_block_equals_uncached(shift):
         assert torch.equal(plain.canvas, cached.canvas)
 
 
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+@pytest.mark.parametrize("shift", [True, False])
+def test_hidden_future_runs_the_canvas_only_up_to_the_current_block(shift, cache):
+    dlm = tiny_dlm(shift)
+    spy = _Spy(dlm)
+    config = SamplerConfig(gen_length=8, steps=4, block_length=4, cache=cache, future_blocks="hidden")
+    run(dlm, config, prompts=[[1, 2, 3]])
+    # prompt 3: block 0 is [3, 7), block 1 is [7, 11); nothing after the block's end is fed (the
+    # visible canvas would be 11 wide from the start); with the cache, later steps of a block start
+    # at the block's first source position
+    widths = [c.shape[1] for c in spy.calls]
+    if cache == "none":
+        assert widths == [7, 7, 11, 11]
+    else:
+        assert widths == [7, 7 - (3 - shift), 11, 11 - (7 - shift)]
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_hidden_future_block_is_decoded_as_a_canvas_of_one_block(shift):
+    # block 0 of a long canvas with the future hidden == the whole answer of a one-block canvas
+    dlm = tiny_dlm(shift)
+    short = run(dlm, SamplerConfig(gen_length=4, steps=4), seed=4)
+    long_hidden = run(
+        dlm, SamplerConfig(gen_length=16, steps=16, block_length=4, future_blocks="hidden"), seed=4
+    )
+    long_visible = run(dlm, SamplerConfig(gen_length=16, steps=16, block_length=4), seed=4)
+    assert torch.equal(long_hidden.canvas[:, :4], short.canvas)
+    assert not torch.equal(long_visible.canvas[:, :4], short.canvas)  # the future [MASK]s do matter
+
+
+def test_hidden_future_changes_nothing_for_a_causal_model():
+    dlm = tiny_dlm(shift=True, bidirectional=False)
+    for cache in ("none", "prefix"):
+        config = dict(gen_length=12, steps=6, block_length=4, cache=cache)
+        visible = run(dlm, SamplerConfig(**config), seed=2)
+        hidden = run(dlm, SamplerConfig(**config, future_blocks="hidden"), seed=2)
+        assert torch.equal(visible.canvas, hidden.canvas)
+
+
 def test_cfg_runs_an_unconditional_copy_with_the_prompt_masked():
     dlm = tiny_dlm(shift=True)
     spy = _Spy(dlm)
@@ -385,6 +422,7 @@ def test_model_training_flag_is_restored():
         (dict(threshold=0.9, steps=64), "set steps=null"),
         (dict(strategy="confidence"), "low_confidence"),
         (dict(cache="dual"), "prefix"),
+        (dict(future_blocks="none"), "hidden"),
         (dict(temperature=-1.0), "temperature"),
         (dict(top_p=0.0), "top_p"),
     ],

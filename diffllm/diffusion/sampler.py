@@ -21,6 +21,14 @@ Options: classifier-free guidance (LLaDA): a second pass with the prompt replace
 ``logits = uncond + (cfg_scale + 1) * (cond - uncond)``; ``eos_penalty`` lowers c_i where x_i is
 EOS; ``fill_after_eos`` turns every [MASK] after a committed EOS into EOS.
 
+Future blocks (``future_blocks``): "visible" runs the model on the whole canvas, later blocks as
+[MASK] (LLaDA, Fast-dLLM); "hidden" runs it on ``[0, end of the current block)`` only, so block k
+is denoised as if the canvas ended there (the block-causal view of block diffusion). A model
+fine-tuned on answers of at most b tokens has only seen canvases of at most b positions; on a
+long canvas it sees hundreds of [MASK]s it was never trained on, while "hidden" with
+``block_length=b`` shows it the canvas it knows at every G. With ``fill_after_eos`` the blocks
+after the answer's EOS are filled without a forward pass.
+
 Prefix KV cache (``cache="prefix"``, Fast-dLLM): at the start of each block the whole canvas is run
 once and the keys/values of everything before the block are kept; the block's later steps run
 only [block + suffix] on top of them. The cached prefix was computed while the block was still
@@ -43,6 +51,7 @@ from diffllm.diffusion.strategies import STRATEGIES, TokenSampling, choose_posit
 from diffllm.diffusion.trajectory import Trajectory, TrajectoryStep
 
 CACHE_MODES = ("none", "prefix")
+FUTURE_MODES = ("visible", "hidden")
 
 
 @dataclass
@@ -64,6 +73,11 @@ class SamplerConfig:
     # always ends once full; stop_early=false keeps nfe == steps for fair speed comparisons)
     stop_early: bool = True
     fill_after_eos: bool = False  # every [MASK] after a committed EOS becomes EOS
+    # "visible": the model sees the whole canvas, later blocks as [MASK] (LLaDA, Fast-dLLM);
+    # "hidden": it sees only the prompt, the committed blocks and the current block (block-causal
+    # view, as block diffusion): a model trained on short answers then never faces a canvas longer
+    # than one block, and a long budget costs what the answer needs.
+    future_blocks: str = "visible"
 
     def __post_init__(self) -> None:
         if self.gen_length < 1:
@@ -78,6 +92,10 @@ class SamplerConfig:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}")
         if self.cache not in CACHE_MODES:
             raise ValueError(f"unknown cache {self.cache!r}; choose one of {list(CACHE_MODES)}")
+        if self.future_blocks not in FUTURE_MODES:
+            raise ValueError(
+                f"unknown future_blocks {self.future_blocks!r}; choose one of {list(FUTURE_MODES)}"
+            )
         if self.threshold is not None:
             if self.steps is not None:
                 raise ValueError(
@@ -285,7 +303,8 @@ def generate(
                 active = masked.any(-1)  # (B,)
                 if not active.any() and (config.stop_early or steps_per_block is None):
                     break
-                hidden = denoise(x, attention_mask, position_ids, lo, hi)
+                end = hi if config.future_blocks == "hidden" else x.shape[1]
+                hidden = denoise(x[:, :end], attention_mask[:, :end], position_ids[:, :end], lo, hi)
                 steps_taken += 1
                 last = steps_per_block is not None and step == steps_per_block - 1
                 for row in range(batch):
