@@ -20,7 +20,7 @@ folder (``<run>/`` for ``<run>/checkpoints/x.ckpt``, ``<folder>/eval`` for an ex
 
 Validation is reproduced exactly: by default the scored rows are the ones training validated on (the
 first ``trainer.limit_val_batches`` batches of the validation loader), batched the same way
-(``data.eval_batch_size``), each batch masked with the same seed (``seed * 1_000_003 + batch_idx``,
+(``data.eval_batch_size``), each batch masked with the same seed (``likelihood.validation_seed``,
 as ``DiffusionLitModule.validation_step``) and the same ``val_likelihood`` settings. So for the
 checkpoint that training validated last, ``nll_bound`` / ``ar_nll`` equal its ``val/nll_bound`` /
 ``val/ar_nll``. Changing ``batch_size`` or ``rows`` changes the masks drawn, not the expectation.
@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from diffllm.ar_generate import ar_generate
 from diffllm.config import CONF_DIR
-from diffllm.diffusion.likelihood import ar_nll, elbo_nll
+from diffllm.diffusion.likelihood import ar_nll, elbo_nll, validation_seed
 from diffllm.diffusion.sampler import SamplerConfig, generate
 from diffllm.diffusion.schedule import LinearSchedule
 from diffllm.generate import sampler_with_overrides
@@ -58,7 +58,6 @@ from diffllm.report import _answer_tokens, format_report
 
 log = logging.getLogger("diffllm.evaluate")
 
-VAL_SEED_STRIDE = 1_000_003  # DiffusionLitModule.validation_step: seed * 1_000_003 + batch_idx
 NUM_EXAMPLES = 8
 
 
@@ -150,7 +149,7 @@ def score_rows(
 ) -> dict[str, np.ndarray]:
     """Per-row answer NLL sums (nats) of the diffusion bound and the AR model, and answer lengths.
 
-    Batch ``i`` draws its masks from ``seed * 1_000_003 + i``, as validation does.
+    Batch ``i`` draws its masks from ``validation_seed(seed, i)``, as validation does.
     """
     # DiffusionLitModule.eval_schedule: every schedule with alpha(1) = 0 gives this same bound
     schedule = LinearSchedule()
@@ -158,16 +157,19 @@ def score_rows(
     nll, ar, count = [], [], []
     for batch_idx, batch in enumerate(tqdm(batch_iter, desc="likelihood", total=total, disable=not progress)):
         batch = {k: v.to(device) for k, v in batch.items()}
-        args = (batch["input_ids"], batch["attention_mask"], batch["answer_mask"])
+        args = (batch["input_ids"], batch["attention_mask"])
+        scored = batch.get("score_mask", batch["answer_mask"])  # answer + EOS, never the EOS padding
         s, c = elbo_nll(
             dlm,
             *args,
+            batch["answer_mask"],
             schedule,
             num_samples=num_samples,
             method=method,
-            seed=seed * VAL_SEED_STRIDE + batch_idx,
+            seed=validation_seed(seed, batch_idx),
+            score_mask=scored,
         )
-        a = ar_nll(ar_model, *args)[0] if ar_model is not None else torch.full_like(s, float("nan"))
+        a = ar_nll(ar_model, *args, scored)[0] if ar_model is not None else torch.full_like(s, float("nan"))
         nll.append(s.double().cpu().numpy())
         ar.append(a.double().cpu().numpy())
         count.append(c.cpu().numpy())
@@ -268,6 +270,34 @@ def quality(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     }
 
 
+def by_task(
+    rows: Sequence[Mapping[str, Any]], refs: Sequence[str], diffusion: Sequence[str], ar: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    """Exact match per value of the rows' ``task`` key (the tiny tasks carry one; Alpaca rows do not).
+
+    Returns [{task, rows, diffusion_exact_match, ar_exact_match}] sorted by task, or [] when no row
+    has a task; rows without one are grouped under "(none)".
+    """
+    tasks = [str(r.get("task") or "(none)") for r in rows]
+    if set(tasks) == {"(none)"}:
+        return []
+    out = []
+    for task in sorted(set(tasks)):
+        idx = [i for i, t in enumerate(tasks) if t == task]
+        task_refs = [refs[i] for i in idx]
+        out.append(
+            {
+                "task": task,
+                "rows": len(idx),
+                "diffusion_exact_match": exact_match([diffusion[i] for i in idx], task_refs),
+                "ar_exact_match": exact_match([ar[i] for i in idx], task_refs)
+                if ar is not None
+                else float("nan"),
+            }
+        )
+    return out
+
+
 def default_steps_grid(config: SamplerConfig) -> list[int]:
     """G/8, G/4, G/2, G (G = gen_length), the ones the block layout allows."""
     return sorted({max(config.gen_length // d, 1) for d in (8, 4, 2, 1)})
@@ -326,7 +356,7 @@ def format_markdown(r: Mapping[str, Any]) -> str:
         f"- data: {r['data']}; {r['rows']} rows scored ({r['answer_tokens']} answer tokens, EOS included), "
         f"{r['gen_rows']} generated",
         f"- likelihood: ELBO bound, linear schedule, {lk['num_samples']}-point `{lk['method']}` t estimator, "
-        f"batch {lk['batch_size']}, seed {lk['seed']} (batch i: seed * 1000003 + i)",
+        f"batch {lk['batch_size']}, seed {lk['seed']} (batch i: validation_seed(seed, i))",
         f"- sampler: {', '.join(f'{k}={v}' for k, v in r['sampler'].items())}",
         "",
         "| metric | diffusion | AR base |",
@@ -352,6 +382,18 @@ def format_markdown(r: Mapping[str, Any]) -> str:
         f"| {b['label']} | {b['rows']} | {b['tokens']} | {_num(b['nll_bound'])} | {_num(b['ar_nll'])} | {_num(b['gap'])} |"
         for b in r["length_buckets"]
     ]
+    if r.get("by_task"):
+        lines += [
+            "",
+            "## Exact match by task",
+            "",
+            "| task | rows | diffusion | AR base |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {t['task']} | {t['rows']} | {_num(t['diffusion_exact_match'])} | {_num(t['ar_exact_match'])} |"
+            for t in r["by_task"]
+        ]
     lines += [
         "",
         "## Diffusion quality vs sampling steps",
@@ -502,6 +544,12 @@ def evaluate(
         "ar_nfe": ar_gen["nfe"],
         "sampler": dict(vars(config)),
         "length_buckets": buckets,
+        "by_task": by_task(
+            [p["row"] for p in prompts],
+            refs,
+            diff["texts"],
+            ar_gen["texts"] if ar_model is not None else None,
+        ),
         "steps_grid": grid,
         "steps_skipped": skipped,
         "examples": [

@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from diffllm.diffusion.forward import forward_process
-from diffllm.diffusion.likelihood import ar_nll, elbo_nll
+from diffllm.diffusion.likelihood import ar_nll, elbo_nll, validation_seed
 from diffllm.diffusion.sampler import generate
 from diffllm.diffusion.schedule import LinearSchedule
 from diffllm.metrics import exact_match, rouge_l
@@ -100,16 +100,23 @@ class DiffusionLitModule(L.LightningModule):
     # -- validation ------------------------------------------------------------------------------
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        seed = int(self.cfg.get("seed", 0)) * 1_000_003 + batch_idx
+        seed = validation_seed(int(self.cfg.get("seed", 0)), batch_idx)
         gen = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
         loss, stats = self.diffusion_loss(batch, generator=gen)
         self.val_loss.update(loss, weight=stats["n_answer"])
         lk = self.cfg.get("val_likelihood", {})
-        args = (self.dlm, batch["input_ids"], batch["attention_mask"], batch["answer_mask"])
+        args = (self.dlm, batch["input_ids"], batch["attention_mask"])
+        scored = batch.get("score_mask", batch["answer_mask"])  # answer + EOS, never the EOS padding
         nll, count = elbo_nll(
-            *args, self.eval_schedule, num_samples=lk.get("num_samples", 4), method=lk.get("method", "grid"), seed=seed
+            *args,
+            batch["answer_mask"],
+            self.eval_schedule,
+            num_samples=lk.get("num_samples", 4),
+            method=lk.get("method", "grid"),
+            seed=seed,
+            score_mask=scored,
         )
-        ar, ar_count = ar_nll(*args)
+        ar, ar_count = ar_nll(*args, scored)
         keep = count > 0
         self.val_nll_bound.update(nll[keep] / count[keep], weight=count[keep])
         self.val_ar_nll.update(ar[keep] / ar_count[keep], weight=ar_count[keep])
@@ -145,7 +152,12 @@ class DiffusionLitModule(L.LightningModule):
         if overrides:
             config = type(config)(**{**vars(config), **overrides})
         out = generate(
-            self.dlm, prompt_ids, config, eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, seed=seed
+            self.dlm,
+            prompt_ids,
+            config,
+            eos_id=self.tokenizer.eos_token_id,
+            pad_id=self.tokenizer.pad_token_id,
+            seed=seed,
         )
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
 
@@ -155,7 +167,9 @@ class DiffusionLitModule(L.LightningModule):
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            preds = self.sample([p["prompt_ids"] for p in self.sample_prompts], seed=int(self.cfg.get("seed", 0)))
+            preds = self.sample(
+                [p["prompt_ids"] for p in self.sample_prompts], seed=int(self.cfg.get("seed", 0))
+            )
         self.train(was_training)
         refs = [p["reference"] for p in self.sample_prompts]
         self.log("val/exact_match", exact_match(preds, refs), rank_zero_only=True)
@@ -170,7 +184,9 @@ class DiffusionLitModule(L.LightningModule):
         """Write the table to every logger in the form it takes: CSV file, TensorBoard text, W&B table."""
         for logger in self.loggers:
             if hasattr(logger, "log_text"):  # W&B
-                logger.log_text(key="val/samples", columns=list(rows[0]), data=[list(r.values()) for r in rows])
+                logger.log_text(
+                    key="val/samples", columns=list(rows[0]), data=[list(r.values()) for r in rows]
+                )
             elif hasattr(getattr(logger, "experiment", None), "add_text"):  # TensorBoard
                 md = "| prompt | generated | reference |\n|---|---|---|\n" + "\n".join(
                     f"| {r['prompt']!r} | {r['generated']!r} | {r['reference']!r} |" for r in rows
@@ -192,7 +208,10 @@ class DiffusionLitModule(L.LightningModule):
         opt_cfg = self.cfg["optimizer"]
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
-            params, lr=opt_cfg["lr"], weight_decay=opt_cfg.get("weight_decay", 0.0), betas=tuple(opt_cfg.get("betas", (0.9, 0.999)))
+            params,
+            lr=opt_cfg["lr"],
+            weight_decay=opt_cfg.get("weight_decay", 0.0),
+            betas=tuple(opt_cfg.get("betas", (0.9, 0.999))),
         )
         warmup = int(opt_cfg.get("warmup_steps", 0))
         total = max(int(self.trainer.estimated_stepping_batches), warmup + 1)

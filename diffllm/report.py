@@ -25,12 +25,14 @@ def _answer_tokens(ds, limit: int | None = None) -> list[int]:
     for i, row in enumerate(ds):
         if limit is not None and i >= limit:
             break
-        out.extend(t for t, m in zip(row["input_ids"], row["answer_mask"]) if m)
+        out.extend(t for t, m in zip(row["input_ids"], row.get("score_mask", row["answer_mask"])) if m)
     return out
 
 
 @torch.no_grad()
-def build_report(module, datamodule, num_rows: int = 64, likelihood_samples: int = 8, seed: int = 0) -> dict[str, Any]:
+def build_report(
+    module, datamodule, num_rows: int = 64, likelihood_samples: int = 8, seed: int = 0
+) -> dict[str, Any]:
     """Likelihoods and generation quality of ``module`` (a DiffusionLitModule) on ``num_rows`` val rows."""
     module.eval()
     datamodule.setup()
@@ -44,9 +46,18 @@ def build_report(module, datamodule, num_rows: int = 64, likelihood_samples: int
     for start in range(0, n, bs):
         batch = datamodule.collate([val[i] for i in range(start, min(start + bs, n))])
         batch = {k: v.to(device) for k, v in batch.items()}
-        args = (dlm, batch["input_ids"], batch["attention_mask"], batch["answer_mask"])
-        s, c = elbo_nll(*args, module.eval_schedule, num_samples=likelihood_samples, method="grid", seed=seed + start)
-        a, _ = ar_nll(*args)
+        args = (dlm, batch["input_ids"], batch["attention_mask"])
+        scored = batch["score_mask"]  # answer + EOS, never the EOS padding
+        s, c = elbo_nll(
+            *args,
+            batch["answer_mask"],
+            module.eval_schedule,
+            num_samples=likelihood_samples,
+            method="grid",
+            seed=seed + start,
+            score_mask=scored,
+        )
+        a, _ = ar_nll(*args, scored)
         nll_sum, ar_sum, count = nll_sum + s.sum().item(), ar_sum + a.sum().item(), count + c.sum().item()
 
     unigram = unigram_cross_entropy(

@@ -19,8 +19,13 @@ def test_template_branches():
     p1, a1 = render(ROW_NO_INPUT, "short")
     p2, a2 = render(ROW_INPUT, "short")
     assert p1 == "### Instruction:\nsort the list\n### Response:\n" and a1 == "cat dog red"
-    assert p2 == "### Instruction:\nreverse the words\n### Input:\ncat dog\n### Response:\n" and a2 == "dog cat"
-    assert "### Input:" in render(ROW_INPUT, "alpaca")[0] and "### Input:" not in render(ROW_NO_INPUT, "alpaca")[0]
+    assert (
+        p2 == "### Instruction:\nreverse the words\n### Input:\ncat dog\n### Response:\n" and a2 == "dog cat"
+    )
+    assert (
+        "### Input:" in render(ROW_INPUT, "alpaca")[0]
+        and "### Input:" not in render(ROW_NO_INPUT, "alpaca")[0]
+    )
 
 
 @pytest.mark.parametrize("row", [ROW_NO_INPUT, ROW_INPUT])
@@ -40,8 +45,21 @@ def test_answer_padding_to_bucket_and_truncation(tokenizer):
     n_answer = sum(enc["answer_mask"])
     assert n_answer == 8  # 3 words + EOS, padded with EOS to the bucket
     assert enc["input_ids"][-5:] == [tokenizer.eos_token_id] * 5
+    p = enc["prompt_len"]
+    # the likelihood is reported on the answer and its first EOS only, never on the padding
+    assert enc["score_mask"] == [0] * p + [1] * 4 + [0] * 4
+    plain = encode_row(ROW_NO_INPUT, tokenizer, "short", max_length=64)
+    assert plain["score_mask"] == plain["answer_mask"] == [0] * p + [1] * 4
     short = encode_row(ROW_NO_INPUT, tokenizer, "short", max_length=len(enc["input_ids"]) - 6)
     assert short["truncated"] and len(short["input_ids"]) == len(enc["input_ids"]) - 6
+    assert short["score_mask"] == short["answer_mask"] == [0] * p + [1] * 2
+    # padding that does not fit is dropped, the answer is whole: not a truncation
+    cut = encode_row(ROW_NO_INPUT, tokenizer, "short", max_length=p + 6, answer_pad_to=8)
+    assert not cut["truncated"]
+    assert cut["answer_mask"] == [0] * p + [1] * 6 and cut["score_mask"] == [0] * p + [1] * 4 + [0] * 2
+    batch = Collator(tokenizer.pad_token_id)([enc, plain])
+    assert batch["score_mask"].sum(1).tolist() == [4, 4]
+    assert batch["answer_mask"].sum(1).tolist() == [8, 4]
 
 
 def test_collate_and_prompt_never_hidden(tokenizer):
@@ -59,7 +77,9 @@ def test_collate_and_prompt_never_hidden(tokenizer):
     assert (xt[hidden] == 99).all()
     # any t: the prompt is untouched
     for p in (0.3, 0.7):
-        xt, hidden = forward_process(batch["input_ids"], batch["answer_mask"], torch.full((2,), p), mask_id=99)
+        xt, hidden = forward_process(
+            batch["input_ids"], batch["answer_mask"], torch.full((2,), p), mask_id=99
+        )
         assert not (hidden & ~batch["answer_mask"]).any()
         assert torch.equal(xt[~batch["answer_mask"]], batch["input_ids"][~batch["answer_mask"]])
 
@@ -73,7 +93,9 @@ def test_malformed_rows_are_counted_reported_and_strict_raises(tmp_path, tokeniz
     good = [ROW_NO_INPUT, ROW_INPUT] * 10
     bad = [{"instruction": "x", "input": "", "output": 5}, {"instruction": "", "input": "", "output": "y"}]
     path = _write_jsonl(tmp_path / "d.jsonl", good[:7] + bad[:1] + good[7:] + bad[1:])
-    dm = AlpacaDataModule(tokenizer, path=path, val_size=4, template="short", max_length=64, report_dir=str(tmp_path))
+    dm = AlpacaDataModule(
+        tokenizer, path=path, val_size=4, template="short", max_length=64, report_dir=str(tmp_path)
+    )
     dm.setup()
     assert dm.report.rows == 22 and len(dm.report.rejected) == 2
     assert {r["index"] for r in dm.report.rejected} == {7, 21}
@@ -86,14 +108,16 @@ def test_malformed_rows_are_counted_reported_and_strict_raises(tmp_path, tokeniz
 
 
 def test_split_is_reproducible_and_batches_are_well_formed(tmp_path, tokenizer):
-    rows = [{"instruction": f"copy {w}", "input": "", "output": w} for w in ("cat dog red blue green".split() * 8)]
+    rows = [
+        {"instruction": f"copy {w}", "input": "", "output": w} for w in ("cat dog red blue green".split() * 8)
+    ]
     path = _write_jsonl(tmp_path / "d.jsonl", rows)
     a = AlpacaDataModule(tokenizer, path=path, val_size=8, template="short", batch_size=4, seed=3)
     b = AlpacaDataModule(tokenizer, path=path, val_size=8, template="short", batch_size=4, seed=3)
     a.setup(), b.setup()
     assert a.val_ds["input_ids"] == b.val_ds["input_ids"] and len(a.val_ds) == 8
     batch = next(iter(a.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "answer_mask"}
+    assert set(batch) == {"input_ids", "attention_mask", "answer_mask", "score_mask"}
     assert batch["input_ids"].shape == batch["answer_mask"].shape == batch["attention_mask"].shape
     prompts = a.sample_prompts(2)
     assert prompts == b.sample_prompts(2) and prompts[0]["prompt_ids"][0] == tokenizer.bos_token_id

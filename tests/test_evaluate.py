@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from diffllm.config import CONF_DIR
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.evaluate import (
+    by_task,
     default_out_dir,
     default_steps_grid,
     evaluate,
@@ -24,13 +24,8 @@ from diffllm.evaluate import (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on 2 shared cores are far slower with thread contention (as in test_sampler)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models on 2 shared cores: OpenMP threads only add spin-wait overhead (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +82,17 @@ def test_evaluate_report_contents(cli_eval):
     for key in ("diffusion_exact_match", "ar_exact_match", "diffusion_rougeL", "ar_rougeL", "ar_bleu"):
         assert 0.0 <= r[key] <= 1.0, key
     assert r["gen_rows"] == 16 and len(r["examples"]) == 8
+    # per task: the tiny rows carry a task; the tasks partition the generated rows and pool back
+    tasks = r["by_task"]
+    assert sum(t["rows"] for t in tasks) == r["gen_rows"] and len({t["task"] for t in tasks}) == len(tasks)
+    assert {t["task"] for t in tasks} <= {"copy", "reverse", "sort", "add", "lookup", "count"}
+    for side in ("diffusion", "ar"):
+        pooled_em = sum(t[f"{side}_exact_match"] * t["rows"] for t in tasks) / r["gen_rows"]
+        assert pooled_em == pytest.approx(r[f"{side}_exact_match"])
     md = (out / "eval.md").read_text()
     assert "| answer NLL (nats/token) |" in md and f"{r['nll_bound']:.3f}" in md
     assert "(steps=16 skipped" in md
+    assert "## Exact match by task" in md and f"| {tasks[0]['task']} | {tasks[0]['rows']} |" in md
     for name in ("nll_by_length.png", "quality_vs_steps.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
         assert f"]({name})" in md
@@ -107,7 +110,7 @@ def test_evaluate_a_data_file_with_sampler_overrides(tiny_run, tmp_path):
         tiny_run[1],
         data_path=path,
         out_dir=tmp_path / "out",
-        sampler={"strategy": "margin", "steps": 4},
+        sampler={"strategy": "margin", "steps": 4, "stop_early": False},  # nfe == steps exactly
         steps_grid=[4],
         ar_baseline=False,
         progress=False,
@@ -117,6 +120,20 @@ def test_evaluate_a_data_file_with_sampler_overrides(tiny_run, tmp_path):
     assert r["sampler"]["strategy"] == "margin" and r["sampler"]["steps"] == 4
     assert np.isnan(r["ar_nll"]) and np.isnan(r["ar_exact_match"])
     assert r["diffusion_nfe"] == 4 and r["steps_grid"][0]["exact_match"] == r["diffusion_exact_match"]
+
+
+def test_by_task_groups_rows_and_skips_untagged_data():
+    rows = [{"task": "copy"}, {"task": "sort"}, {"task": "copy"}, {}]
+    refs, diff, ar = ["a", "b", "c", "d"], ["a", "x", "x", "d"], ["a", "b", "c", "x"]
+    got = {t["task"]: t for t in by_task(rows, refs, diff, ar)}
+    assert set(got) == {"copy", "sort", "(none)"}
+    assert (got["copy"]["rows"], got["copy"]["diffusion_exact_match"], got["copy"]["ar_exact_match"]) == (
+        2,
+        0.5,
+        1.0,
+    )
+    assert (got["sort"]["diffusion_exact_match"], got["(none)"]["ar_exact_match"]) == (0.0, 0.0)
+    assert by_task([{"instruction": "x"}] * 2, refs[:2], diff[:2], None) == []  # Alpaca rows: no task
 
 
 def test_length_buckets_and_pooling():

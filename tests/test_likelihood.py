@@ -20,13 +20,8 @@ from diffllm.model.dlm import DiffusionLM
 NEG = -1e9  # logit of [MASK]: never predicted
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: OpenMP threads only add spin-wait overhead, badly so on a shared 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models on 2 shared cores: OpenMP threads only add spin-wait overhead (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- a mock that looks enough like a Hugging Face causal LM for DiffusionLM ------------------
@@ -383,3 +378,35 @@ def test_ar_nll_equals_hf_causal_lm_loss(attn_implementation, variant):
     assert is_bidirectional(dlm.model)
     with torch.no_grad():
         assert torch.equal(dlm(input_ids, attention_mask), converted_before)
+
+
+def test_eos_padding_is_in_the_bound_but_not_in_the_token_count():
+    # data.answer_pad_to: answer 3 tokens (+ EOS) padded with 3 more EOS; scored: the first 4
+    model = _tiny_llama("sdpa")
+    set_bidirectional(model)
+    dlm = DiffusionLM(model, mask_id=32, shift=True).eval()
+    eos = 31
+    gen = torch.Generator().manual_seed(3)
+    prompt_answer = torch.randint(0, 30, (2, 7), generator=gen)
+    prompt_answer[:, 6] = eos
+    input_ids = torch.cat([prompt_answer, torch.full((2, 3), eos)], dim=1)  # (2, 10)
+    attention_mask = torch.ones_like(input_ids)
+    answer_mask = torch.zeros(2, 10, dtype=torch.bool)
+    answer_mask[:, 3:] = True
+    score_mask = answer_mask.clone()
+    score_mask[:, 7:] = False
+
+    padded, count = elbo_nll(
+        dlm, input_ids, attention_mask, answer_mask, LinearSchedule(), seed=2, score_mask=score_mask
+    )
+    joint, joint_count = elbo_nll(dlm, input_ids, attention_mask, answer_mask, LinearSchedule(), seed=2)
+    assert count.tolist() == [4, 4] and joint_count.tolist() == [7, 7]
+    assert torch.equal(padded, joint)  # the padding's CE stays in the sum: the bound is not loosened
+    with pytest.raises(ValueError, match="subset"):
+        elbo_nll(dlm, input_ids, attention_mask, score_mask, LinearSchedule(), score_mask=answer_mask)
+
+    # the AR model is scored on the same 4 tokens, as if there were no padding at all
+    ar_padded, ar_count = ar_nll(dlm, input_ids, attention_mask, score_mask)
+    ar_plain, _ = ar_nll(dlm, input_ids[:, :7], attention_mask[:, :7], score_mask[:, :7])
+    assert ar_count.tolist() == [4, 4]
+    torch.testing.assert_close(ar_padded, ar_plain)

@@ -1,8 +1,9 @@
-"""Alpaca-format data -> padded batches {input_ids, attention_mask, answer_mask}.
+"""Alpaca-format data -> padded batches {input_ids, attention_mask, answer_mask, score_mask}.
 
 A row renders through the prompt template into (prompt, answer); tokens are
 ``prompt_ids + answer_ids + [EOS]`` and ``answer_mask`` is True on ``answer_ids + [EOS]`` only
-(optionally also on extra EOS padding up to a length bucket, LLaDA-style). Tokenisation runs
+(optionally also on extra EOS padding up to a length bucket, LLaDA-style; ``score_mask`` then
+stays on ``answer_ids + [EOS]``: the tokens likelihoods are reported per). Tokenisation runs
 through ``datasets.map`` (batched, cached by fingerprint); batches are padded per batch.
 
 Rows that are not Alpaca rows are never silently dropped: they are counted, logged with their
@@ -38,23 +39,28 @@ def encode_row(
     max_length: int,
     answer_pad_to: int | None = None,
 ) -> dict[str, Any]:
-    """One row -> ``input_ids``, ``answer_mask`` (list of 0/1), ``prompt_len``, ``truncated``.
+    """One row -> ``input_ids``, ``answer_mask``, ``score_mask`` (lists of 0/1), ``prompt_len``, ``truncated``.
 
     The prompt keeps the tokenizer's own special tokens (BOS); the answer has none and ends with
     EOS. ``answer_pad_to=k`` appends extra EOS so the supervised span is a multiple of k tokens
-    (the model learns to fill a fixed canvas with EOS after its answer).
+    (LLaDA SFT: the model learns to fill a fixed canvas with EOS after its answer).
+    ``answer_mask`` marks the supervised span (answer, EOS and the padding EOS): what is hidden and
+    trained on. ``score_mask`` marks the answer and its first EOS only: the tokens a likelihood is
+    reported per, the same tokens whatever the padding, so the AR model is scored on them alone.
     """
     prompt, answer = render(row, template)
     p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    n_scored = len(a_ids)
     if answer_pad_to:
         a_ids += [tokenizer.eos_token_id] * (-len(a_ids) % answer_pad_to)
-    truncated = len(p_ids) + len(a_ids) > max_length
-    if truncated:
-        a_ids = a_ids[: max(max_length - len(p_ids), 0)]
+    truncated = len(p_ids) + n_scored > max_length  # padding that does not fit is simply dropped
+    a_ids = a_ids[: max(max_length - len(p_ids), 0)]
+    n_scored = min(n_scored, len(a_ids))
     return {
         "input_ids": p_ids + a_ids,
         "answer_mask": [0] * len(p_ids) + [1] * len(a_ids),
+        "score_mask": [0] * len(p_ids) + [1] * n_scored + [0] * (len(a_ids) - n_scored),
         "prompt_len": len(p_ids),
         "truncated": truncated,
     }
@@ -75,12 +81,19 @@ class Collator:
         input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((batch, length), dtype=torch.long)
         answer_mask = torch.zeros((batch, length), dtype=torch.bool)
+        score_mask = torch.zeros((batch, length), dtype=torch.bool)
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             input_ids[i, :n] = torch.as_tensor(r["input_ids"])
             attention_mask[i, :n] = 1
             answer_mask[i, :n] = torch.as_tensor(r["answer_mask"], dtype=torch.bool)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask}
+            score_mask[i, :n] = torch.as_tensor(r.get("score_mask", r["answer_mask"]), dtype=torch.bool)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "answer_mask": answer_mask,
+            "score_mask": score_mask,
+        }
 
 
 @dataclass
@@ -166,7 +179,9 @@ class AlpacaDataModule(L.LightningDataModule):
             shown = "; ".join(f"row {b['index']}: {b['reason']}" for b in bad[:5])
             msg = f"{len(bad)} malformed row(s) in {name} data ({shown}{' ...' if len(bad) > 5 else ''})"
             if self.hparams.strict:
-                raise MalformedRowError(msg + ". Fix the rows or set data.strict=false to skip and report them.")
+                raise MalformedRowError(
+                    msg + ". Fix the rows or set data.strict=false to skip and report them."
+                )
             log.warning("%s; skipped, listed in rejected_rows.jsonl", msg)
         return ds.select(keep) if bad else ds
 
@@ -190,7 +205,10 @@ class AlpacaDataModule(L.LightningDataModule):
                 )
             log.warning(
                 "%d %s row(s) have no room for the answer within max_length=%d; kept out. "
-                "Raise data.max_length to keep them.", len(no_room), name, hp.max_length,
+                "Raise data.max_length to keep them.",
+                len(no_room),
+                name,
+                hp.max_length,
             )
             keep = sorted(set(range(len(out))) - set(no_room))
             out = out.select(keep)
@@ -229,12 +247,14 @@ class AlpacaDataModule(L.LightningDataModule):
         for row in self.val_raw.select(range(min(n, len(self.val_raw)))):
             prompt = render_prompt(row, self.hparams.template)
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            out.append({"prompt": prompt, "prompt_ids": ids, "reference": row["output"].strip(), "row": dict(row)})
+            out.append(
+                {"prompt": prompt, "prompt_ids": ids, "reference": row["output"].strip(), "row": dict(row)}
+            )
         return out
 
     # -- loaders --------------------------------------------------------------------------------
     def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        cols = ds.with_format(columns=["input_ids", "answer_mask"])
+        cols = ds.with_format(columns=["input_ids", "answer_mask", "score_mask"])
         return DataLoader(
             cols,
             batch_size=batch_size,
@@ -249,4 +269,6 @@ class AlpacaDataModule(L.LightningDataModule):
         return self._loader(self.train_ds, self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_ds, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+        return self._loader(
+            self.val_ds, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False
+        )

@@ -59,6 +59,15 @@ def stratified_times(
     return (k + u) / num_samples
 
 
+def validation_seed(seed: int, batch_idx: int) -> int:
+    """The mask/time seed of validation batch ``batch_idx`` of a run seeded ``seed``.
+
+    Shared by ``DiffusionLitModule.validation_step`` and ``diffllm.evaluate``, so that evaluating a
+    checkpoint on the same rows reproduces its logged ``val/nll_bound`` exactly.
+    """
+    return seed * 1_000_003 + batch_idx
+
+
 TIME_GRIDS: dict[str, Callable[..., torch.Tensor]] = {"grid": grid_times, "stratified": stratified_times}
 
 
@@ -99,6 +108,7 @@ def elbo_nll(
     num_samples: int = 8,
     method: str = "grid",
     seed: int = 0,
+    score_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Monte-Carlo estimate of the answer NLL bound, per row.
 
@@ -106,6 +116,11 @@ def elbo_nll(
     Returns (nll_sum (B,) float32: the bound summed over each row's answer tokens, in nats;
     count (B,) long: each row's number of answer tokens). Per-token figure: nll_sum.sum() / count.sum().
     Deterministic given ``seed`` (a generator on the input's device draws the masks and times).
+
+    ``score_mask`` (B, L), a subset of ``answer_mask``: the tokens the figure is per (``count``);
+    default ``answer_mask``. With EOS padding (``data.answer_pad_to``) the padding is hidden and its
+    CE is summed too, so ``nll_sum`` bounds -log p(answer, padding) >= -log p(answer): still an
+    upper bound on the answer's NLL, reported per answer token like ``ar_nll`` on ``score_mask``.
     """
     if method not in TIME_GRIDS:
         raise ValueError(f"unknown ELBO estimator {method!r}; choose one of {sorted(TIME_GRIDS)}")
@@ -118,7 +133,10 @@ def elbo_nll(
     nll = torch.zeros(batch_size, device=device)
     for t in times:
         nll += _weighted_hidden_ce(dlm, input_ids, attention_mask, answer_mask, t, schedule, generator)
-    return nll / num_samples, answer_mask.sum(dim=1)
+    counted = answer_mask if score_mask is None else score_mask.bool()
+    if (counted & ~answer_mask).any():
+        raise ValueError("score_mask marks tokens outside answer_mask; it must be a subset of it")
+    return nll / num_samples, counted.sum(dim=1)
 
 
 def hidden_set_weight(n: int, s: int, alpha0: float = 1.0, alpha1: float = 0.0) -> float:
