@@ -44,6 +44,9 @@ format: $(STAMP)  ## ruff fix + format
 assets: $(STAMP)  ## rebuild the embedded tiny assets (data, tokenizer, AR base) from scratch
 	$(PY) -m diffllm.assets --force
 
+eval: $(STAMP)  ## diffusion vs AR on the val split: ARGS='ckpt_path=outputs/<run>/checkpoints/last.ckpt'
+	$(PY) -m diffllm.evaluate $(ARGS)
+
 bench-sampler: $(STAMP)  ## sampler speed/quality table on the embedded default model
 	$(PY) -m diffllm.bench.sampler $(ARGS)
 

@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffllm.bench.sampler import AR, CACHED, NAIVE, SCHEDULE, Measurement, build_table, check_goals
+from diffllm.bench.sampler import (
+    AR,
+    CACHED,
+    NAIVE,
+    SCHEDULE,
+    THRESHOLD,
+    Measurement,
+    build_table,
+    check_goals,
+    sampler_settings,
+)
 from diffllm.config import CONF_DIR
 from diffllm.diffusion.sampler import SamplerConfig, truncate_at_eos
 from diffllm.diffusion.trajectory import trajectories_from_json
@@ -24,15 +34,8 @@ INPUT = "cat dog"
 SAMPLING = ["sampler.temperature=1.0", "seed=3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on 2 shared cores are far slower with thread contention (as in test_sampler)
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models on 2 shared cores: OpenMP threads only add spin-wait overhead (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -275,6 +278,43 @@ def test_benchmark_table_ratios_and_goals():
     # a naive sampler with no exact match leaves no quality to lose: the EM goal cannot be judged
     hopeless = [dataclasses.replace(r, exact_match=0.0) if r.method in (NAIVE, CACHED) else r for r in runs]
     assert check_goals(hopeless)[1].passed is None and check_goals(hopeless)[1].line().startswith("- N/A:")
+
+
+def test_benchmark_methods_differ_only_in_commits_and_cache():
+    for g in (16, 64, 256):
+        settings = {
+            m: sampler_settings(m, g, block=16, future="hidden") for m in (NAIVE, SCHEDULE, THRESHOLD, CACHED)
+        }
+        configs = {m: SamplerConfig(**s) for m, s in settings.items()}  # each a valid sampler config
+        assert {c.block_length for c in configs.values()} == {16}
+        assert {c.future_blocks for c in configs.values()} == {"hidden"}
+        assert configs[NAIVE].resolved_steps == g and configs[NAIVE].threshold is None  # one token per step
+        assert not configs[NAIVE].fill_after_eos
+        assert configs[SCHEDULE].resolved_steps == g // 4 and configs[SCHEDULE].fill_after_eos
+        assert configs[THRESHOLD].threshold == configs[CACHED].threshold == 0.9
+        assert (configs[THRESHOLD].cache, configs[CACHED].cache) == ("none", "prefix")
+    assert sampler_settings(NAIVE, 8, block=16)["block_length"] == 8  # a block never exceeds the canvas
+    assert sampler_settings(CACHED, 64, block=64, future="visible")["future_blocks"] == "visible"
+    with pytest.raises(ValueError, match="must divide"):
+        sampler_settings(NAIVE, 24, block=16)
+
+
+def test_benchmark_merged_copy_matches_the_adapters_and_leaves_them_alone(model):
+    import torch
+
+    from diffllm.bench.sampler import merged_copy
+    from diffllm.model.attention import is_bidirectional
+
+    dlm = model.dlm
+    before = {k: v.clone() for k, v in dlm.model.state_dict().items()}
+    fast = merged_copy(dlm)
+    assert not any("lora" in name for name, _ in fast.model.named_modules())  # plain linear layers
+    assert is_bidirectional(fast.model) and (fast.mask_id, fast.shift) == (dlm.mask_id, dlm.shift)
+    ids = torch.tensor([[1, 5, 9, dlm.mask_id, dlm.mask_id, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), dlm(ids), atol=1e-5, rtol=1e-4)
+    after = dlm.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_benchmark_picks_the_newest_default_run(tmp_path):

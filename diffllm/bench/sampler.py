@@ -5,16 +5,24 @@
 For every generation length G, on the same validation prompts, in one process (so the ratios
 hold), it times
 
-    naive             one token per step: steps = G, one block, no EOS fill (LLaDA's plain loop)
-    schedule          steps = G / 4 (4 tokens per step on the even schedule), one block
-    threshold         commit every position with confidence > 0.9 (at least one), blocks of 32
+    naive             one token per step: steps = G, no EOS fill
+    schedule          steps = G / 4 (4 tokens per step on the even schedule)
+    threshold         commit every position with confidence > 0.9 (at least one)
     threshold+cache   the same with the Fast-dLLM prefix KV cache per block
     AR + KV cache     the original model, greedy, adapters off, causal (``ar_generate``)
 
-All diffusion rows are greedy with low-confidence ordering; every row but naive uses the settings
-a user would pick for short answers on a long canvas: ``fill_after_eos=true`` (once an EOS is
-committed, the [MASK]s after it become EOS: they are cut off by the answer's EOS anyway) and
-``stop_early=true``. AR stops once every row of the batch has produced EOS.
+All diffusion rows are greedy with low-confidence ordering and decode the same semi-AR blocks of
+``--block`` positions (default: the canvas the checkpoint was validated with, ``sampler.gen_length``
+of its config: 8 for the embedded default) with ``--future`` blocks hidden (default) or visible
+(``SamplerConfig.future_blocks``). Every row but naive uses the settings a user would pick for
+short answers on a long canvas: ``fill_after_eos=true`` (once an EOS is committed, the [MASK]s after
+it become EOS: they are cut off by the answer's EOS anyway) and ``stop_early=true``. AR stops once
+every row of the batch has produced EOS. ``--future visible --block G`` gives LLaDA's plain loop
+(one block, the whole canvas in view).
+
+The diffusion rows run a copy of the model with the LoRA adapters merged into the weights (what
+``diffllm.export``'s merged folder holds; ``--no-merge`` keeps the adapter layers), the AR row the
+original weights with the adapters off: both are plain linear layers in the same eager stack.
 
 Tokens/s counts answer-canvas tokens: rows x G for every method, EOS fill included, whether the
 method computed them or not; it is "answers of budget G per second", so the ratio columns are
@@ -39,7 +47,6 @@ from typing import Any
 NAIVE, SCHEDULE, THRESHOLD, CACHED, AR = "naive", "schedule", "threshold", "threshold+cache", "AR + KV cache"
 METHODS = (NAIVE, SCHEDULE, THRESHOLD, CACHED, AR)
 TAU = 0.9
-BLOCK = 32
 SCHEDULE_TOKENS_PER_STEP = 4
 GOAL_SPEEDUP_VS_NAIVE = 4.0
 GOAL_MAX_EM_LOSS_POINTS = 1.0
@@ -77,33 +84,37 @@ class Goal:
         return f"- {status}: {self.text}: {self.value}"
 
 
-def sampler_settings(method: str, gen_length: int) -> dict[str, Any]:
-    """SamplerConfig fields of a diffusion method at length ``gen_length`` (see the module docstring)."""
-    block = min(BLOCK, gen_length)
+def sampler_settings(method: str, gen_length: int, block: int = 8, future: str = "hidden") -> dict[str, Any]:
+    """SamplerConfig fields of a diffusion method at length ``gen_length`` (see the module docstring).
+
+    ``block`` is clipped to ``gen_length``; it must divide it.
+    """
+    block = min(block, gen_length)
+    if gen_length % block:
+        raise ValueError(f"--block {block} must divide every length; {gen_length} is not a multiple")
+    blocks = gen_length // block
     common = {"gen_length": gen_length, "strategy": "low_confidence", "temperature": 0.0, "cfg_scale": 0.0}
     common |= {"top_k": None, "top_p": None, "eos_penalty": 0.0, "stop_early": True}
+    common |= {"block_length": block, "future_blocks": future}
     if method == NAIVE:
-        one_per_step = {"steps": gen_length, "block_length": None, "threshold": None, "cache": "none"}
-        return common | one_per_step | {"fill_after_eos": False}
+        return common | {"steps": gen_length, "threshold": None, "cache": "none", "fill_after_eos": False}
     fill = {"fill_after_eos": True}
     if method == SCHEDULE:
-        steps = max(gen_length // SCHEDULE_TOKENS_PER_STEP, 1)
-        return common | fill | {"steps": steps, "block_length": None, "threshold": None, "cache": "none"}
+        steps = blocks * max(block // SCHEDULE_TOKENS_PER_STEP, 1)
+        return common | fill | {"steps": steps, "threshold": None, "cache": "none"}
     if method == THRESHOLD:
-        return common | fill | {"steps": None, "block_length": block, "threshold": TAU, "cache": "none"}
+        return common | fill | {"steps": None, "threshold": TAU, "cache": "none"}
     if method == CACHED:
-        return common | fill | {"steps": None, "block_length": block, "threshold": TAU, "cache": "prefix"}
+        return common | fill | {"steps": None, "threshold": TAU, "cache": "prefix"}
     raise ValueError(f"unknown diffusion method {method!r}; choose one of {list(METHODS[:-1])}")
 
 
-def _short(method: str, gen_length: int) -> str:
+def _short(method: str, gen_length: int, block: int = 8, future: str = "hidden") -> str:
     if method == AR:
         return f"greedy, max {gen_length} new"
-    s = sampler_settings(method, gen_length)
-    if s["threshold"] is None:
-        text = f"steps {s['steps']}"
-    else:
-        text = f"τ {s['threshold']}, block {s['block_length']}"
+    s = sampler_settings(method, gen_length, block, future)
+    text = f"steps {s['steps']}" if s["threshold"] is None else f"τ {s['threshold']}"
+    text += f", block {s['block_length']} ({s['future_blocks']} future)"
     if s["cache"] != "none":
         text += f", {s['cache']} cache"
     return text + (", EOS fill" if s["fill_after_eos"] else "")
@@ -197,6 +208,7 @@ def build_report(
     threads: int,
     device: str,
     command: str = "",
+    merged: bool = True,
 ) -> str:
     """Table, the note on what is counted, and the goals with PASS/MISS."""
     table = build_table(measurements, rows=rows, batch_size=batch_size, threads=threads, device=device)
@@ -206,7 +218,12 @@ def build_report(
         "computed or not), so × naive / × AR are wall-clock speed-ups for the same answers with a "
         "budget of G tokens. NFE = forward passes over all batches (AR: prefill + one per new token; "
         "it stops once every row has produced EOS). Greedy decoding everywhere; times are the best "
-        f"of the repeats after one warm-up; one row is {100 / max(rows, 1):.1f} exact-match points.",
+        f"of the repeats after one warm-up; one row is {100 / max(rows, 1):.1f} exact-match points. "
+        + (
+            "Diffusion rows: LoRA merged into a copy of the weights; AR: the original weights."
+            if merged
+            else "Diffusion rows: through the LoRA adapter layers (--no-merge); AR: the original weights."
+        ),
     ]
     if command:
         notes.append(f"Command: `{command}`")
@@ -239,6 +256,23 @@ def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return best, result
 
 
+def merged_copy(dlm: Any) -> Any:
+    """A DiffusionLM over a copy of ``dlm``'s model with the LoRA adapters merged into the weights.
+
+    What a deployed model runs (``diffllm.export``'s merged folder): plain linear layers, as the AR
+    baseline (adapters switched off) runs. ``dlm`` itself is left untouched. A model without PEFT
+    adapters is returned as is.
+    """
+    import copy
+
+    from diffllm.model.dlm import DiffusionLM
+
+    if not callable(getattr(dlm.model, "merge_and_unload", None)):
+        return dlm
+    merged = copy.deepcopy(dlm.model).merge_and_unload()  # module is_causal flags are copied too
+    return DiffusionLM(merged, mask_id=dlm.mask_id, shift=dlm.shift).eval()
+
+
 def measure(
     model: Any,
     prompt_ids: list[list[int]],
@@ -246,6 +280,9 @@ def measure(
     lengths: Sequence[int],
     *,
     batch_size: int,
+    block: int = 8,
+    future: str = "hidden",
+    merge: bool = True,
     repeats: int = 1,
     methods: Sequence[str] = METHODS,
     log: Callable[[str], None] = lambda s: None,
@@ -259,6 +296,7 @@ def measure(
 
     tok, dlm = model.tokenizer, model.dlm
     eos, pad = tok.eos_token_id, tok.pad_token_id
+    fast_dlm = merged_copy(dlm) if merge else dlm  # the diffusion rows; AR keeps dlm (adapters off)
     batches = [prompt_ids[i : i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
 
     def run(method: str, gen_length: int, todo: list[list[list[int]]]) -> tuple[list[list[int]], int]:
@@ -267,8 +305,8 @@ def measure(
             if method == AR:
                 out = ar_generate(dlm, batch, max_new_tokens=gen_length, eos_id=eos, pad_id=pad)
             else:
-                config = SamplerConfig(**sampler_settings(method, gen_length))
-                out = generate(dlm, batch, config, eos_id=eos, pad_id=pad, seed=0)
+                config = SamplerConfig(**sampler_settings(method, gen_length, block, future))
+                out = generate(fast_dlm, batch, config, eos_id=eos, pad_id=pad, seed=0)
             tokens += out.tokens
             nfe += out.nfe
         return tokens, nfe
@@ -288,7 +326,7 @@ def measure(
                     tokens=len(prompt_ids) * gen_length,
                     nfe=nfe,
                     exact_match=exact_match(preds, references),
-                    settings=_short(method, gen_length),
+                    settings=_short(method, gen_length, block, future),
                 )
                 log(
                     f"G={gen_length:<4} {method:<16} {seconds:7.2f} s  nfe {nfe:<5} EM {100 * m.exact_match:5.1f} %"
@@ -323,6 +361,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell; the best time is kept")
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: all cores, os.cpu_count())"
+    )
+    p.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="semi-AR block of every diffusion row (default: the checkpoint's sampler.gen_length)",
+    )
+    p.add_argument(
+        "--future",
+        choices=["hidden", "visible"],
+        default="hidden",
+        help="SamplerConfig.future_blocks of every diffusion row (visible = LLaDA / Fast-dLLM canvas)",
+    )
+    p.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="run the diffusion rows through the LoRA layers instead of a merged copy of the model",
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--out", help="also write the markdown table to this file")
@@ -370,8 +425,22 @@ def main(argv: Sequence[str] | None = None) -> str:
     log(f"checkpoint: {ckpt}")
     model = load_quietly(ckpt, args.device)
     prompt_ids, references = load_rows(model, args.rows)
+    block = args.block or int(model.cfg["sampler"]["gen_length"])
+    bad = [g for g in args.lengths if g > block and g % block]
+    if block < 1 or bad:
+        _fail(f"--block {block} must be >= 1 and divide every length above it; it does not divide {bad}")
+    log(f"block {block}, future blocks {args.future}")
     measurements = measure(
-        model, prompt_ids, references, args.lengths, batch_size=args.batch_size, repeats=args.repeats, log=log
+        model,
+        prompt_ids,
+        references,
+        args.lengths,
+        batch_size=args.batch_size,
+        block=block,
+        future=args.future,
+        merge=not args.no_merge,
+        repeats=args.repeats,
+        log=log,
     )
     command = "python -m diffllm.bench.sampler " + " ".join(sys.argv[1:] if argv is None else argv)
     report = build_report(
@@ -381,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         threads=threads,
         device=args.device,
         command=command.strip() + f"  (checkpoint {ckpt})",
+        merged=not args.no_merge,
     )
     print(report, flush=True)
     if args.out:
