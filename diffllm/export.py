@@ -91,6 +91,7 @@ def model_card(im: InferenceModel, kind: str, source: str) -> dict[str, Any]:
         "mask_id": dlm.mask_id,
         "mask_token": tok.convert_ids_to_tokens(dlm.mask_id),
         "shift": dlm.shift,
+        "prefix_lm": dlm.prefix_lm,
         "eos_id": tok.eos_token_id,
         "pad_id": tok.pad_token_id,
         "vocab_size": len(tok),
@@ -229,7 +230,9 @@ def load_exported(
     set_bidirectional(model)  # module-level is_causal flags are not saved by any HF format
     model.to(device).eval()
     return InferenceModel(
-        dlm=DiffusionLM(model, mask_id=card["mask_id"], shift=card["shift"]),
+        dlm=DiffusionLM(
+            model, mask_id=card["mask_id"], shift=card["shift"], prefix_lm=card.get("prefix_lm", False)
+        ),
         tokenizer=tokenizer,
         sampler_config=SamplerConfig(**card["sampler"]),
         cfg=card.get("run_config") or {},

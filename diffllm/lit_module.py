@@ -54,6 +54,11 @@ class DiffusionLitModule(L.LightningModule):
         self.time_sampler = instantiate(cfg["time_sampler"])
         self.loss_fn = instantiate(cfg["loss"])
         self.annealing = instantiate(cfg["anneal"])
+        if self.dlm.prefix_lm and self.annealing.steps > 0:
+            raise ValueError(
+                f"model.prefix_lm=true cannot be combined with attention annealing ({self.annealing}): "
+                "both set the 4D attention mask; use anneal=none or model.prefix_lm=false"
+            )
         self.sampler_config = instantiate(cfg["sampler"])
         self.sample_prompts: list[dict[str, Any]] = []
         self.val_loss = MeanMetric()
@@ -75,7 +80,7 @@ class DiffusionLitModule(L.LightningModule):
         attn = self.annealing.mask(
             attention_mask, self.global_step, self.dlm.base.config._attn_implementation, self.dtype
         )
-        logits = self.dlm.logits_at(xt, hidden, attn)  # (N, V) only at hidden positions
+        logits = self.dlm.logits_at(xt, hidden, attn, canvas=answer_mask)  # (N, V) only at hidden positions
         t_pos = t[:, None].expand_as(x0)[hidden]  # (N,) the t of each hidden token's row
         n_answer = answer_mask.sum()
         loss = self.loss_fn(

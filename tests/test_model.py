@@ -89,6 +89,34 @@ def test_padding_does_not_change_real_tokens(tiny_model_dir, impl):
     torch.testing.assert_close(both[1, : len(short)], alone[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", attn_impls())
+def test_prefix_lm_prompt_never_sees_the_canvas(tiny_model_dir, impl):
+    dlm, tok = _perturbed_lora(tiny_model_dir, impl)
+    ids = torch.tensor([tok.encode("copy the words cat dog red blue")] * 2)  # row 1 right-padded by 2
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    canvas = torch.zeros_like(ids, dtype=torch.bool)
+    canvas[:, 4:] = True  # "cat dog red blue" is the answer canvas
+    canvas &= mask.bool()
+    changed = ids.clone()
+    changed[:, 5] = tok.convert_tokens_to_ids("green")  # an answer token
+    with torch.no_grad():
+        full_a, full_b = dlm(ids, mask, canvas), dlm(changed, mask, canvas)
+        dlm.prefix_lm = True
+        a, b = dlm(ids, mask, canvas), dlm(changed, mask, canvas)
+        no_canvas = dlm(ids, mask)  # without canvas= (the AR path) the mask is the plain one
+    assert (full_a[:, :4] - full_b[:, :4]).abs().max() > 1e-4  # bidirectional: the prompt sees it
+    torch.testing.assert_close(a[:, :4], b[:, :4])  # prefix-LM: the prompt does not
+    assert (a[:, 4] - b[:, 4]).abs().max() > 1e-4  # the canvas still sees the canvas after it
+    torch.testing.assert_close(no_canvas, full_a)
+    # the prompt is computed as with a prompt-only input
+    with torch.no_grad():
+        prompt_only = dlm(ids[:, :4], mask[:, :4], canvas[:, :4])
+    torch.testing.assert_close(a[:, :4], prompt_only, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="anneal=none"):
+        dlm(ids, torch.ones(2, 1, ids.shape[1], ids.shape[1], dtype=torch.bool), canvas)
+
+
 def test_mask_token_is_a_new_mean_row(tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     old_vocab = base.get_input_embeddings().weight.shape[0]

@@ -50,7 +50,9 @@ def table_from_probs(rows: list[tuple[list[float], int]]) -> torch.Tensor:
     return table
 
 
-def tiny_dlm(shift: bool, bidirectional: bool = True, seed: int = 0, attn: str = "sdpa") -> DiffusionLM:
+def tiny_dlm(
+    shift: bool, bidirectional: bool = True, seed: int = 0, attn: str = "sdpa", prefix_lm: bool = False
+) -> DiffusionLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=64,
@@ -65,7 +67,7 @@ def tiny_dlm(shift: bool, bidirectional: bool = True, seed: int = 0, attn: str =
     )
     model = LlamaForCausalLM(config).eval()
     set_bidirectional(model, bidirectional)
-    return DiffusionLM(model, mask_id=63, shift=shift)
+    return DiffusionLM(model, mask_id=63, shift=shift, prefix_lm=prefix_lm)
 
 
 def run(dlm, config: SamplerConfig, prompts=PROMPTS, seed: int = 0, eos_id: int = 59, pad_id: int = 0):
@@ -330,6 +332,26 @@ def test_prefix_cache_is_exact_for_a_causal_model(shift, attn):
         cached = run(dlm, SamplerConfig(gen_length=12, cache="prefix", **extra), seed=2)
         assert torch.equal(plain.canvas, cached.canvas)
         assert plain.nfe == cached.nfe
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("shift", [True, False])
+def test_prefix_cache_is_exact_for_a_prefix_lm_model(shift, attn):
+    # the prompt never attends to the canvas: its cached keys/values are what a full pass computes
+    dlm = tiny_dlm(shift, attn=attn, prefix_lm=True)
+    for extra in (dict(steps=12), dict(threshold=0.05), dict(steps=6, temperature=1.0, cfg_scale=1.0)):
+        plain = run(dlm, SamplerConfig(gen_length=12, **extra), seed=2)
+        cached = run(dlm, SamplerConfig(gen_length=12, cache="prefix", **extra), seed=2)
+        assert torch.equal(plain.canvas, cached.canvas)
+        assert [s.committed for s in plain.trajectories[1].steps] == [
+            s.committed for s in cached.trajectories[1].steps
+        ]
+    # and the mask matters: the same weights without it decode differently
+    full = tiny_dlm(shift, attn=attn)
+    assert not torch.equal(
+        run(full, SamplerConfig(gen_length=12, steps=12), seed=2).canvas,
+        run(dlm, SamplerConfig(gen_length=12, steps=12), seed=2).canvas,
+    )
 
 
 @pytest.mark.parametrize("shift", [True, False])

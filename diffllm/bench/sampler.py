@@ -270,7 +270,7 @@ def merged_copy(dlm: Any) -> Any:
     if not callable(getattr(dlm.model, "merge_and_unload", None)):
         return dlm
     merged = copy.deepcopy(dlm.model).merge_and_unload()  # module is_causal flags are copied too
-    return DiffusionLM(merged, mask_id=dlm.mask_id, shift=dlm.shift).eval()
+    return DiffusionLM(merged, mask_id=dlm.mask_id, shift=dlm.shift, prefix_lm=dlm.prefix_lm).eval()
 
 
 def measure(

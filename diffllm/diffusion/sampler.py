@@ -32,7 +32,10 @@ after the answer's EOS are filled without a forward pass.
 Prefix KV cache (``cache="prefix"``, Fast-dLLM): at the start of each block the whole canvas is run
 once and the keys/values of everything before the block are kept; the block's later steps run
 only [block + suffix] on top of them. The cached prefix was computed while the block was still
-masked, so with bidirectional attention this is an approximation (exact for a causal model).
+masked, so with bidirectional attention this is an approximation; it is exact for a causal model,
+and for the prompt of a prefix-LM model (``DiffusionLM.prefix_lm``: the prompt never attends to
+the canvas): exact in the first block, whose prefix is the prompt; a later block's prefix holds
+committed answer blocks, which attend to the block being decoded, so there it stays approximate.
 
 Batch rows never interact: padding is masked out and position ids restart at every row's first
 real token, each row draws from its own ``torch.Generator`` seeded with ``seed``, and a row draws
@@ -198,8 +201,11 @@ class _Denoiser:
     keeps the KV of positions < ``lo - shift``; later calls run only ``[lo - shift, L)`` on it.
     """
 
-    def __init__(self, dlm: nn.Module, config: SamplerConfig, prompt_mask: torch.Tensor) -> None:
+    def __init__(
+        self, dlm: nn.Module, config: SamplerConfig, prompt_mask: torch.Tensor, canvas: torch.Tensor
+    ) -> None:
         self.dlm = dlm
+        self.canvas = canvas  # (B, P + G) True on the answer canvas (model.prefix_lm masks it for the prompt)
         self.shift = int(dlm.shift)
         self.cfg = config.cfg_scale > 0
         self.use_cache = config.cache == "prefix"
@@ -214,6 +220,7 @@ class _Denoiser:
     def __call__(
         self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, lo: int, hi: int
     ) -> torch.Tensor:
+        canvas = self.canvas[:, : x.shape[1]]
         if self.cfg:  # unconditional copy: the prompt's real tokens become [MASK]
             uncond = x.clone()
             prompt = uncond[:, : self.prompt_mask.shape[1]]
@@ -221,12 +228,15 @@ class _Denoiser:
             x = torch.cat([x, uncond])
             attention_mask = torch.cat([attention_mask, attention_mask])
             position_ids = torch.cat([position_ids, position_ids])
+            canvas = torch.cat([canvas, canvas])
         kwargs: dict = {"use_cache": False}
+        if getattr(self.dlm, "prefix_lm", False):
+            kwargs["canvas"] = canvas  # over all keys: the cached prefix and the new tokens
         if self.use_cache:
             if self.cache is None:
                 self.cache = DynamicCache(config=self.dlm.base.config)
                 self.start = 0
-            kwargs = {"cache": self.cache, "use_cache": True}
+            kwargs.update(cache=self.cache, use_cache=True)
         start = self.start
         hidden = self.dlm.hidden_states(
             x[:, start:], attention_mask, position_ids=position_ids[:, start:], **kwargs
@@ -281,7 +291,8 @@ def generate(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # (B, P + G), 0 at the first real token
     generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(batch)]
     trajectories = [Trajectory(list(p), mask_id) for p in prompts] if record_trajectory else None
-    denoise = _Denoiser(dlm, config, prompt_mask.to(device))
+    canvas = (torch.arange(width + gen) >= width).expand(batch, -1).to(device)  # (B, P + G)
+    denoise = _Denoiser(dlm, config, prompt_mask.to(device), canvas)
     block_len, steps_per_block = config.resolved_block_length, config.steps_per_block
     nfe_per_step = 2 if config.cfg_scale > 0 else 1
     steps_taken = 0

@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from diffllm.model.attention import causal_attention
+from diffllm.model.attention import causal_attention, custom_attention_mask
 
 
 def source_positions(targets: torch.Tensor, shift: bool) -> torch.Tensor:
@@ -38,13 +38,21 @@ def align(logits: torch.Tensor, shift: bool) -> torch.Tensor:
 
 
 class DiffusionLM(nn.Module):
-    """Wraps a Hugging Face causal LM (optionally a PeftModel) for masked-diffusion use."""
+    """Wraps a Hugging Face causal LM (optionally a PeftModel) for masked-diffusion use.
 
-    def __init__(self, model: nn.Module, mask_id: int, shift: bool = False) -> None:
+    ``prefix_lm=True``: prompt positions attend to the prompt only (bidirectionally), never to the
+    answer canvas; canvas positions attend to everything (a prefix-LM mask over the bidirectional
+    model). The prompt's keys/values then never depend on the canvas, as in the AR model, so a
+    prefix KV cache of the prompt is exact. Callers mark the canvas with ``canvas=`` (B, L_keys) in
+    ``hidden_states`` / ``logits_at``; without it (the AR path, ``ar_nll``) nothing changes.
+    """
+
+    def __init__(self, model: nn.Module, mask_id: int, shift: bool = False, prefix_lm: bool = False) -> None:
         super().__init__()
         self.model = model
         self.mask_id = int(mask_id)
         self.shift = bool(shift)
+        self.prefix_lm = bool(prefix_lm)
 
     @property
     def base(self) -> nn.Module:
@@ -57,15 +65,49 @@ class DiffusionLM(nn.Module):
         return self.base.get_output_embeddings()
 
     def hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        canvas: torch.Tensor | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """(B, L, H) final hidden states of the decoder (LoRA layers included)."""
+        """(B, L, H) final hidden states of the decoder (LoRA layers included).
+
+        ``canvas`` (B, L_keys) bool marks the answer-canvas positions over all keys (a KV cache's
+        positions first, then ``input_ids``); it matters only with ``prefix_lm``.
+        """
+        if self.prefix_lm and canvas is not None:
+            attention_mask = self.prefix_lm_mask(attention_mask, canvas, input_ids.shape[1])
         out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out.last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def prefix_lm_mask(
+        self, attention_mask: torch.Tensor | None, canvas: torch.Tensor, num_queries: int
+    ) -> torch.Tensor:
+        """(B, Lk) padding mask + canvas -> the (B, 1, Lq, Lk) mask where prompt queries skip the canvas.
+
+        allowed[b, i, j] = key_ok[b, j] and (canvas[b, i] or not canvas[b, j]); the queries are
+        the last ``num_queries`` keys.
+        """
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                "model.prefix_lm builds its own 4D mask from the (B, L) padding mask and cannot be "
+                "combined with another 4D mask (attention annealing); set anneal=none or model.prefix_lm=false"
+            )
+        canvas = canvas.bool()
+        key_ok = canvas.new_ones(canvas.shape) if attention_mask is None else attention_mask.bool()
+        query_canvas = canvas[:, -num_queries:]  # (B, Lq)
+        allowed = key_ok[:, None, :] & (query_canvas[:, :, None] | ~canvas[:, None, :])  # (B, Lq, Lk)
+        return custom_attention_mask(allowed, self.base.config._attn_implementation, self.base.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        canvas: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, L, V) aligned logits: [:, i] is the prediction for token i."""
-        return align(self.lm_head(self.hidden_states(input_ids, attention_mask)), self.shift)
+        return align(self.lm_head(self.hidden_states(input_ids, attention_mask, canvas)), self.shift)
 
     def logits_at(
         self,
@@ -73,10 +115,11 @@ class DiffusionLM(nn.Module):
         targets: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
+        canvas: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(N, V) predictions for the N True positions of ``targets`` (B, L), in row-major order."""
         if hidden is None:
-            hidden = self.hidden_states(input_ids, attention_mask)
+            hidden = self.hidden_states(input_ids, attention_mask, canvas)
         return self.lm_head(hidden[source_positions(targets, self.shift)])
 
 

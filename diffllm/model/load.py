@@ -208,6 +208,7 @@ def build_diffusion_model(
     lora: Mapping[str, Any] | None,
     *,
     shift: bool = True,
+    prefix_lm: bool = False,
     attn_implementation: str = "sdpa",
     dtype: str = "float32",
     mask_token: Mapping[str, Any] | None = None,
@@ -236,7 +237,7 @@ def build_diffusion_model(
     set_bidirectional(model)
     if lora is not None:
         model = apply_lora(model, lora, mask_id=mask_id, train_mask_row=train_mask_row)
-    return DiffusionLM(model, mask_id=mask_id, shift=shift), tokenizer
+    return DiffusionLM(model, mask_id=mask_id, shift=shift, prefix_lm=prefix_lm), tokenizer
 
 
 def build_from_config(
@@ -247,6 +248,7 @@ def build_from_config(
     mask_token: Mapping[str, Any] | None = None,
     train_mask_row: bool = False,
     shift: bool = True,
+    prefix_lm: bool = False,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     **_: Any,
@@ -264,7 +266,7 @@ def build_from_config(
     set_bidirectional(model)
     if lora is not None:
         model = apply_lora(model, lora, mask_id=mask_id, train_mask_row=train_mask_row)
-    return DiffusionLM(model, mask_id=mask_id, shift=shift)
+    return DiffusionLM(model, mask_id=mask_id, shift=shift, prefix_lm=prefix_lm)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
