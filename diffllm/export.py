@@ -26,7 +26,6 @@ same (``diffllm.json`` says ``"bidirectional": true`` and gives the recipe under
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
@@ -152,7 +151,7 @@ def export_model(
         written["adapter"] = folder
     if "merged" in formats:
         folder = _prepare(out / "merged", overwrite)
-        merged = copy.deepcopy(peft_model).merge_and_unload()  # the loaded model stays unmerged
+        merged = im.dlm.merged_copy().model  # the loaded model stays unmerged
         set_bidirectional(merged)  # config.json keeps is_causal=false as a hint for readers
         merged.save_pretrained(folder)
         im.tokenizer.save_pretrained(folder)

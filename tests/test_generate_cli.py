@@ -299,17 +299,17 @@ def test_benchmark_methods_differ_only_in_commits_and_cache():
         sampler_settings(NAIVE, 24, block=16)
 
 
-def test_benchmark_merged_copy_matches_the_adapters_and_leaves_them_alone(model):
+def test_merged_copy_matches_the_adapters_and_leaves_them_alone(model):
     import torch
 
-    from diffllm.bench.sampler import merged_copy
     from diffllm.model.attention import is_bidirectional
 
     dlm = model.dlm
     before = {k: v.clone() for k, v in dlm.model.state_dict().items()}
-    fast = merged_copy(dlm)
+    fast = dlm.merged_copy()
     assert not any("lora" in name for name, _ in fast.model.named_modules())  # plain linear layers
-    assert is_bidirectional(fast.model) and (fast.mask_id, fast.shift) == (dlm.mask_id, dlm.shift)
+    assert is_bidirectional(fast.model)
+    assert (fast.mask_id, fast.shift, fast.prefix_lm) == (dlm.mask_id, dlm.shift, dlm.prefix_lm)
     ids = torch.tensor([[1, 5, 9, dlm.mask_id, dlm.mask_id, 7]])
     with torch.no_grad():
         torch.testing.assert_close(fast(ids), dlm(ids), atol=1e-5, rtol=1e-4)

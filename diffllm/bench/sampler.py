@@ -13,7 +13,7 @@ hold), it times
 
 All diffusion rows are greedy with low-confidence ordering and decode the same semi-AR blocks of
 ``--block`` positions (default: the canvas the checkpoint was validated with, ``sampler.gen_length``
-of its config: 8 for the embedded default) with ``--future`` blocks hidden (default) or visible
+of its config: 16 for the embedded default) with ``--future`` blocks hidden (default) or visible
 (``SamplerConfig.future_blocks``). Every row but naive uses the settings a user would pick for
 short answers on a long canvas: ``fill_after_eos=true`` (once an EOS is committed, the [MASK]s after
 it become EOS: they are cut off by the answer's EOS anyway) and ``stop_early=true``. AR stops once
@@ -256,23 +256,6 @@ def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return best, result
 
 
-def merged_copy(dlm: Any) -> Any:
-    """A DiffusionLM over a copy of ``dlm``'s model with the LoRA adapters merged into the weights.
-
-    What a deployed model runs (``diffllm.export``'s merged folder): plain linear layers, as the AR
-    baseline (adapters switched off) runs. ``dlm`` itself is left untouched. A model without PEFT
-    adapters is returned as is.
-    """
-    import copy
-
-    from diffllm.model.dlm import DiffusionLM
-
-    if not callable(getattr(dlm.model, "merge_and_unload", None)):
-        return dlm
-    merged = copy.deepcopy(dlm.model).merge_and_unload()  # module is_causal flags are copied too
-    return DiffusionLM(merged, mask_id=dlm.mask_id, shift=dlm.shift, prefix_lm=dlm.prefix_lm).eval()
-
-
 def measure(
     model: Any,
     prompt_ids: list[list[int]],
@@ -296,7 +279,7 @@ def measure(
 
     tok, dlm = model.tokenizer, model.dlm
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    fast_dlm = merged_copy(dlm) if merge else dlm  # the diffusion rows; AR keeps dlm (adapters off)
+    fast_dlm = dlm.merged_copy().eval() if merge else dlm  # the diffusion rows; AR keeps dlm (adapters off)
     batches = [prompt_ids[i : i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
 
     def run(method: str, gen_length: int, todo: list[list[list[int]]]) -> tuple[list[list[int]], int]:

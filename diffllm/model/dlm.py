@@ -8,6 +8,7 @@ tensor costs ~0.5 MB per token.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -99,6 +100,18 @@ class DiffusionLM(nn.Module):
         query_canvas = canvas[:, -num_queries:]  # (B, Lq)
         allowed = key_ok[:, None, :] & (query_canvas[:, :, None] | ~canvas[:, None, :])  # (B, Lq, Lk)
         return custom_attention_mask(allowed, self.base.config._attn_implementation, self.base.dtype)
+
+    def merged_copy(self) -> DiffusionLM:
+        """A DiffusionLM over a copy of the model with its LoRA adapters merged into the weights.
+
+        Plain linear layers: what an exported merged folder holds and a deployment runs. This model
+        stays unmerged (merging in place and unmerging would not give back the exact weights). A
+        model without PEFT adapters is returned as is.
+        """
+        if not callable(getattr(self.model, "merge_and_unload", None)):
+            return self
+        merged = copy.deepcopy(self.model).merge_and_unload()  # module is_causal flags are copied too
+        return DiffusionLM(merged, mask_id=self.mask_id, shift=self.shift, prefix_lm=self.prefix_lm)
 
     def forward(
         self,
