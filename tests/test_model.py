@@ -117,6 +117,11 @@ def test_prefix_lm_prompt_never_sees_the_canvas(tiny_model_dir, impl):
         dlm(ids, torch.ones(2, 1, ids.shape[1], ids.shape[1], dtype=torch.bool), canvas)
 
 
+def test_prefix_lm_refuses_kernels_without_custom_masks(tiny_model_dir):
+    with pytest.raises(ValueError, match="model.prefix_lm=false"):
+        build_diffusion_model(tiny_model_dir, LORA, attn_implementation="flash_attention_2", prefix_lm=True)
+
+
 def test_mask_token_is_a_new_mean_row(tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     old_vocab = base.get_input_embeddings().weight.shape[0]

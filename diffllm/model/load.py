@@ -203,6 +203,16 @@ def _load_causal_lm(
         raise _hub_help(pretrained, err) from err
 
 
+def check_prefix_lm(prefix_lm: bool, attn_implementation: str) -> None:
+    """The prefix-LM mask is a custom 4D mask: only sdpa, eager and flex attention take one."""
+    if prefix_lm and attn_implementation not in ("sdpa", "eager", "flex_attention"):
+        raise ValueError(
+            f"model.prefix_lm=true needs a custom 4D attention mask, which "
+            f"attn_implementation={attn_implementation!r} cannot take; set model.attn_implementation=sdpa "
+            "(or eager), or model.prefix_lm=false"
+        )
+
+
 def build_diffusion_model(
     pretrained: str,
     lora: Mapping[str, Any] | None,
@@ -224,6 +234,7 @@ def build_diffusion_model(
     weights (seeded by the caller), to show how much the AR pretraining contributes.
     Extra keys (the model node's ``config`` architecture, used by the dry run) are ignored here.
     """
+    check_prefix_lm(prefix_lm, attn_implementation)
     tokenizer = load_tokenizer(pretrained, trust_remote_code=trust_remote_code)
     if from_scratch:
         hf_config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
@@ -254,6 +265,7 @@ def build_from_config(
     **_: Any,
 ) -> DiffusionLM:
     """The same conversion from an architecture dict (``model_type`` + config fields), no weights."""
+    check_prefix_lm(prefix_lm, attn_implementation)
     config = dict(config)
     model_type = config.pop("model_type", None)
     if model_type is None:
