@@ -69,6 +69,28 @@ def tiny_llama_config(vocab_size: int, attn_implementation: str = "sdpa") -> Lla
     )
 
 
+def tiny_llama(
+    vocab_size: int, attn_implementation: str = "sdpa", seed: int = 0, **overrides
+) -> LlamaForCausalLM:
+    """A random 2-layer LLaMA (hidden 32) in eval mode, seeded: the model of the unit tests.
+
+    ``overrides`` are extra ``LlamaConfig`` fields (``initializer_range``, ``max_position_embeddings``).
+    """
+    torch.manual_seed(seed)
+    fields = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    config = LlamaConfig(
+        vocab_size=vocab_size, attn_implementation=attn_implementation, **(fields | overrides)
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()

@@ -8,10 +8,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from diffllm.diffusion.annealing import AttentionAnnealing
 from diffllm.model.attention import causal_attention, set_bidirectional
+from tests.conftest import tiny_llama
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 IMPLS = ["eager", "sdpa"]
@@ -22,18 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bidirectional_llama(attn_implementation: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation=attn_implementation,
-    )
-    return set_bidirectional(LlamaForCausalLM(cfg).eval())
+    return set_bidirectional(tiny_llama(32, attn_implementation))
 
 
 def _batch(padded: bool):

@@ -10,12 +10,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from diffllm.diffusion.likelihood import ar_nll, elbo_nll, exact_elbo_nll, hidden_set_weight
 from diffllm.diffusion.schedule import CosineSchedule, LinearSchedule, LogLinearSchedule
 from diffllm.model.attention import is_bidirectional, set_bidirectional
 from diffllm.model.dlm import DiffusionLM
+from tests.conftest import tiny_llama
 
 NEG = -1e9  # logit of [MASK]: never predicted
 
@@ -308,18 +309,7 @@ def test_ar_nll_refuses_an_answer_at_position_zero():
 
 
 def _tiny_llama(attn_implementation: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=33,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation=attn_implementation,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(33, attn_implementation)
 
 
 def _ar_batch():

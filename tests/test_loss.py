@@ -9,7 +9,6 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from diffllm.diffusion.forward import forward_process
 from diffllm.diffusion.likelihood import elbo_nll
@@ -18,6 +17,7 @@ from diffllm.diffusion.schedule import LinearSchedule, PolynomialSchedule
 from diffllm.diffusion.time import AntitheticTimeSampler
 from diffllm.model.attention import set_bidirectional
 from diffllm.model.dlm import DiffusionLM
+from tests.conftest import tiny_llama
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -100,18 +100,7 @@ def test_loss_config_nodes(name, weighting, normalisation):
 
 
 def _tiny_dlm(seed: int = 0, shift: bool = True) -> DiffusionLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=33,  # 32 ordinary tokens + [MASK] = 32
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="sdpa",
-    )
-    model = set_bidirectional(LlamaForCausalLM(cfg))
+    model = set_bidirectional(tiny_llama(33, seed=seed).train())  # 32 ordinary tokens + [MASK] = 32
     return DiffusionLM(model, mask_id=32, shift=shift)
 
 

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from diffllm.ar_generate import ar_generate
 from diffllm.diffusion.sampler import SamplerConfig, generate, left_pad, transfer_schedule
 from diffllm.diffusion.strategies import STRATEGIES, TokenSampling, choose_positions, filter_logits
 from diffllm.model.attention import causal_attention, is_bidirectional, set_bidirectional
 from diffllm.model.dlm import DiffusionLM
+from tests.conftest import tiny_llama
 
 V, MASK, EOS, PAD = 16, 15, 14, 13  # mock vocabulary
 PROMPTS = [[1, 5, 6], [1, 9, 10, 11, 12, 3, 4], [1]]
@@ -53,19 +53,8 @@ def table_from_probs(rows: list[tuple[list[float], int]]) -> torch.Tensor:
 def tiny_dlm(
     shift: bool, bidirectional: bool = True, seed: int = 0, attn: str = "sdpa", prefix_lm: bool = False
 ) -> DiffusionLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.2,  # spread-out logits: no near-ties for the exactness tests
-        attn_implementation=attn,
-    )
-    model = LlamaForCausalLM(config).eval()
+    # initializer_range 0.2: spread-out logits, no near-ties for the exactness tests
+    model = tiny_llama(64, attn, seed, max_position_embeddings=128, initializer_range=0.2)
     set_bidirectional(model, bidirectional)
     return DiffusionLM(model, mask_id=63, shift=shift, prefix_lm=prefix_lm)
 
