@@ -332,3 +332,30 @@ def test_benchmark_picks_the_newest_default_run(tmp_path):
         os.utime(path, (mtime, mtime))
     # the newest dated run by modification time (not by name); the even newer sweep is ignored
     assert find_checkpoint([tmp_path / "nowhere", tmp_path]) == newer
+
+
+def test_ablation_table_reads_each_jobs_last_validation(tmp_path):
+    from diffllm.bench.ablation import collect, parse_job_dir, to_markdown
+
+    header = "epoch,step,train/loss,val/nll_bound,val/ar_nll,val/gap,val/exact_match\n"
+    jobs = {
+        "+experiment=ablation,loss=elbo,model.shift=True,schedule=linear": "0.9,0.1,0.8,0.5\n0.4,0.1,0.3,0.75\n",
+        "+experiment=ablation,loss=elbo,model.shift=False,schedule=cosine": "2.0,0.1,1.9,0.0\n",
+    }
+    for name, vals in jobs.items():
+        (tmp_path / name / "logs").mkdir(parents=True)
+        rows = "".join(f"0,{i},,{v}" for i, v in enumerate(vals.splitlines(keepends=True)))
+        (tmp_path / name / "logs" / "metrics.csv").write_text(header + "0,5,1.0,,,,\n" + rows)
+    (tmp_path / "unfinished").mkdir()  # a job without metrics is left out, not an error
+    assert parse_job_dir("+experiment=ablation,loss=elbo,schedule=linear") == {
+        "+experiment": "ablation",
+        "loss": "elbo",
+        "schedule": "linear",
+    }
+    rows = {(r["schedule"], r["model.shift"]): r for r in collect(tmp_path)}
+    assert set(rows) == {("linear", "True"), ("cosine", "False")}
+    assert rows[("linear", "True")]["val/nll_bound"] == 0.4  # the last validation, not the first
+    assert rows[("linear", "True")]["val/exact_match"] == 0.75
+    md = to_markdown(list(rows.values())).splitlines()
+    assert md[2].startswith("| linear | True | elbo | 0.400 | 0.100 | 0.300 | 0.750 |")  # lowest bound first
+    assert md[3].startswith("| cosine | False | elbo | 2.000 |")
