@@ -52,41 +52,40 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+# The tests' LLaMA: 2 layers, hidden 32, grouped-query attention (4 heads, 2 KV heads).
+TINY_LLAMA_FIELDS = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
 def tiny_llama_config(vocab_size: int, attn_implementation: str = "sdpa") -> LlamaConfig:
+    """The saved tiny model's config (untied head, the tokenizer's BOS/EOS/PAD ids)."""
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
         attn_implementation=attn_implementation,
+        **TINY_LLAMA_FIELDS,
     )
 
 
 def tiny_llama(
     vocab_size: int, attn_implementation: str = "sdpa", seed: int = 0, **overrides
 ) -> LlamaForCausalLM:
-    """A random 2-layer LLaMA (hidden 32) in eval mode, seeded: the model of the unit tests.
+    """A random tiny LLaMA in eval mode, seeded: the model of the unit tests.
 
     ``overrides`` are extra ``LlamaConfig`` fields (``initializer_range``, ``max_position_embeddings``).
     """
     torch.manual_seed(seed)
-    fields = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
     config = LlamaConfig(
-        vocab_size=vocab_size, attn_implementation=attn_implementation, **(fields | overrides)
+        vocab_size=vocab_size, attn_implementation=attn_implementation, **(TINY_LLAMA_FIELDS | overrides)
     )
     return LlamaForCausalLM(config).eval()
 
