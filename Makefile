@@ -8,9 +8,17 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diffllm-installed
 ARGS ?=
+# bench-gpu runs with the .venv when there is one, else the node's python3 (a CUDA image's torch).
+BENCH_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+WHEELHOUSE ?= wheelhouse
+WHEEL_PYTHON ?= 3.12
+ONLY ?=
+BENCH_GPU_TRAIN_S ?= 330
+BENCH_GPU_SAMPLER_S ?= 180
+SAMPLER_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-fast lint format bench-sampler ablation assets eval clean
+.PHONY: help setup train test test-fast lint format bench-sampler bench-train bench-gpu wheelhouse ablation assets eval clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -49,6 +57,17 @@ eval: $(STAMP)  ## diffusion vs AR on the val split: ARGS='ckpt_path=outputs/<ru
 
 bench-sampler: $(STAMP)  ## sampler speed/quality table on the embedded default model
 	$(PY) -m diffllm.bench.sampler $(ARGS)
+
+bench-train: $(STAMP)  ## training throughput table (GPU: Llama-3.2-1B shape; CPU: tiny model + Lightning/bare ratio)
+	$(PY) -m diffllm.bench.train $(ARGS)
+
+bench-gpu:  ## the GPU benchmark, time-limited: training variants + sampler at G=256; offline deps from ./wheelhouse
+	@if [ -f $(WHEELHOUSE)/requirements.txt ]; then $(BENCH_PY) -m diffllm.bench.wheelhouse install --dest $(WHEELHOUSE) || true; fi
+	PYTHONPATH=$(CURDIR) timeout $(BENCH_GPU_TRAIN_S) $(BENCH_PY) -m diffllm.bench.train --device cuda --time-limit $$(( $(BENCH_GPU_TRAIN_S) - 90 )) --out bench-gpu-train.md $(ARGS)
+	PYTHONPATH=$(CURDIR) timeout $(BENCH_GPU_SAMPLER_S) $(BENCH_PY) -m diffllm.bench.sampler --device cuda --lengths 256 --out bench-gpu-sampler.md $(SAMPLER_ARGS)
+
+wheelhouse: $(STAMP)  ## wheels for an offline GPU node: WHEEL_PYTHON=3.12, ONLY='hydra-core ...' keeps a few
+	$(PY) -m diffllm.bench.wheelhouse download --dest $(WHEELHOUSE) --python $(WHEEL_PYTHON) $(if $(ONLY),--only $(ONLY))
 
 ablation: $(STAMP)  ## schedule x shift x weighting multirun on the embedded default, writes a table
 	$(PY) -m diffllm.bench.ablation $(ARGS)

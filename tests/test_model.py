@@ -10,7 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from diffllm.config import compose, to_plain
-from diffllm.model.attention import causal_attention, is_bidirectional, set_bidirectional
+from diffllm.model.attention import (
+    causal_attention,
+    custom_attention_mask,
+    is_bidirectional,
+    set_bidirectional,
+)
 from diffllm.model.load import (
     ModelLoadError,
     apply_lora,
@@ -115,6 +120,22 @@ def test_prefix_lm_prompt_never_sees_the_canvas(tiny_model_dir, impl):
     torch.testing.assert_close(a[:, :4], prompt_only, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="anneal=none"):
         dlm(ids, torch.ones(2, 1, ids.shape[1], ids.shape[1], dtype=torch.bool), canvas)
+
+
+def test_prefix_lm_reaches_flex_as_an_exact_block_mask():
+    """flex attention gets the prefix-LM + padding pattern as a BlockMask whose mask_mod is exact.
+
+    (The numerical flex-vs-SDPA check runs in ``diffllm.bench.train`` on a GPU: torch's CPU flex
+    compilation is not reliable enough for a test.)
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    allowed = torch.rand(2, 1, 7, 9, generator=torch.Generator().manual_seed(0)) > 0.5
+    bm = custom_attention_mask(allowed, "flex_attention", torch.float32)
+    assert isinstance(bm, BlockMask) and bm.shape == (2, 1, 7, 9)
+    b, q, kv = torch.meshgrid(torch.arange(2), torch.arange(7), torch.arange(9), indexing="ij")
+    torch.testing.assert_close(bm.mask_mod(b, 0, q, kv), allowed[:, 0])
+    assert custom_attention_mask(allowed, "sdpa", torch.float32) is allowed
 
 
 def test_prefix_lm_refuses_kernels_without_custom_masks(tiny_model_dir):

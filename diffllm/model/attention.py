@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask
 
 
 def _configs(model: nn.Module) -> list:
@@ -80,15 +81,27 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zero, neg)
 
 
+def block_mask(allowed: torch.Tensor):
+    """(B, 1, Lq, Lk) bool -> flex attention's ``BlockMask`` (blocks with no allowed pair are skipped)."""
+    dense = allowed[:, 0]  # (B, Lq, Lk)
+
+    def mask_mod(b, h, q, kv):
+        return dense[b, q, kv]
+
+    lq, lk = dense.shape[-2:]
+    return create_block_mask(mask_mod, B=dense.shape[0], H=None, Q_LEN=lq, KV_LEN=lk, device=dense.device)
+
+
 def custom_attention_mask(
     allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype
 ) -> torch.Tensor:
     """Turn a (B, Lq, Lk) or (B, 1, Lq, Lk) boolean mask into what ``attn_implementation`` takes.
 
     transformers returns a 4D mask as-is, so this is how a non-standard pattern (annealing,
-    block masks) reaches the kernels. SDPA and flex take booleans; eager takes an additive mask.
-    Rows that may attend to nothing (padding queries) are given their own diagonal so softmax
-    never sees an all -inf row.
+    block masks) reaches the kernels. SDPA takes booleans, eager an additive mask, and flex
+    attention a ``BlockMask`` (a dense tensor would reach flex as a per-score ``score_mod``, with no
+    block skipping). Rows that may attend to nothing (padding queries) are given their own
+    diagonal so softmax never sees an all -inf row.
     """
     if allowed.dim() == 3:
         allowed = allowed[:, None]
@@ -97,8 +110,10 @@ def custom_attention_mask(
         eye = torch.eye(lq, dtype=torch.bool, device=allowed.device)
         empty = ~allowed.any(dim=-1, keepdim=True)
         allowed = allowed | (empty & eye)
-    if attn_implementation in ("sdpa", "flex_attention"):
+    if attn_implementation == "sdpa":
         return allowed
+    if attn_implementation == "flex_attention":
+        return block_mask(allowed)
     if attn_implementation == "eager":
         return additive_mask(allowed, dtype)
     raise ValueError(

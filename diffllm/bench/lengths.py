@@ -1,0 +1,84 @@
+"""Alpaca-shaped sequence lengths for benchmarks, shipped as a histogram (never the rows).
+
+    python -m diffllm.bench.lengths --data alpaca.json --tokenizer DIR [--template alpaca] [--out FILE]
+
+counts the (prompt tokens, answer tokens) pair of every row, as ``encode_row`` would tokenise it
+before the EOS and its padding, and writes the counts to ``alpaca_lengths.json`` beside this file.
+``sample_lengths`` draws benchmark rows from it, so a throughput figure sees Alpaca's length mix
+without the data (Alpaca is CC BY-NC) or its tokenizer (Llama 3's is gated) on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from diffllm.data.template import render
+
+HISTOGRAM = Path(__file__).with_name("alpaca_lengths.json")
+
+
+def length_pairs(rows: Iterable[Mapping], tokenizer, template: str = "alpaca") -> Counter:
+    """Counter of (prompt tokens incl. the tokenizer's BOS, answer tokens without EOS)."""
+    out: Counter = Counter()
+    for row in rows:
+        prompt, answer = render(row, template)
+        p = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        a = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        out[(p, a)] += 1
+    return out
+
+
+def load_histogram(path: str | Path = HISTOGRAM) -> tuple[list[tuple[int, int]], list[int], dict]:
+    """(pairs, counts, provenance) of a histogram written by ``main``."""
+    data = json.loads(Path(path).read_text())
+    pairs = [(int(p), int(a)) for p, a, _ in data["counts"]]
+    return pairs, [int(c) for *_, c in data["counts"]], data["provenance"]
+
+
+def sample_lengths(n: int, seed: int = 0, path: str | Path = HISTOGRAM) -> list[tuple[int, int]]:
+    """``n`` (prompt, answer) length pairs drawn with replacement, in proportion to the counts."""
+    pairs, counts, _ = load_histogram(path)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.multinomial(torch.tensor(counts, dtype=torch.float), n, replacement=True, generator=gen)
+    return [pairs[i] for i in idx.tolist()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoTokenizer
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="JSON list (or JSONL) of Alpaca rows")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer folder")
+    p.add_argument("--template", default="alpaca")
+    p.add_argument("--source", default=None, help="what the rows are, for the provenance note")
+    p.add_argument("--tokenizer-name", default=None, help="the tokenizer's name, for the provenance note")
+    p.add_argument("--out", default=str(HISTOGRAM))
+    args = p.parse_args(argv)
+    text = Path(args.data).read_text()
+    rows = (
+        json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
+    )
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    counts = length_pairs(rows, tok, args.template)
+    provenance = {
+        "rows": len(rows),
+        "source": args.source or Path(args.data).name,
+        "tokenizer": args.tokenizer_name or args.tokenizer.rstrip("/").split("/")[-1],
+        "template": args.template,
+        "columns": "prompt tokens (incl. BOS if the tokenizer adds one), answer tokens (no EOS), rows",
+    }
+    lines = ",\n".join(f"  [{p_}, {a}, {c}]" for (p_, a), c in sorted(counts.items()))
+    Path(args.out).write_text(
+        f'{{\n"provenance": {json.dumps(provenance, indent=1)},\n"counts": [\n{lines}\n]\n}}\n'
+    )
+    print(f"{len(rows)} rows -> {len(counts)} length pairs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
