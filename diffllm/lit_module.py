@@ -116,10 +116,13 @@ class DiffusionLitModule(L.LightningModule):
         k, rank, world = trainer.accumulate_grad_batches, trainer.global_rank, trainer.world_size
         micro_bs = nominal_batch_size(trainer.train_dataloader, default=bs)
         keys = draw_keys(seed, self.global_step, batch_idx, bs, micro_bs, k, rank, world)
-        # LoRA dropout stays on the global RNG (per-row keys would mean a generator per row and
-        # adapted layer); it is reseeded from (seed, step, rank, micro-batch) so that ranks differ
-        # and a resumed run redraws the same masks.
+        # LoRA dropout stays on the global RNG: PEFT draws it over the whole (B, L, d) input of each
+        # adapted layer, so per-row keys would take a generator per row and layer every step (and on
+        # CUDA a row's numbers would still depend on the tensor's size). Reseeded from (seed, step,
+        # rank, micro-batch): ranks differ, and a resumed step redraws the same masks.
         torch.manual_seed(key_seed(seed, self.global_step, rank, batch_idx % k, "dropout"))
+        if batch_idx % k == 0:  # a new accumulation window (Lightning's): drop any unfinished one
+            self.normaliser.reset()
         _, stats = self.diffusion_loss(batch, keys=keys)
         self.normaliser.add(stats["weighted_sum"], stats["count"])
         self.log("train/hidden_frac", stats["n_hidden"] / stats["n_answer"].clamp_min(1), batch_size=bs)

@@ -24,7 +24,9 @@ def test_slurm_launcher_sends_lightnings_requeue_signal_and_never_requeues_itsel
     register_resolvers()
     overrides = ["hydra/launcher=slurm", "trainer=gpu", "trainer.devices=4", "trainer.num_nodes=2"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides + [f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+        cfg = compose(
+            "train", overrides=overrides + [f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True
+        )
     HydraConfig.instance().set_config(cfg)
     captured = {}
 

@@ -18,18 +18,19 @@ permutation out to the ranks):
 
     row(rank r, micro-batch m, i-th row) = (m * B + i) * W + r,       0 <= row < k * B * W
 
-The hash is NumPy's ``SeedSequence`` (made for exactly this: well-mixed seeds from tuples of
-integers); the numbers are drawn by a CPU ``torch.Generator`` per row and moved to the batch's
-device, so a row's draws are the same on every device and independent of the padded length.
+The seed is a 64-bit BLAKE2b digest of the key's integers (stream names through CRC-32); the numbers
+are drawn by a CPU ``torch.Generator`` per row and moved to the batch's device, so a row's draws
+are the same on every device and independent of the padded length.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -43,7 +44,10 @@ def key_seed(*key: int | str) -> int:
     words = [stream_id(k) if isinstance(k, str) else int(k) for k in key]
     if any(w < 0 for w in words):
         raise ValueError(f"draw keys must be non-negative integers or names, got {key}")
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0])
+    if any(w >= 2**64 for w in words):
+        raise ValueError(f"draw keys must fit in 64 bits, got {key}")
+    digest = hashlib.blake2b(struct.pack(f"<{len(words)}Q", *words), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def keyed_generator(*key: int | str) -> torch.Generator:
@@ -94,10 +98,10 @@ class DrawKeys:
         Row b's k-th number does not depend on n (a generator draws them in order), so a row padded
         to another length gets the same numbers at the same positions.
         """
-        out = torch.empty(len(self.rows), n)
-        for b, row in enumerate(self.rows):
-            out[b] = torch.rand(n, generator=keyed_generator(self.seed, self.step, row, stream))
-        return out.to(device)
+        rows = [
+            torch.rand(n, generator=keyed_generator(self.seed, self.step, row, stream)) for row in self.rows
+        ]
+        return (torch.stack(rows) if rows else torch.empty(0, n)).to(device)
 
     def step_generator(self, stream: str) -> torch.Generator:
         """A generator keyed on (seed, step, stream) only: the same on every rank and micro-batch."""
