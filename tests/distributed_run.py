@@ -88,7 +88,9 @@ def probe_class():
     return Probe
 
 
-def run(world: int, accumulate: int, overrides: list[str] | None = None) -> dict[str, Any]:
+def run(
+    world: int, accumulate: int, overrides: list[str] | None = None, accelerator: str = "cpu"
+) -> dict[str, Any]:
     """Fit STEPS optimizer steps on this rank's share; returns grads, losses, final trainable weights."""
     import lightning as L
     from torch.utils.data import DataLoader
@@ -98,7 +100,7 @@ def run(world: int, accumulate: int, overrides: list[str] | None = None) -> dict
     rank = int(os.environ.get("LOCAL_RANK", 0))
     micro = rank_micro_batches(batches, module.tokenizer.pad_token_id, world, rank, accumulate)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=world,
         strategy="ddp" if world > 1 else "auto",
         max_steps=STEPS,
@@ -114,9 +116,9 @@ def run(world: int, accumulate: int, overrides: list[str] | None = None) -> dict
     )
     trainer.fit(module, train_dataloaders=DataLoader(micro, batch_size=None))
     return {
-        "grads": module.grads,
+        "grads": [{n: g.cpu() for n, g in step.items()} for step in module.grads],
         "losses": module.losses,
-        "weights": {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad},
+        "weights": {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad},
         "world_size": trainer.world_size,
     }
 
