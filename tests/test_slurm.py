@@ -12,7 +12,6 @@ import submitit
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -27,7 +26,6 @@ def test_slurm_launcher_sends_lightnings_requeue_signal_and_never_requeues_itsel
         cfg = compose(
             "train", overrides=overrides + [f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True
         )
-    HydraConfig.instance().set_config(cfg)
     captured = {}
 
     class CapturingExecutor(submitit.AutoExecutor):
