@@ -7,7 +7,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# ``diffllm/conf`` is a link to the top-level ``conf/`` in a checkout (editable install) and a copy of
+# it inside a wheel (package data), so every CLI finds its configs from any directory either way.
+CONF_DIR = (Path(__file__).resolve().parent / "conf").resolve()
 
 
 def asset_path(name: str) -> str:

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from diffllm.config import CONF_DIR
+
 if TYPE_CHECKING:
     from diffllm.diffusion.sampler import SamplerConfig
     from diffllm.inference import InferenceModel
@@ -403,7 +405,7 @@ def _write_trajectories(path: Path, trajectories: list) -> None:
     print(f"# trajectories: {path}", flush=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

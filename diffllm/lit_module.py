@@ -21,10 +21,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from diffllm.diffusion.forward import forward_process
+from diffllm.diffusion.forward import forward_process, keyed_forward_process
+from diffllm.diffusion.keys import DrawKeys, key_seed
 from diffllm.diffusion.likelihood import ar_nll, elbo_nll, validation_seed
 from diffllm.diffusion.sampler import generate
 from diffllm.diffusion.schedule import LinearSchedule
+from diffllm.distributed import GlobalNormaliser, draw_keys, nominal_batch_size
 from diffllm.metrics import exact_match, rouge_l
 from diffllm.model.load import build_diffusion_model, trainable_line
 
@@ -64,6 +66,7 @@ class DiffusionLitModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_nll_bound = MeanMetric()
         self.val_ar_nll = MeanMetric()
+        self.normaliser = GlobalNormaliser()  # the loss normaliser of the whole optimizer step
 
     @property
     def mask_id(self) -> int:
@@ -71,36 +74,70 @@ class DiffusionLitModule(L.LightningModule):
 
     # -- the objective ---------------------------------------------------------------------------
     def diffusion_loss(
-        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+        self,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+        keys: DrawKeys | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Sample t, hide answer tokens w.p. 1 - alpha(t), predict them back; returns (loss, stats)."""
+        """Sample t, hide answer tokens w.p. 1 - alpha(t), predict them back; returns (loss, stats).
+
+        The draws come from ``keys`` (training: keyed per row) or else from ``generator``.
+        stats: n_answer, n_hidden, and the loss's numerator ``weighted_sum`` and normaliser ``count``.
+        """
         x0, attention_mask, answer_mask = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
-        t = self.time_sampler(x0.shape[0], device=x0.device, generator=generator)  # (B,)
-        xt, hidden = forward_process(x0, answer_mask, self.schedule.mask_prob(t), self.mask_id, generator)
+        if keys is not None:
+            t = self.time_sampler.keyed(keys, device=x0.device)  # (B,)
+            xt, hidden = keyed_forward_process(
+                x0, answer_mask, self.schedule.mask_prob(t), self.mask_id, keys
+            )
+        else:
+            t = self.time_sampler(x0.shape[0], device=x0.device, generator=generator)  # (B,)
+            xt, hidden = forward_process(x0, answer_mask, self.schedule.mask_prob(t), self.mask_id, generator)
         attn = self.annealing.mask(
             attention_mask, self.global_step, self.dlm.base.config._attn_implementation, self.dtype
         )
         logits = self.dlm.logits_at(xt, hidden, attn, canvas=answer_mask)  # (N, V) only at hidden positions
         t_pos = t[:, None].expand_as(x0)[hidden]  # (N,) the t of each hidden token's row
         n_answer = answer_mask.sum()
-        loss = self.loss_fn(
-            logits,
-            x0[hidden],
-            t_pos,
-            self.schedule,
-            n_answer=n_answer,
-            n_hidden=hidden.sum(),
-            n_tokens=attention_mask.sum(),
-        )
-        return loss, {"n_answer": n_answer, "n_hidden": hidden.sum()}
+        weighted_sum = self.loss_fn.weighted_sum(logits, x0[hidden], t_pos, self.schedule)
+        count = self.loss_fn.count(n_answer=n_answer, n_hidden=hidden.sum(), n_tokens=attention_mask.sum())
+        loss = weighted_sum / count.clamp_min(1)
+        return loss, {
+            "n_answer": n_answer,
+            "n_hidden": hidden.sum(),
+            "weighted_sum": weighted_sum,
+            "count": count,
+        }
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, stats = self.diffusion_loss(batch)
-        bs = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        """Backward runs on the unnormalised sum; ``on_before_optimizer_step`` divides by the global count."""
+        trainer, seed, bs = self.trainer, int(self.cfg.get("seed", 0)), batch["input_ids"].shape[0]
+        k, rank, world = trainer.accumulate_grad_batches, trainer.global_rank, trainer.world_size
+        micro_bs = nominal_batch_size(trainer.train_dataloader, default=bs)
+        keys = draw_keys(seed, self.global_step, batch_idx, bs, micro_bs, k, rank, world)
+        # LoRA dropout stays on the global RNG: PEFT draws it over the whole (B, L, d) input of each
+        # adapted layer, so per-row keys would take a generator per row and layer every step (and on
+        # CUDA a row's numbers would still depend on the tensor's size). Reseeded from (seed, step,
+        # rank, micro-batch): ranks differ, and a resumed step redraws the same masks.
+        torch.manual_seed(key_seed(seed, self.global_step, rank, batch_idx % k, "dropout"))
+        if batch_idx % k == 0:  # a new accumulation window (Lightning's): drop any unfinished one
+            self.normaliser.reset()
+        _, stats = self.diffusion_loss(batch, keys=keys)
+        self.normaliser.add(stats["weighted_sum"], stats["count"])
         self.log("train/hidden_frac", stats["n_hidden"] / stats["n_answer"].clamp_min(1), batch_size=bs)
-        return loss
+        return stats["weighted_sum"]
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        trainer = self.trainer
+        loss = self.normaliser.finish(
+            (p for p in self.parameters() if p.requires_grad),
+            trainer.accumulate_grad_batches,
+            trainer.world_size,
+            lambda x: trainer.strategy.reduce(x, reduce_op="sum"),
+        )
+        self.log("train/loss", loss, prog_bar=True)  # the step's loss over its whole global batch
 
     # -- validation ------------------------------------------------------------------------------
     @override

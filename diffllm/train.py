@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from diffllm.config import register_resolvers, to_plain
+from diffllm.config import CONF_DIR, register_resolvers, to_plain
 from diffllm.model.load import ModelLoadError, build_from_config, trainable_line
 
 log = logging.getLogger("diffllm.train")
@@ -84,7 +84,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, {"module": module, "datamodule": datamodule, "trainer": trainer}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)

@@ -20,7 +20,10 @@ the random |H_b| instead (a ratio of random variables) or dropping w(t) gives a 
 signal but no longer a bound: its value cannot be compared with an NLL.
 
 With several rows the ratio sum_b ELBO_b / sum_b |A_b| is a token-weighted average (longer
-answers count more), as in LLaDA. Under DDP each rank normalises by its own counts.
+answers count more), as in LLaDA. In training, the sums and Z run over the optimizer step's whole
+global batch, all ranks and micro-batches included (``weighted_sum`` per micro-batch, ``count``
+summed into ``diffllm.distributed.GlobalNormaliser``): a step with accumulation k on W ranks takes
+the gradient of one batch of all its rows.
 """
 
 from __future__ import annotations
@@ -105,11 +108,28 @@ class MaskedDiffusionLoss:
         n_hidden: int | torch.Tensor,
         n_tokens: int | torch.Tensor,
     ) -> torch.Tensor:
-        counts = {"n_answer": n_answer, "n_hidden": n_hidden, "n_tokens": n_tokens}
-        z = counts[NORMALISATIONS[self.normalisation]]
+        z = self.count(n_answer=n_answer, n_hidden=n_hidden, n_tokens=n_tokens)
         z = z.clamp_min(1) if isinstance(z, torch.Tensor) else max(z, 1)
         weights = WEIGHTINGS[self.weighting](t_of_position, schedule)  # (N,)
         return masked_diffusion_loss(logits, targets, weights, z)
+
+    def weighted_sum(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        t_of_position: torch.Tensor,
+        schedule: NoiseSchedule,
+    ) -> torch.Tensor:
+        """The numerator sum_b sum_{i in H_b} c(t_b) CE_i (the loss before it is divided by Z)."""
+        weights = WEIGHTINGS[self.weighting](t_of_position, schedule)  # (N,)
+        return masked_diffusion_loss(logits, targets, weights, 1.0)
+
+    def count(
+        self, *, n_answer: int | torch.Tensor, n_hidden: int | torch.Tensor, n_tokens: int | torch.Tensor
+    ) -> int | torch.Tensor:
+        """Z of these rows, unclamped: the one of the three counts the normalisation names."""
+        counts = {"n_answer": n_answer, "n_hidden": n_hidden, "n_tokens": n_tokens}
+        return counts[NORMALISATIONS[self.normalisation]]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weighting={self.weighting!r}, normalisation={self.normalisation!r})"

@@ -1,12 +1,18 @@
 """Samplers of the diffusion time t in [eps, 1] for a batch.
 
 The ELBO weight grows like 1/t near 0, so t is clamped below at eps to keep the loss finite.
-Each sampler is called as ``sampler(batch_size, device=..., generator=...) -> (B,)``.
+Each sampler is called as ``sampler(batch_size, device=..., generator=...) -> (B,)`` (validation:
+one generator for the batch), or as ``sampler.keyed(keys, device=...) -> (B,)`` (training): row b's
+time then comes from the "time" stream of its key (seed, optimizer step, global row index), see
+``diffllm.diffusion.keys``, so it does not depend on how the global batch is split into ranks and
+micro-batches.
 """
 
 from __future__ import annotations
 
 import torch
+
+from diffllm.diffusion.keys import DrawKeys
 
 
 def _check_eps(eps: float) -> float:
@@ -26,6 +32,11 @@ class UniformTimeSampler:
     ) -> torch.Tensor:
         u = torch.rand(batch_size, device=device, generator=generator)
         return self.eps + (1.0 - self.eps) * u
+
+    def keyed(self, keys: DrawKeys, device: torch.device | str = "cpu") -> torch.Tensor:
+        """t_b = eps + (1 - eps) * u_b, u_b the first number of row b's "time" stream."""
+        u = keys.uniform("time", 1)[:, 0]
+        return (self.eps + (1.0 - self.eps) * u).to(device)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps})"
@@ -53,6 +64,22 @@ class AntitheticTimeSampler:
         stratum = torch.randperm(batch_size, device=device, generator=generator)
         u = (stratum + v) / batch_size
         return self.eps + (1.0 - self.eps) * u
+
+    def keyed(self, keys: DrawKeys, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The same stratification over the whole global batch of the optimizer step:
+
+            u_b = (pi(row_b) + v_b) / G,   G = keys.global_batch_size
+
+        pi: a permutation of 0..G-1 keyed on (seed, step) only, identical on every rank and
+        micro-batch; v_b: the first number of row b's "time" stream. The G rows of a step hold
+        one t per stratum whatever their split; a short global batch keeps every t uniform.
+        """
+        size = keys.global_batch_size
+        stratum = torch.randperm(size, generator=keys.step_generator("time/strata"))
+        rows = torch.as_tensor(list(keys.rows), dtype=torch.long)
+        v = keys.uniform("time", 1)[:, 0]
+        u = (stratum[rows] + v) / size
+        return (self.eps + (1.0 - self.eps) * u).to(device)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps})"
