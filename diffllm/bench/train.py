@@ -288,13 +288,18 @@ def run_variant(
 
 
 def bare_loop_tokens_per_s(module, batches: Sequence[dict], warmup: int, lr: float) -> float:
-    """The same step without Lightning: forward, backward, clip, AdamW (non-pad tokens/s after warmup)."""
+    """The same step without Lightning: keyed draws, forward, backward, clip, AdamW (non-pad tokens/s after warmup)."""
+    from diffllm.distributed import draw_keys
+
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     module.train()
     t0, real = None, 0
     for i, batch in enumerate(batches):
-        loss, _ = module.diffusion_loss(batch)
+        bs = batch["input_ids"].shape[0]
+        # seed 0, step i, micro-batch 0 of 1, one rank: the keys Lightning's training_step draws
+        keys = draw_keys(0, i, 0, bs, bs, 1, 0, 1)
+        loss, _ = module.diffusion_loss(batch, keys=keys)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
