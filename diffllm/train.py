@@ -56,10 +56,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     module = DiffusionLitModule(plain)
     datamodule = instantiate(cfg.data, tokenizer=module.tokenizer)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
-    ckpt = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=None
-    )
-    callbacks = [ckpt] + ([LearningRateMonitor(logging_interval="step")] if loggers else [])
+    callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb is not None]
+    if not loggers:  # the LR monitor refuses to run without a logger
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    ckpt = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out_dir)
     )
@@ -70,6 +70,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if cfg.report.enabled and trainer.is_global_zero:
+        # fit's strategy teardown moved the module to the CPU: run the report where it trained
+        module.to(trainer.strategy.root_device)
         report = build_report(
             module,
             datamodule,
@@ -79,7 +81,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         )
         path = write_report(report, out_dir)
         print("\n" + format_report(report), flush=True)
-        print(f"\noutputs: {out_dir}\n  checkpoint: {ckpt.last_model_path}\n  report:     {path}", flush=True)
+        last = ckpt.last_model_path if ckpt else "(no ModelCheckpoint in callbacks)"
+        print(f"\noutputs: {out_dir}\n  checkpoint: {last}\n  report:     {path}", flush=True)
         metrics.update({f"report/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
     return metrics, {"module": module, "datamodule": datamodule, "trainer": trainer}
 

@@ -340,7 +340,7 @@ def strategy_table(
 # The notebook's fallback when no run exists: ~30 s on 2 CPU cores, enough to see an order emerge.
 NOTEBOOK_RUN = [
     "trainer.max_steps=100",
-    "trainer.val_check_interval=100",
+    "trainer.val_every_n_steps=100",
     "trainer.enable_progress_bar=false",
     "trainer.limit_val_batches=1",
     "trainer.num_sanity_val_steps=0",

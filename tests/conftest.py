@@ -110,7 +110,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
 # needs "a checkpoint of a real run". Shared by the whole session (about 20 s).
 TINY_RUN = [
     "trainer.max_steps=6",
-    "trainer.val_check_interval=3",
+    "trainer.val_every_n_steps=3",
     "trainer.limit_val_batches=1",
     "trainer.num_sanity_val_steps=1",
     "trainer.enable_progress_bar=false",

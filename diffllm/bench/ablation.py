@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         cmd += [f"{k}={','.join(v)}" for k, v in AXES.items()]
         if args.steps:
-            cmd += [f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}"]
+            cmd += [f"trainer.max_steps={args.steps}", f"trainer.val_every_n_steps={args.steps}"]
         cmd += args.overrides
         print("running:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)

@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from diffllm.data.collate import Collator
 from diffllm.data.template import MalformedRowError, check_row, render, render_prompt
@@ -49,22 +50,46 @@ def encode_row(
     trained on. ``score_mask`` marks the answer and its first EOS only: the tokens a likelihood is
     reported per, the same tokens whatever the padding, so the AR model is scored on them alone.
     """
-    prompt, answer = render(row, template)
-    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    n_scored = len(a_ids)
-    if answer_pad_to:
-        a_ids += [tokenizer.eos_token_id] * (-len(a_ids) % answer_pad_to)
-    truncated = len(p_ids) + n_scored > max_length  # padding that does not fit is simply dropped
-    a_ids = a_ids[: max(max_length - len(p_ids), 0)]
-    n_scored = min(n_scored, len(a_ids))
-    return {
-        "input_ids": p_ids + a_ids,
-        "answer_mask": [0] * len(p_ids) + [1] * len(a_ids),
-        "score_mask": [0] * len(p_ids) + [1] * n_scored + [0] * (len(a_ids) - n_scored),
-        "prompt_len": len(p_ids),
-        "truncated": truncated,
+    columns = {key: [value] for key, value in row.items()}
+    return {k: v[0] for k, v in encode_rows(columns, tokenizer, template, max_length, answer_pad_to).items()}
+
+
+def encode_rows(
+    rows: Mapping[str, Sequence[Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    max_length: int,
+    answer_pad_to: int | None = None,
+) -> dict[str, list[Any]]:
+    """``encode_row`` on a batch of rows given as columns (a ``datasets.map`` batch), plus ``length``.
+
+    One batched tokenizer call for the prompts and one for the answers (the Rust tokenizer runs
+    them in parallel). A module-level function with only token-relevant arguments, so that
+    ``datasets.map`` fingerprints it by what changes the tokens (the cache then hits across runs).
+    """
+    n = len(next(iter(rows.values())))
+    pairs = [render({key: col[i] for key, col in rows.items()}, template) for i in range(n)]
+    prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    out: dict[str, list[Any]] = {
+        k: [] for k in ("input_ids", "answer_mask", "score_mask", "prompt_len", "truncated", "length")
     }
+    for p_ids, a_ids in zip(prompt_ids, answer_ids):
+        a_ids = list(a_ids) + [eos]
+        n_scored = len(a_ids)
+        if answer_pad_to:
+            a_ids += [eos] * (-len(a_ids) % answer_pad_to)
+        truncated = len(p_ids) + n_scored > max_length  # padding that does not fit is simply dropped
+        a_ids = a_ids[: max(max_length - len(p_ids), 0)]
+        n_scored = min(n_scored, len(a_ids))
+        out["input_ids"].append(list(p_ids) + a_ids)
+        out["answer_mask"].append([0] * len(p_ids) + [1] * len(a_ids))
+        out["score_mask"].append([0] * len(p_ids) + [1] * n_scored + [0] * (len(a_ids) - n_scored))
+        out["prompt_len"].append(len(p_ids))
+        out["truncated"].append(truncated)
+        out["length"].append(len(p_ids) + len(a_ids))
+    return out
 
 
 @dataclass
@@ -123,6 +148,7 @@ class AlpacaDataModule(L.LightningDataModule):
         strict: bool = False,
         report_dir: str | None = None,
         pad_to_multiple_of: int | None = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
@@ -138,12 +164,16 @@ class AlpacaDataModule(L.LightningDataModule):
         """Keep well-formed rows; count, log and record the others with their index and reason."""
         bad: list[dict[str, Any]] = []
         keep: list[int] = []
-        for i, row in enumerate(ds):
-            try:
-                check_row(row)
-                keep.append(i)
-            except MalformedRowError as err:
-                bad.append({"split": name, "index": i, "reason": str(err), "row": row})
+        i = 0
+        for columns in ds.iter(batch_size=1000):  # column batches: 10x faster than row iteration
+            for values in zip(*columns.values()):
+                row = dict(zip(columns, values))
+                try:
+                    check_row(row)
+                    keep.append(i)
+                except MalformedRowError as err:
+                    bad.append({"split": name, "index": i, "reason": str(err), "row": row})
+                i += 1
         self.report.rows += len(ds)
         if bad:
             self.report.rejected.extend(bad)
@@ -158,16 +188,24 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def _encode(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
         hp = self.hparams
-        tokenizer = self.tokenizer
-
-        def encode_batch(batch: dict[str, list]) -> dict[str, list]:
-            rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-            enc = [encode_row(r, tokenizer, hp.template, hp.max_length, hp.answer_pad_to) for r in rows]
-            return {k: [e[k] for e in enc] for k in enc[0]}
-
-        out = ds.map(encode_batch, batched=True, desc=f"tokenising {name}", remove_columns=ds.column_names)
-        self.report.too_long += sum(out["truncated"])
-        no_room = [i for i, m in enumerate(out["answer_mask"]) if not any(m)]
+        # Only what changes the tokens goes into the map call (and so into its cache fingerprint):
+        # the rows, the tokenizer, the template, max_length and answer_pad_to. Not the run folder.
+        out = ds.map(
+            encode_rows,
+            batched=True,
+            batch_size=1000,
+            fn_kwargs={
+                "tokenizer": self.tokenizer,
+                "template": hp.template,
+                "max_length": hp.max_length,
+                "answer_pad_to": hp.answer_pad_to,
+            },
+            desc=f"tokenising {name}",
+            remove_columns=ds.column_names,
+        )
+        self.report.too_long += sum(out["truncated"][:])
+        # the prompt alone fills max_length: no answer token left (an int column, no list decoding)
+        no_room = [i for i, (n, p) in enumerate(zip(out["length"][:], out["prompt_len"][:])) if n <= p]
         if no_room:
             self.report.no_answer_room += len(no_room)
             for i in no_room[:1000]:
@@ -185,10 +223,10 @@ class AlpacaDataModule(L.LightningDataModule):
             out = out.select(keep)
         return out
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_ds is not None:
-            return
+    def _build(self) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset]:
+        """(train, val) tokenised and the raw val rows; resets and fills ``self.report``."""
         hp = self.hparams
+        self.report = DataReport()
         raw = self._validate(load_rows(hp.path, hp.split), "train")
         if hp.val_path:
             train_raw, val_raw = raw, self._validate(load_rows(hp.val_path, hp.split), "val")
@@ -199,9 +237,18 @@ class AlpacaDataModule(L.LightningDataModule):
             train_raw = train_raw.select(range(min(hp.limit_train_rows, len(train_raw))))
         if hp.limit_val_rows:
             val_raw = val_raw.select(range(min(hp.limit_val_rows, len(val_raw))))
-        self.val_raw = val_raw
-        self.train_ds = self._encode(train_raw, "train")
-        self.val_ds = self._encode(val_raw, "val")
+        return self._encode(train_raw, "train"), self._encode(val_raw, "val"), val_raw
+
+    def prepare_data(self) -> None:
+        """Tokenise once per node (Lightning calls this on local rank 0 only): it fills the
+        ``datasets`` cache, from which every rank's ``setup`` then loads the same files."""
+        self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_ds is not None:
+            return
+        hp = self.hparams
+        self.train_ds, self.val_ds, self.val_raw = self._build()
         log.info("data: %s; train %d, val %d", self.report.summary(), len(self.train_ds), len(self.val_ds))
         if hp.report_dir and self.report.rejected:
             Path(hp.report_dir).mkdir(parents=True, exist_ok=True)
@@ -226,13 +273,22 @@ class AlpacaDataModule(L.LightningDataModule):
     # -- loaders --------------------------------------------------------------------------------
     def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         cols = ds.with_format(columns=["input_ids", "answer_mask", "score_mask"])
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        sampler = None
+        if shuffle and self.hparams.group_by_length:
+            # transformers' length grouping: a seeded permutation cut into mega-batches of 50 batches,
+            # each sorted by length, so a batch holds rows of similar length (little padding) while the
+            # order stays random across mega-batches. The generator advances: a new order every epoch.
+            sampler = LengthGroupedSampler(batch_size, lengths=ds["length"][:], generator=generator)
+            shuffle, generator = False, None
         return DataLoader(
             cols,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.hparams.num_workers,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            generator=generator,
             persistent_workers=self.hparams.num_workers > 0,
         )
 
@@ -240,6 +296,7 @@ class AlpacaDataModule(L.LightningDataModule):
         return self._loader(self.train_ds, self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        """Fixed order (never length-grouped), so ``evaluate`` reproduces ``val/nll_bound``."""
         return self._loader(
             self.val_ds, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False
         )

@@ -225,6 +225,7 @@ def build_diffusion_model(
     train_mask_row: bool = False,
     trust_remote_code: bool = False,
     from_scratch: bool = False,
+    gradient_checkpointing: bool = False,
     **_: Any,
 ) -> tuple[DiffusionLM, PreTrainedTokenizerBase]:
     """Pretrained causal LM -> bidirectional LoRA ``DiffusionLM`` and its tokenizer ([MASK] included).
@@ -232,6 +233,8 @@ def build_diffusion_model(
     ``lora=None`` returns the converted model without adapters (full fine-tuning or inspection).
     ``from_scratch=True`` is the control experiment: the same architecture with freshly initialised
     weights (seeded by the caller), to show how much the AR pretraining contributes.
+    ``gradient_checkpointing=True`` recomputes each decoder block's activations in the backward
+    pass (memory for compute, see ``enable_checkpointing``).
     Extra keys (the model node's ``config`` architecture, used by the dry run) are ignored here.
     """
     check_prefix_lm(prefix_lm, attn_implementation)
@@ -246,9 +249,24 @@ def build_diffusion_model(
         )
     mask_id = add_mask_token(model, tokenizer, MaskTokenSpec(**dict(mask_token or {})))
     set_bidirectional(model)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
     if lora is not None:
         model = apply_lora(model, lora, mask_id=mask_id, train_mask_row=train_mask_row)
     return DiffusionLM(model, mask_id=mask_id, shift=shift, prefix_lm=prefix_lm), tokenizer
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing of every decoder block, for training.
+
+    Non-reentrant ``torch.utils.checkpoint``. The embedding output is made to require grad
+    (``enable_input_require_grads``): with a frozen embedding the blocks' input would otherwise
+    carry no gradient, and a reentrant checkpoint would then skip the backward of the LoRA
+    weights inside it.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    model.enable_input_require_grads()
 
 
 def build_from_config(
