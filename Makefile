@@ -18,7 +18,7 @@ BENCH_GPU_SAMPLER_S ?= 180
 SAMPLER_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-fast lint format bench-sampler bench-train bench-gpu wheelhouse ablation assets eval clean
+.PHONY: help setup train test test-fast lint format bench-sampler bench-train bench-tokenize bench-gpu wheelhouse ablation assets eval clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ bench-gpu:  ## the GPU benchmark, time-limited: training variants + sampler at G
 
 wheelhouse: $(STAMP)  ## wheels for an offline GPU node: WHEEL_PYTHON=3.12, ONLY='hydra-core ...' keeps a few
 	$(PY) -m diffllm.bench.wheelhouse download --dest $(WHEELHOUSE) --python $(WHEEL_PYTHON) $(if $(ONLY),--only $(ONLY))
+
+bench-tokenize: $(STAMP)  ## tokenisation time (empty cache, then a new run folder) and padding table; ARGS='--tokenizer DIR'
+	$(PY) -m diffllm.bench.tokenize $(ARGS)
 
 ablation: $(STAMP)  ## schedule x shift x weighting multirun on the embedded default, writes a table
 	$(PY) -m diffllm.bench.ablation $(ARGS)

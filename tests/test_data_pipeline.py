@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 
-from diffllm.bench.tokenize import Run, alpaca_shaped_rows, build_table
+from diffllm.bench.tokenize import Run, alpaca_shaped_rows, build_table, padding_fraction, padding_table
 from diffllm.data.datamodule import AlpacaDataModule, encode_row, encode_rows
 
 WORDS = "cat dog red blue green apple pear one two three four five".split()
@@ -146,3 +146,12 @@ def test_tokenize_bench_rows_and_table():
     lines = table.splitlines()
     assert lines[-3] == "| 1 | 10.00 | 0.50 | 10.50 | yes |"
     assert lines[-2] == "| 2 | 0.25 | 0.50 | 0.75 | yes |" and lines[-1].endswith("| no |")
+
+
+def test_padding_fraction_by_hand():
+    lengths = [2, 4, 4, 1]
+    assert padding_fraction(lengths, [0, 1, 2, 3], 2) == pytest.approx(1 - 11 / (8 + 8))
+    assert padding_fraction(lengths, [1, 2, 0, 3], 2) == pytest.approx(1 - 11 / (8 + 4))
+    table = padding_table([1] * 200 + [30] * 56, batch_size=8).splitlines()
+    random_frac, grouped_frac = (float(line.split("|")[2]) for line in table[2:])
+    assert grouped_frac < 0.5 * random_frac  # at most one mixed batch per mega-batch

@@ -8,7 +8,9 @@ temporary folder and times, in this process, what ``trainer.fit`` runs on the da
 ``prepare_data()`` then ``setup()`` of an ``AlpacaDataModule`` with the Alpaca template,
 ``max_length=512`` and ``answer_pad_to=64``. Run 1 starts from an empty cache; run 2 is a new
 datamodule with another run folder (``report_dir``), a new tokenizer object, the same data: it
-should load run 1's cache files instead of tokenising again.
+should load run 1's cache files instead of tokenising again. It also prints the padding fraction
+of one epoch of training batches (``--batch-size``, default 16 as ``data=alpaca``) in random order
+and length-grouped (``data.group_by_length``).
 
 Defaults: the seed rows are the embedded tiny validation set (``--seed-rows`` takes any Alpaca
 JSON/JSONL file, e.g. a sample of real Alpaca rows, for Alpaca's length distribution); the
@@ -76,7 +78,33 @@ def build_table(runs: Sequence[Run], rows: int, tokenizer: str) -> str:
     return "\n".join(lines)
 
 
-def time_datamodule(name: str, tokenizer_path: str, data: Path, run_dir: Path) -> Run:
+def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch_size: int) -> float:
+    """Share of the positions of right-padded batches (consecutive ``order`` slices) that are padding."""
+    real = total = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        real += sum(batch)
+        total += max(batch) * len(batch)
+    return 1 - real / total
+
+
+def padding_table(lengths: Sequence[int], batch_size: int, seed: int = 0) -> str:
+    """Markdown: one epoch's padding fraction, random batches vs length-grouped ones."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    random_order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    grouped = list(
+        LengthGroupedSampler(batch_size, lengths=list(lengths), generator=torch.Generator().manual_seed(seed))
+    )
+    rows = [("random", padding_fraction(lengths, random_order, batch_size))]
+    rows.append(("length-grouped", padding_fraction(lengths, grouped, batch_size)))
+    lines = [f"| training batches of {batch_size} | padding fraction |", "|---|---:|"]
+    lines += [f"| {name} | {frac:.3f} |" for name, frac in rows]
+    return "\n".join(lines)
+
+
+def time_datamodule(name: str, tokenizer_path: str, data: Path, run_dir: Path) -> tuple[Run, list[int]]:
     from diffllm.data.datamodule import AlpacaDataModule
     from diffllm.model.load import load_tokenizer
 
@@ -97,7 +125,7 @@ def time_datamodule(name: str, tokenizer_path: str, data: Path, run_dir: Path) -
     dm.setup()
     t2 = time.perf_counter()
     files = tuple(Path(c["filename"]).name for c in dm.train_ds.cache_files)
-    return Run(name, t1 - t0, t2 - t1, files)
+    return Run(name, t1 - t0, t2 - t1, files), dm.train_ds["length"][:]
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -107,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--rows", type=int, default=52_002, help="rows to tokenise (Alpaca has 52,002)")
     ap.add_argument("--seed-rows", default=str(TINY_DIR / "val.jsonl"), help="Alpaca JSON/JSONL to repeat")
     ap.add_argument("--tokenizer", default=str(TINY_DIR / "ar_base"), help="tokenizer folder or hub id")
+    ap.add_argument("--batch-size", type=int, default=16, help="training batch size for the padding table")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,11 +149,10 @@ def main(argv: Sequence[str] | None = None) -> str:
 
         datasets.config.HF_DATASETS_CACHE = Path(os.environ["HF_DATASETS_CACHE"])
         datasets.disable_progress_bars()
-        runs = [
-            time_datamodule("1: empty cache", args.tokenizer, data, tmp / "run1"),
-            time_datamodule("2: new run folder", args.tokenizer, data, tmp / "run2"),
-        ]
-    table = build_table(runs, args.rows, Path(args.tokenizer).name or args.tokenizer)
+        first, lengths = time_datamodule("1: empty cache", args.tokenizer, data, tmp / "run1")
+        second, _ = time_datamodule("2: new run folder", args.tokenizer, data, tmp / "run2")
+    table = build_table([first, second], args.rows, Path(args.tokenizer).name or args.tokenizer)
+    table += "\n\n" + padding_table(lengths, args.batch_size)
     print(table, flush=True)
     return table
 
