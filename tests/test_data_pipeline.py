@@ -155,3 +155,28 @@ def test_padding_fraction_by_hand():
     table = padding_table([1] * 200 + [30] * 56, batch_size=8).splitlines()
     random_frac, grouped_frac = (float(line.split("|")[2]) for line in table[2:])
     assert grouped_frac < 0.5 * random_frac  # at most one mixed batch per mega-batch
+
+
+def test_length_grouped_order_survives_lightnings_ddp_wrapper(tmp_path, tokenizer, hf_cache):
+    """Under DDP Lightning wraps a custom sampler (DistributedSamplerWrapper): rank r takes every
+    world-th index of the same seeded order, so the ranks split the epoch and stay length-grouped."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    path = _write(tmp_path / "d.jsonl", _rows(400))
+    dm = AlpacaDataModule(
+        tokenizer, path=path, val_size=40, template="short", batch_size=8, seed=0, group_by_length=True
+    )
+    dm.setup()
+    n, lengths = len(dm.train_ds), dm.train_ds["length"][:]
+    order = list(dm.train_dataloader().sampler)
+    ranks = [
+        list(DistributedSamplerWrapper(dm.train_dataloader().sampler, num_replicas=2, rank=r, shuffle=False))
+        for r in (0, 1)
+    ]
+    assert ranks[0] == order[0::2] and ranks[1] == order[1::2]
+    assert sorted(ranks[0] + ranks[1]) == list(range(n))  # n is even here: no row repeated
+    spreads = [
+        max(lengths[i] for i in ranks[0][s : s + 8]) - min(lengths[i] for i in ranks[0][s : s + 8])
+        for s in range(0, len(ranks[0]), 8)
+    ]
+    assert sorted(spreads)[len(spreads) // 2] <= 3
