@@ -100,6 +100,21 @@ def test_flops_per_token_of_the_tiny_default_is_4n_plus_adapters():
     assert flops_per_token(module) == 6 * (n_base + n_lora)
 
 
+def test_flops_per_token_of_llama_3_2_1b_with_lora_on_the_meta_device():
+    """The real run's figure (README): N = 16 blocks x 60,821,504 + final norm + LoRA r=8."""
+    from diffllm.config import to_plain
+    from diffllm.model.load import build_from_config
+
+    cfg = to_plain(compose(["+experiment=alpaca_lora", "output_dir=/tmp/x"]))
+    architecture = cfg["model"].pop("config")
+    dlm = build_from_config(architecture, cfg["lora"], device="meta", **cfg["model"])
+    d, kv, ff = 2048, 8 * 64, 8192
+    n_base = 16 * (2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d) + d
+    assert n_base == 973_146_112
+    assert parameter_count(dlm) == (n_base + 1_703_936, 1_703_936)  # PEFT's trainable figure
+    assert flops_per_token(dlm) == 4 * (n_base + 1_703_936) + 2 * 1_703_936 == 3_902_808_064
+
+
 # -- one short run with gradient accumulation: cadence, metrics, report device --------------------
 class _ValidationCounter(L.Callback):
     def __init__(self) -> None:
