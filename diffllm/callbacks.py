@@ -2,7 +2,8 @@
 
 ``TokenThroughput`` logs what a GPU run is judged by: tokens/s (every position of the padded
 batch, what the GPU computes), non-pad tokens/s (what the data holds), the padding fraction and
-the model-FLOPs utilisation (MFU) against the device's peak.
+the model-FLOPs utilisation (MFU) against the device's peak: non-pad tokens/s x FLOPs per token /
+peak FLOP/s (padding is wasted work, not model FLOPs; as ``diffllm.bench.train`` counts it).
 
 FLOPs per token (``flops_per_token``), with N the parameters outside the input and output
 embeddings (the embedding lookup is no matmul; the LM head runs only on the hidden positions, see
@@ -131,8 +132,8 @@ class TokenThroughput(L.Callback):
             "train/nonpad_tokens_per_sec": (real_b - real_a) / (t_b - t_a) * world,
             "train/pad_frac": 1.0 - (real_b - real_a) / (tok_b - tok_a),
         }
-        if self.peak_flops:
-            metrics["train/mfu"] = self.flops_per_token * tokens_per_sec / self.peak_flops
+        if self.peak_flops:  # non-pad tokens of this device
+            metrics["train/mfu"] = self.flops_per_token * (real_b - real_a) / (t_b - t_a) / self.peak_flops
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=mask.shape[0])
 
     @override
