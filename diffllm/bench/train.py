@@ -24,9 +24,10 @@ token ids. Every variant runs the same rows through ``lightning.Trainer.fit`` on
 
 Columns: non-pad tokens/s (what the model learns from), all tokens/s, padding share, MFU and the
 peak memory of the step. MFU = non-pad tokens/s x FLOPs per token / the card's dense bf16 peak;
-FLOPs per token = 4 N with N the parameters of the transformer blocks (frozen base + LoRA:
-forward 2N, backward through the activations 2N, no weight gradients of the base); the lm_head,
-computed only at the hidden positions, and the attention scores are left out, so MFU is a floor.
+FLOPs per token are the training callback's (``diffllm.callbacks.flops_per_token``: 4N + 2
+N_trainable, N the parameters outside the embeddings and head; about 4N for a frozen base + LoRA);
+the lm_head, computed only at the hidden positions, and the attention scores are left out, so MFU
+is a floor.
 ``probe loss`` is the diffusion loss of one fixed batch under a fixed generator in each variant:
 variants that compute the same function (today / grouped / flex / compiled) must agree.
 
@@ -343,12 +344,6 @@ def compose_run(overrides: list[str]) -> dict[str, Any]:
     return to_plain(compose(overrides + ["output_dir=" + tempfile.gettempdir()]))
 
 
-def block_parameters(module) -> int:
-    """Parameters of the transformer blocks (the 4N of MFU): no embedding, no head, LoRA included."""
-    layers = module.dlm.base.get_decoder().layers
-    return sum(p.numel() for p in layers.parameters())
-
-
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -517,13 +512,15 @@ def main(argv: list[str] | None = None) -> str:
             steps=steps, device=device, precision=precision, pad_id=tok.pad_token_id,
             time_limit=args.time_limit, log=log,
         )  # fmt: skip
-        flops = 4 * block_parameters(module)
+        from diffllm.callbacks import flops_per_token
+
+        flops = flops_per_token(module.dlm.model)
         lines = [
             f"## Training throughput: {what}",
             "",
             f"device: {torch.cuda.get_device_name(device) if cuda else f'CPU, {torch.get_num_threads()} thread(s)'}; "
             f"torch {torch.__version__}; precision {precision}; {warmup} warm-up + {steps} timed optimizer steps "
-            f"per variant; FLOPs/token = 4 x {flops // 4:,} block parameters",
+            f"per variant; FLOPs/token = {flops:,} (4N + 2 N_trainable, diffllm.callbacks.flops_per_token)",
             "",
             build_table(results, flops, peak_flops(device)),
         ]
