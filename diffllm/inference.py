@@ -58,3 +58,31 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
         cfg=cfg,
         source=str(path),
     )
+
+
+def load_ar_sft(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, device: str | torch.device = "cpu"
+) -> DiffusionLM:
+    """The model of an AR-SFT checkpoint (a run with ``objective=ar``), checked to score the same
+    token ids as ``tokenizer`` (the diffusion model's): same vocabulary, [MASK] included."""
+    from diffllm.objectives import ARObjective, objective_of
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"ar_ckpt_path={str(path)!r} is a folder; pass the .ckpt of an objective=ar run "
+            "(outputs/<date>/<time>/checkpoints/last.ckpt)"
+        )
+    im = load_for_inference(path, device=device)
+    objective = objective_of(im.cfg)
+    if not isinstance(objective, ARObjective):
+        raise ValueError(
+            f"ar_ckpt_path={str(path)!r} was trained with {objective!r}, not the AR-SFT baseline; "
+            "pass a checkpoint of a run with objective=ar"
+        )
+    if im.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"ar_ckpt_path={str(path)!r} has another vocabulary ({len(im.tokenizer)} tokens vs "
+            f"{len(tokenizer)}): train the AR-SFT baseline on the same model.pretrained"
+        )
+    return im.dlm
