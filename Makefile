@@ -34,7 +34,7 @@ setup: $(STAMP)  ## create .venv and install the project (editable) with its dev
 
 # `make train` writes two runs into one folder: the AR-SFT baseline (objective=ar) first, then the
 # diffusion conversion whose report carries the AR-SFT row (report.ar_ckpt_path).
-RUN_DIR ?= outputs/$(shell date +%Y-%m-%d/%H-%M-%S)
+RUN_DIR := outputs/$(shell date +%Y-%m-%d/%H-%M-%S)
 
 train: $(STAMP)  ## embedded default: AR-SFT baseline, then tiny AR LLaMA -> diffusion with both in the report (CPU, < 5 min); ARGS='k=v ...'
 	$(PY) -m diffllm.train objective=ar report.enabled=false hydra.run.dir=$(RUN_DIR)/ar_sft $(ARGS)
