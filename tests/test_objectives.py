@@ -141,6 +141,14 @@ def test_ar_run_validates_checkpoints_and_reports(tiny_ar_run):
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     assert set(ckpt["state_dict"]) == {n for n, p in module.named_parameters() if p.requires_grad}
     assert ckpt["hyper_parameters"]["cfg"]["objective"]["_target_"] == "diffllm.objectives.ARObjective"
+    from diffllm.inference import load_ar_sft, load_for_inference
+
+    reloaded = load_ar_sft(ckpt_path, module.tokenizer)
+    for name, p in module.dlm.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(dict(reloaded.named_parameters())[name], p.cpu())
+    with pytest.raises(ValueError, match="ar_ckpt_path="):  # not a diffusion model for the sampler
+        load_for_inference(ckpt_path)
 
     report = json.loads((out / "report.json").read_text())
     assert report["objective"] == "AR-SFT" and "nll_bound" not in report
