@@ -6,13 +6,16 @@
 
 On the same answers (the run's validation split by default, or ``data_path``):
 
-* likelihood: the diffusion answer NLL upper bound (ELBO, linear schedule, the run's
-  ``val_likelihood`` estimator) vs the base AR model's NLL (adapters off, causal attention),
-  perplexities, their gap per answer-length bucket, and the answers' unigram cross-entropy as the
-  no-context reference (all nats / answer token, EOS included);
-* generation: exact match, ROUGE-L and BLEU against the references for the diffusion sampler (the
-  checkpoint's sampler config with ``sampler.*`` overrides) and for the base model's greedy AR
-  decoding, their time and forward passes; and diffusion quality against the number of steps.
+* likelihood (``diffllm.scoring``, the same core as validation and the end-of-run report): the
+  diffusion answer NLL upper bound (ELBO, linear schedule, the run's ``val_likelihood`` estimator)
+  vs the base AR model's NLL (adapters off, causal attention), also without the end token, and,
+  with ``ar_ckpt_path``, an AR-SFT checkpoint's NLL (objective=ar: the baseline at equal budget);
+  each ± its standard error, gaps paired over rows, the gap per answer-length bucket, and the
+  answers' unigram cross-entropy as the no-context reference (all nats / answer token, EOS included);
+* generation: exact match, ROUGE-L, BLEU, answer length and EOS rate (± SE) for the diffusion
+  sampler (the checkpoint's sampler config with ``sampler.*`` overrides), the AR-SFT model and the
+  base model (greedy, [MASK] suppressed), exact-match differences against AR-SFT, time and forward
+  passes; and diffusion quality against the number of steps.
 
 Writes ``eval.json``, ``eval.md``, ``nll_by_length.png`` and ``quality_vs_steps.png`` into the run
 folder (``<run>/`` for ``<run>/checkpoints/x.ckpt``, ``<folder>/eval`` for an exported folder) or
