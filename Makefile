@@ -32,8 +32,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install the project (editable) with its dev tools
 
-train: $(STAMP)  ## run the embedded default (tiny AR LLaMA -> diffusion, CPU, < 5 min); ARGS='k=v ...'
-	$(PY) -m diffllm.train $(ARGS)
+# `make train` writes two runs into one folder: the AR-SFT baseline (objective=ar) first, then the
+# diffusion conversion whose report carries the AR-SFT row (report.ar_ckpt_path).
+RUN_DIR := outputs/$(shell date +%Y-%m-%d/%H-%M-%S)
+
+train: $(STAMP)  ## embedded default: AR-SFT baseline, then tiny AR LLaMA -> diffusion with both in the report (CPU, < 5 min); ARGS='k=v ...'
+	$(PY) -m diffllm.train objective=ar report.enabled=false hydra.run.dir=$(RUN_DIR)/ar_sft $(ARGS)
+	$(PY) -m diffllm.train hydra.run.dir=$(RUN_DIR)/diffusion report.ar_ckpt_path=$(RUN_DIR)/ar_sft/checkpoints/last.ckpt $(ARGS)
 
 test: $(STAMP)  ## run the test suite (CPU, hermetic)
 	$(PY) -m pytest $(ARGS)

@@ -15,15 +15,17 @@ import torch
 from torch import nn
 
 from diffllm.diffusion.sampler import left_pad, truncate_at_eos
+from diffllm.model.attention import causal_attention
 from diffllm.model.dlm import ar_mode
 
 
 @dataclass
 class ARSampleOutput:
-    """Answers truncated at the first EOS (EOS removed) and the number of forward passes."""
+    """Answers truncated at the first EOS (EOS removed), whether each produced its EOS, forward passes."""
 
     tokens: list[list[int]]
     nfe: int
+    ended: list[bool] | None = None  # row produced EOS within max_new_tokens
 
 
 def _hf_model(model: nn.Module) -> tuple[nn.Module, list[int]]:
@@ -46,6 +48,7 @@ def ar_generate(
     seed: int = 0,
     top_k: int | None = None,
     top_p: float | None = None,
+    adapters: bool = False,
 ) -> ARSampleOutput:
     """Generate up to ``max_new_tokens`` after each prompt with the original AR model.
 
@@ -53,6 +56,7 @@ def ar_generate(
     used and its [MASK] id suppressed). Inside the call adapters are disabled and attention is
     causal (``ar_mode``); both are restored afterwards. Sampling uses a forked RNG seeded with
     ``seed``, so the global RNG state is left untouched. ``pad_id`` None means ``eos_id``.
+    ``adapters=True`` keeps the LoRA adapters on (causal attention still): an AR-SFT model.
     """
     from transformers import GenerationConfig
 
@@ -92,7 +96,8 @@ def ar_generate(
     hf_model.eval()
     devices = [device] if device.type == "cuda" else []
     try:
-        with ar_mode(hf_model), torch.random.fork_rng(devices=devices):
+        mode = causal_attention(hf_model) if adapters else ar_mode(hf_model)
+        with mode, torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             out = hf_model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config
@@ -101,4 +106,6 @@ def ar_generate(
         hook.remove()
         hf_model.train(was_training)
     new = out[:, input_ids.shape[1] :].tolist()
-    return ARSampleOutput(tokens=[truncate_at_eos(r, eos_id) for r in new], nfe=calls)
+    return ARSampleOutput(
+        tokens=[truncate_at_eos(r, eos_id) for r in new], nfe=calls, ended=[eos_id in r for r in new]
+    )

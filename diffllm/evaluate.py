@@ -6,13 +6,16 @@
 
 On the same answers (the run's validation split by default, or ``data_path``):
 
-* likelihood: the diffusion answer NLL upper bound (ELBO, linear schedule, the run's
-  ``val_likelihood`` estimator) vs the base AR model's NLL (adapters off, causal attention),
-  perplexities, their gap per answer-length bucket, and the answers' unigram cross-entropy as the
-  no-context reference (all nats / answer token, EOS included);
-* generation: exact match, ROUGE-L and BLEU against the references for the diffusion sampler (the
-  checkpoint's sampler config with ``sampler.*`` overrides) and for the base model's greedy AR
-  decoding, their time and forward passes; and diffusion quality against the number of steps.
+* likelihood (``diffllm.scoring``, the same core as validation and the end-of-run report): the
+  diffusion answer NLL upper bound (ELBO, linear schedule, the run's ``val_likelihood`` estimator)
+  vs the base AR model's NLL (adapters off, causal attention), also without the end token, and,
+  with ``ar_ckpt_path``, an AR-SFT checkpoint's NLL (objective=ar: the baseline at equal budget);
+  each ± its standard error, gaps paired over rows, the gap per answer-length bucket, and the
+  answers' unigram cross-entropy as the no-context reference (all nats / answer token, EOS included);
+* generation: exact match, ROUGE-L, BLEU, answer length and EOS rate (± SE) for the diffusion
+  sampler (the checkpoint's sampler config with ``sampler.*`` overrides), the AR-SFT model and the
+  base model (greedy, [MASK] suppressed), exact-match differences against AR-SFT, time and forward
+  passes; and diffusion quality against the number of steps.
 
 Writes ``eval.json``, ``eval.md``, ``nll_by_length.png`` and ``quality_vs_steps.png`` into the run
 folder (``<run>/`` for ``<run>/checkpoints/x.ckpt``, ``<folder>/eval`` for an exported folder) or
@@ -44,17 +47,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from diffllm.ar_generate import ar_generate
+from diffllm import scoring
 from diffllm.config import CONF_DIR
-from diffllm.diffusion.likelihood import ar_nll, elbo_nll, validation_seed
-from diffllm.diffusion.sampler import SamplerConfig, generate
-from diffllm.diffusion.schedule import LinearSchedule
+from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.generate import sampler_with_overrides
-from diffllm.inference import InferenceModel, load_for_inference
-from diffllm.metrics import bleu, exact_match, rouge_l, unigram_cross_entropy
+from diffllm.inference import InferenceModel, load_ar_sft, load_for_inference
+from diffllm.metrics import bleu, exact_match, unigram_cross_entropy
 from diffllm.model.dlm import DiffusionLM
 from diffllm.model.load import ModelLoadError, build_diffusion_model
-from diffllm.report import _answer_tokens, format_report
+from diffllm.objectives import ARObjective
+from diffllm.report import MODEL_COLUMNS, _answer_tokens, _pm, format_report, generation_figures, provenance
+from diffllm.scoring import Answers
 
 log = logging.getLogger("diffllm.evaluate")
 
@@ -135,47 +138,6 @@ def ar_baseline_model(im: InferenceModel, device: str | torch.device) -> Diffusi
 # ----------------------------------------------------------------------------------- likelihood
 
 
-@torch.no_grad()
-def score_rows(
-    dlm: DiffusionLM,
-    batch_iter: Iterable[dict[str, torch.Tensor]],
-    *,
-    seed: int,
-    num_samples: int,
-    method: str,
-    ar_model: DiffusionLM | None,
-    progress: bool = True,
-    total: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Per-row answer NLL sums (nats) of the diffusion bound and the AR model, and answer lengths.
-
-    Batch ``i`` draws its masks from ``validation_seed(seed, i)``, as validation does.
-    """
-    # DiffusionLitModule.eval_schedule: every schedule with alpha(1) = 0 gives this same bound
-    schedule = LinearSchedule()
-    device = next(dlm.parameters()).device
-    nll, ar, count = [], [], []
-    for batch_idx, batch in enumerate(tqdm(batch_iter, desc="likelihood", total=total, disable=not progress)):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        args = (batch["input_ids"], batch["attention_mask"])
-        scored = batch.get("score_mask", batch["answer_mask"])  # answer + EOS, never the EOS padding
-        s, c = elbo_nll(
-            dlm,
-            *args,
-            batch["answer_mask"],
-            schedule,
-            num_samples=num_samples,
-            method=method,
-            seed=validation_seed(seed, batch_idx),
-            score_mask=scored,
-        )
-        a = ar_nll(ar_model, *args, scored)[0] if ar_model is not None else torch.full_like(s, float("nan"))
-        nll.append(s.double().cpu().numpy())
-        ar.append(a.double().cpu().numpy())
-        count.append(c.cpu().numpy())
-    return {"nll": np.concatenate(nll), "ar": np.concatenate(ar), "count": np.concatenate(count)}
-
-
 def pooled(sums: np.ndarray, count: np.ndarray) -> float:
     """Per-token figure over rows with an answer: sum of row sums / sum of row lengths."""
     keep = count > 0
@@ -219,59 +181,25 @@ def diffusion_answers(
     batch_size: int,
     progress: bool = True,
     desc: str = "diffusion",
-) -> dict[str, Any]:
-    """Decoded sampler answers with the time and forward passes they took (all batches)."""
-    tok = im.tokenizer
-    texts, nfe, t0 = [], 0, time.perf_counter()
-    starts = range(0, len(prompt_ids), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress):
-        out = generate(
-            im.dlm,
-            list(prompt_ids[start : start + batch_size]),
-            config,
-            eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id,
-            seed=seed,
-        )
-        texts += [tok.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
-        nfe += out.nfe
-    return {"texts": texts, "seconds": time.perf_counter() - t0, "nfe": nfe}
+) -> Answers:
+    """The sampler's answers with their lengths, EOS flags, time and forward passes (all batches)."""
+    log.info("%s: %d prompts", desc, len(prompt_ids))
+    return scoring.diffusion_answers(
+        im.dlm, im.tokenizer, prompt_ids, config, seed=seed, batch_size=batch_size
+    )
 
 
-def ar_answers(
-    model: DiffusionLM,
-    tokenizer: Any,
-    prompt_ids: Sequence[list[int]],
-    max_new_tokens: int,
-    *,
-    batch_size: int,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Greedy answers of the original AR model (adapters off, causal, KV cache)."""
-    texts, nfe, t0 = [], 0, time.perf_counter()
-    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="AR greedy", disable=not progress):
-        out = ar_generate(
-            model,
-            list(prompt_ids[start : start + batch_size]),
-            max_new_tokens=max_new_tokens,
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-        )
-        texts += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
-        nfe += out.nfe
-    return {"texts": texts, "seconds": time.perf_counter() - t0, "nfe": nfe}
-
-
-def quality(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
-    return {
-        "exact_match": exact_match(preds, refs),
-        "rougeL": rouge_l(preds, refs),
-        "bleu": bleu(preds, refs),
-    }
+def quality(answers: Answers, refs: Sequence[str]) -> dict[str, float]:
+    """``scoring.quality`` (exact match, ROUGE-L, length, EOS rate, with SEs) plus corpus BLEU-4."""
+    return {**scoring.quality(answers, refs), "bleu": bleu(answers.texts, refs)}
 
 
 def by_task(
-    rows: Sequence[Mapping[str, Any]], refs: Sequence[str], diffusion: Sequence[str], ar: Sequence[str] | None
+    rows: Sequence[Mapping[str, Any]],
+    refs: Sequence[str],
+    diffusion: Sequence[str],
+    ar: Sequence[str] | None,
+    ar_sft: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Exact match per value of the rows' ``task`` key (the tiny tasks carry one; Alpaca rows do not).
 
@@ -293,6 +221,11 @@ def by_task(
                 "ar_exact_match": exact_match([ar[i] for i in idx], task_refs)
                 if ar is not None
                 else float("nan"),
+                **(
+                    {"ar_sft_exact_match": exact_match([ar_sft[i] for i in idx], task_refs)}
+                    if ar_sft is not None
+                    else {}
+                ),
             }
         )
     return out
@@ -326,9 +259,7 @@ def steps_sweep(
         gen = diffusion_answers(
             im, prompt_ids, config, seed=seed, batch_size=batch_size, progress=progress, desc=f"steps={steps}"
         )
-        done.append(
-            {"steps": int(steps), **quality(gen["texts"], refs), "seconds": gen["seconds"], "nfe": gen["nfe"]}
-        )
+        done.append({"steps": int(steps), **quality(gen, refs)})
     return done, skipped
 
 
@@ -349,27 +280,66 @@ def _num(value: Any, digits: int = 3) -> str:
 def format_markdown(r: Mapping[str, Any]) -> str:
     """``eval.md``: the headline table, NLL by length, quality vs steps, examples."""
     lk = r["likelihood"]
+    cols = [(k, name) for k, name in MODEL_COLUMNS if f"{k}_exact_match" in r]
     lines = [
         "# diffllm evaluation",
         "",
-        f"- model: `{r['source']}`",
+        f"- model: `{r['source']}`" + (f"; AR-SFT: `{r['ar_ckpt_path']}`" if r.get("ar_ckpt_path") else ""),
         f"- data: {r['data']}; {r['rows']} rows scored ({r['answer_tokens']} answer tokens, EOS included), "
         f"{r['gen_rows']} generated",
         f"- likelihood: ELBO bound, linear schedule, {lk['num_samples']}-point `{lk['method']}` t estimator, "
         f"batch {lk['batch_size']}, seed {lk['seed']} (batch i: validation_seed(seed, i))",
         f"- sampler: {', '.join(f'{k}={v}' for k, v in r['sampler'].items())}",
         "",
-        "| metric | diffusion | AR base |",
-        "|---|---:|---:|",
-        f"| answer NLL (nats/token) | {_num(r['nll_bound'])} (bound) | {_num(r['ar_nll'])} |",
-        f"| perplexity | {_num(r['ppl_bound'], 2)} | {_num(r['ar_ppl'], 2)} |",
-        f"| gap (bound − AR) | {_num(r['gap'])} | |",
-        f"| unigram CE of the answers | {_num(r['unigram_ce'])} | (no-context reference) |",
-        f"| exact match | {_num(r['diffusion_exact_match'])} | {_num(r['ar_exact_match'])} |",
-        f"| ROUGE-L | {_num(r['diffusion_rougeL'])} | {_num(r['ar_rougeL'])} |",
-        f"| BLEU-4 (corpus) | {_num(r['diffusion_bleu'])} | {_num(r['ar_bleu'])} |",
-        f"| generation seconds | {_num(r['diffusion_seconds'], 2)} | {_num(r['ar_seconds'], 2)} |",
-        f"| forward passes | {r['diffusion_nfe']} | {_num(r['ar_nfe'])} |",
+        "Answer NLL, nats per scored token (answer + end token), ± standard error over rows "
+        "(ratio estimator, delta method; gaps paired over the same rows):",
+        "",
+        "| model | answer NLL | ± SE | tokens |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {label} | {_num(r[key])} | {_num(r.get(key + '_se'))} | {tokens} |"
+            for key, label, tokens in (
+                ("nll_bound", "diffusion (ELBO upper bound)", r["answer_tokens"]),
+                ("ar_sft_nll", "AR-SFT, same budget", r["answer_tokens"]),
+                ("ar_nll", "AR base, unadapted", r["answer_tokens"]),
+                ("ar_nll_no_end", "AR base, without the end token", r.get("answer_tokens_no_end")),
+            )
+            if key in r
+        ),
+        f"| unigram CE of the answers | {_num(r['unigram_ce'])} | | (no-context reference) |",
+        *(
+            f"| {label} | {_num(r[key])} | {_num(r.get(key + '_se'))} | paired |"
+            for key, label in (("gap_sft", "bound − AR-SFT"), ("gap", "bound − AR base"))
+            if key in r
+        ),
+        "",
+        "Generation (± SE: binomial for exact match and EOS rate, sd/√n otherwise):",
+        "",
+        "| metric | " + " | ".join(name for _, name in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+        *(
+            f"| {label} | " + " | ".join(_pm(r, f"{k}_{metric}", digits) for k, _ in cols) + " |"
+            for metric, label, digits in (
+                ("exact_match", "exact match", 3),
+                ("rougeL", "ROUGE-L", 3),
+                ("bleu", "BLEU-4 (corpus)", 3),
+                ("answer_length", "answer tokens (mean)", 2),
+                ("eos_rate", "EOS rate", 3),
+                ("seconds", "generation seconds", 2),
+                ("nfe", "forward passes", 0),
+            )
+        ),
+        *(
+            f"| exact match − {cols_ref} | "
+            + " | ".join(_pm(r, f"{k}_minus_{ref}_exact_match") for k, _ in cols)
+            + " |"
+            for ref, cols_ref in [
+                (
+                    "ar_sft" if "ar_sft_exact_match" in r else "ar",
+                    "AR-SFT" if "ar_sft_exact_match" in r else "AR base",
+                )
+            ]
+        ),
         "",
         "BLEU-4 is 0 when no 4-gram of the whole set matches: expected for answers of a few words.",
         "",
@@ -387,11 +357,13 @@ def format_markdown(r: Mapping[str, Any]) -> str:
             "",
             "## Exact match by task",
             "",
-            "| task | rows | diffusion | AR base |",
-            "|---|---:|---:|---:|",
+            "| task | rows | " + " | ".join(n for _, n in cols) + " |",
+            "|---|---:|" + "---:|" * len(cols),
         ]
         lines += [
-            f"| {t['task']} | {t['rows']} | {_num(t['diffusion_exact_match'])} | {_num(t['ar_exact_match'])} |"
+            f"| {t['task']} | {t['rows']} | "
+            + " | ".join(_num(t.get(f"{k}_exact_match")) for k, _ in cols)
+            + " |"
             for t in r["by_task"]
         ]
     lines += [
@@ -407,9 +379,12 @@ def format_markdown(r: Mapping[str, Any]) -> str:
     ]
     lines += [f"\n(steps={s['steps']} skipped: {s['reason']})" for s in r["steps_skipped"]]
     lines += ["", *(f"![{name}]({Path(path).name})" for name, path in r["plots"].items()), ""]
-    lines += ["## Examples", "", "| prompt | reference | diffusion | AR greedy |", "|---|---|---|---|"]
+    lines += ["## Examples", "", "| prompt | reference | " + " | ".join(n for _, n in cols) + " |"]
+    lines += ["|---|---|" + "---|" * len(cols)]
     lines += [
-        f"| {_cell(e['prompt'])} | {_cell(e['reference'])} | {_cell(e['diffusion'])} | {_cell(e['ar'])} |"
+        f"| {_cell(e['prompt'])} | {_cell(e['reference'])} | "
+        + " | ".join(_cell(e.get(k, "")) for k, _ in cols)
+        + " |"
         for e in r["examples"]
     ]
     return "\n".join(lines) + "\n"
@@ -449,6 +424,7 @@ def evaluate(
     sampler: Mapping[str, Any] | None = None,
     steps_grid: Sequence[int] | None = None,
     ar_baseline: bool = True,
+    ar_ckpt_path: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint or exported folder; writes the report files and returns ``eval.json``'s content.
@@ -458,6 +434,7 @@ def evaluate(
     replacing the run's ``val_likelihood``; sampler: fields replacing the checkpoint's sampler;
     steps_grid: step counts for the quality-vs-steps sweep (None: G/8, G/4, G/2, G).
     """
+    started = time.perf_counter()
     im = load_for_inference(ckpt_path, device=device)
     cfg, tok = im.cfg, im.tokenizer
     seed = int(cfg.get("seed", 0) if seed is None else seed)
@@ -478,17 +455,27 @@ def evaluate(
     scored = dm.val_ds.select(range(rows))
 
     ar_model = ar_baseline_model(im, device) if ar_baseline else None
-    scores = score_rows(
-        im.dlm,
-        batches(scored, dm.collate, bs),
+    ar_sft = load_ar_sft(ar_ckpt_path, tok, device=device) if ar_ckpt_path is not None else None
+    models = {"diffusion": im.dlm, "ar_base": ar_model, "ar_sft": ar_sft}
+    scores = scoring.score_rows(
+        tqdm(
+            batches(scored, dm.collate, bs),
+            desc="likelihood",
+            total=math.ceil(rows / bs),
+            disable=not progress,
+        ),
         seed=seed,
+        device=device,
         num_samples=num_samples,
         method=method,
-        ar_model=ar_model,
-        progress=progress,
-        total=math.ceil(rows / bs),
+        end_id=tok.eos_token_id,
+        **{k: m for k, m in models.items() if m is not None},
     )
-    nll, ar = pooled(scores["nll"], scores["count"]), pooled(scores["ar"], scores["count"])
+    figures = scoring.likelihood_figures(scores)
+    if ar_model is None:  # the headline keys stay, as not-a-number
+        figures.update(
+            dict.fromkeys(("ar_nll", "ar_nll_se", "ar_nll_no_end", "gap", "gap_se", "ar_ppl"), float("nan"))
+        )
     unigram = unigram_cross_entropy(
         _answer_tokens(dm.train_ds, limit=20_000), _answer_tokens(scored), vocab_size=len(tok)
     )
@@ -496,15 +483,22 @@ def evaluate(
     prompts = dm.sample_prompts(rows if gen_rows is None else int(gen_rows))
     prompt_ids = [p["prompt_ids"] for p in prompts]
     refs = [p["reference"] for p in prompts]
-    diff = diffusion_answers(im, prompt_ids, config, seed=seed, batch_size=gen_batch_size, progress=progress)
-    nan_gen = {"texts": [""] * len(prompts), "seconds": float("nan"), "nfe": float("nan")}
-    ar_gen = (
-        ar_answers(ar_model, tok, prompt_ids, config.gen_length, batch_size=gen_batch_size, progress=progress)
-        if ar_model is not None
-        else nan_gen
-    )
-    diff_q = quality(diff["texts"], refs)
-    ar_q = quality(ar_gen["texts"], refs) if ar_model is not None else dict.fromkeys(diff_q, float("nan"))
+    answers = {"diffusion": diffusion_answers(im, prompt_ids, config, seed=seed, batch_size=gen_batch_size)}
+    if ar_sft is not None:
+        log.info("AR-SFT greedy: %d prompts", len(prompt_ids))
+        answers["ar_sft"] = ARObjective().answers(
+            ar_sft, tok, prompt_ids, config, seed=seed, batch_size=gen_batch_size
+        )
+    if ar_model is not None:
+        log.info("AR base greedy: %d prompts", len(prompt_ids))
+        answers["ar"] = scoring.ar_answers(
+            ar_model, tok, prompt_ids, config.gen_length, batch_size=gen_batch_size
+        )
+    gen = generation_figures(answers, refs)
+    for model, a in answers.items():
+        gen[f"{model}_bleu"] = bleu(a.texts, refs)
+    if ar_model is None:
+        gen.update({f"ar_{k}": float("nan") for k in quality(answers["diffusion"], refs)})
     grid, skipped = steps_sweep(
         im,
         prompt_ids,
@@ -516,12 +510,14 @@ def evaluate(
         progress=progress,
     )
 
-    buckets = length_buckets(scores["nll"], scores["ar"], scores["count"])
+    buckets = length_buckets(
+        scores["diffusion"], scores.get("ar_base", np.full(rows, np.nan)), scores["tokens"]
+    )
     result: dict[str, Any] = {
         "source": str(ckpt_path),
+        "ar_ckpt_path": None if ar_ckpt_path is None else str(ar_ckpt_path),
         "data": f"file {data_path}" if data_path is not None else "validation split of the run",
         "rows": rows,
-        "answer_tokens": int(scores["count"].sum()),
         "gen_rows": len(prompts),
         "likelihood": {
             "num_samples": num_samples,
@@ -530,33 +526,29 @@ def evaluate(
             "batch_size": bs,
             "schedule": "linear",
         },
-        "nll_bound": nll,
-        "ar_nll": ar,
-        "gap": nll - ar,
-        "ppl_bound": math.exp(nll),
-        "ar_ppl": math.exp(ar) if math.isfinite(ar) else float("nan"),
+        **figures,
         "unigram_ce": unigram,
-        **{f"diffusion_{k}": v for k, v in diff_q.items()},
-        **{f"ar_{k}": v for k, v in ar_q.items()},
-        "diffusion_seconds": diff["seconds"],
-        "ar_seconds": ar_gen["seconds"],
-        "diffusion_nfe": diff["nfe"],
-        "ar_nfe": ar_gen["nfe"],
+        **gen,
         "sampler": dict(vars(config)),
         "length_buckets": buckets,
         "by_task": by_task(
             [p["row"] for p in prompts],
             refs,
-            diff["texts"],
-            ar_gen["texts"] if ar_model is not None else None,
+            answers["diffusion"].texts,
+            answers["ar"].texts if "ar" in answers else None,
+            answers["ar_sft"].texts if "ar_sft" in answers else None,
         ),
         "steps_grid": grid,
         "steps_skipped": skipped,
         "examples": [
-            {"prompt": p["prompt"], "reference": r, "diffusion": d, "ar": a}
-            for p, r, d, a in list(zip(prompts, refs, diff["texts"], ar_gen["texts"]))[:NUM_EXAMPLES]
+            {"prompt": p["prompt"], "reference": r, **{m: a.texts[i] for m, a in answers.items()}}
+            for i, (p, r) in enumerate(list(zip(prompts, refs))[:NUM_EXAMPLES])
         ],
+        "provenance": provenance(device, time.perf_counter() - started, None),
     }
+    for key in ("ar",) if ar_model is None else ():
+        result["examples"] = [{**e, key: ""} for e in result["examples"]]
+    ar_q = {"exact_match": result["ar_exact_match"], "rougeL": result["ar_rougeL"]}
     from diffllm.viz import plot_nll_by_length, plot_quality_vs_steps
 
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt_path)
@@ -564,7 +556,7 @@ def evaluate(
         result,
         out,
         plot_nll_by_length(buckets, unigram),
-        plot_quality_vs_steps(grid, {"exact_match": ar_q["exact_match"], "rougeL": ar_q["rougeL"]}),
+        plot_quality_vs_steps(grid, ar_q),
     )
     result["files"] = {k: str(v) for k, v in files.items()}
     return result
@@ -590,10 +582,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         sampler=overrides,
         steps_grid=None if cfg.steps_grid is None else list(cfg.steps_grid),
         ar_baseline=cfg.ar_baseline,
+        ar_ckpt_path=cfg.ar_ckpt_path,
         progress=cfg.progress,
     )
     print("\n" + format_report(result), flush=True)
-    print(f"{'BLEU-4 (corpus)':28s}{result['diffusion_bleu']:>12.3f}{result['ar_bleu']:>12.3f}", flush=True)
+    cols = [k for k in ("diffusion", "ar_sft", "ar") if f"{k}_bleu" in result]
+    print(f"  {'BLEU-4 (corpus)':26s}" + "".join(f"{result[f'{k}_bleu']:>18.3f}" for k in cols), flush=True)
     print("\n" + "\n".join(f"  {name:18s} {path}" for name, path in result["files"].items()), flush=True)
     return result
 

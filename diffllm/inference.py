@@ -32,8 +32,14 @@ class InferenceModel:
     source: str = ""
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> InferenceModel:
-    """A checkpoint (``.ckpt``) or an exported folder -> ``InferenceModel`` in eval mode on ``device``."""
+def load_for_inference(
+    path: str | Path, device: str | torch.device = "cpu", *, allow_ar_sft: bool = False
+) -> InferenceModel:
+    """A checkpoint (``.ckpt``) or an exported folder -> ``InferenceModel`` in eval mode on ``device``.
+
+    An AR-SFT checkpoint (``objective=ar``) is refused unless ``allow_ar_sft``: it is a causal model,
+    the baseline that ``load_ar_sft`` loads, not a diffusion model for the sampler.
+    """
     path = Path(path)
     if path.is_dir():
         from diffllm.export import load_exported
@@ -51,6 +57,13 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     module = DiffusionLitModule.load_from_checkpoint(path, map_location=device)
     module.eval()
     cfg = module.cfg
+    from diffllm.objectives import ARObjective
+
+    if isinstance(module.objective, ARObjective) and not allow_ar_sft:
+        raise ValueError(
+            f"ckpt_path={str(path)!r} is an AR-SFT checkpoint (objective=ar), a causal baseline, not a "
+            "diffusion model: pass it as ar_ckpt_path= to diffllm.evaluate (or report.ar_ckpt_path= to a run)"
+        )
     return InferenceModel(
         dlm=module.dlm,
         tokenizer=module.tokenizer,
@@ -58,3 +71,31 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
         cfg=cfg,
         source=str(path),
     )
+
+
+def load_ar_sft(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, device: str | torch.device = "cpu"
+) -> DiffusionLM:
+    """The model of an AR-SFT checkpoint (a run with ``objective=ar``), checked to score the same
+    token ids as ``tokenizer`` (the diffusion model's): same vocabulary, [MASK] included."""
+    from diffllm.objectives import ARObjective, objective_of
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"ar_ckpt_path={str(path)!r} is a folder; pass the .ckpt of an objective=ar run "
+            "(outputs/<date>/<time>/checkpoints/last.ckpt)"
+        )
+    im = load_for_inference(path, device=device, allow_ar_sft=True)
+    objective = objective_of(im.cfg)
+    if not isinstance(objective, ARObjective):
+        raise ValueError(
+            f"ar_ckpt_path={str(path)!r} was trained with {objective!r}, not the AR-SFT baseline; "
+            "pass a checkpoint of a run with objective=ar"
+        )
+    if im.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"ar_ckpt_path={str(path)!r} has another vocabulary ({len(im.tokenizer)} tokens vs "
+            f"{len(tokenizer)}): train the AR-SFT baseline on the same model.pretrained"
+        )
+    return im.dlm

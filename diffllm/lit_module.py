@@ -23,12 +23,21 @@ from typing_extensions import override
 
 from diffllm.diffusion.forward import forward_process, keyed_forward_process
 from diffllm.diffusion.keys import DrawKeys, key_seed
-from diffllm.diffusion.likelihood import ar_nll, elbo_nll, validation_seed
+from diffllm.diffusion.likelihood import validation_seed
 from diffllm.diffusion.sampler import generate
-from diffllm.diffusion.schedule import LinearSchedule
 from diffllm.distributed import GlobalNormaliser, draw_keys, nominal_batch_size
 from diffllm.metrics import exact_match, rouge_l
 from diffllm.model.load import build_diffusion_model, trainable_line
+from diffllm.objectives import objective_of
+from diffllm.scoring import EVAL_SCHEDULE, TOKENS_OF, score_batch
+
+# scoring-core row -> validation metric (per token, nats)
+VAL_METRICS = {
+    "diffusion": "val/nll_bound",
+    "ar_sft": "val/ar_sft_nll",
+    "ar_base": "val/ar_nll",
+    "ar_base_no_end": "val/ar_nll_no_end",
+}
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +57,13 @@ class DiffusionLitModule(L.LightningModule):
         self.dlm, self.tokenizer = build_diffusion_model(lora=cfg["lora"], **cfg["model"])
         self.dlm.train()  # from_pretrained returns eval mode; LoRA dropout must be live in training
         log.info("%s", trainable_line(self.dlm.model))
+        # objective=diffusion (this module's diffusion_loss) or objective=ar (AR-SFT, the baseline);
+        # read through the project's registry, as a checkpoint's config is data
+        self.objective = objective_of(cfg)
         self.schedule = instantiate(cfg["schedule"])
-        # The ELBO only depends on alpha(0) = 1 and alpha(1) = 0, so every such schedule gives the
-        # same bound; the linear one is used for reported likelihoods whatever trains (log-linear
-        # stops at alpha(1) = eps and would under-report).
-        self.eval_schedule = LinearSchedule()
+        # The schedule of every reported bound (diffllm.scoring: one choice for validation, the
+        # report and evaluate), whatever trains.
+        self.eval_schedule = EVAL_SCHEDULE
         self.time_sampler = instantiate(cfg["time_sampler"])
         self.loss_fn = instantiate(cfg["loss"])
         self.annealing = instantiate(cfg["anneal"])
@@ -64,8 +75,11 @@ class DiffusionLitModule(L.LightningModule):
         self.sampler_config = instantiate(cfg["sampler"])
         self.sample_prompts: list[dict[str, Any]] = []
         self.val_loss = MeanMetric()
-        self.val_nll_bound = MeanMetric()
-        self.val_ar_nll = MeanMetric()
+        # the rows this objective's validation scores: its own model's NLL and the base AR model's
+        self.val_rows = [self.objective.role, "ar_base", "ar_base_no_end"]
+        self.val_nll = torch.nn.ModuleDict({row: MeanMetric() for row in self.val_rows})
+        # non-pad tokens of every training batch (all ranks, all micro-batches): report provenance
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=False)
         self.normaliser = GlobalNormaliser()  # the loss normaliser of the whole optimizer step
 
     @property
@@ -123,7 +137,8 @@ class DiffusionLitModule(L.LightningModule):
         torch.manual_seed(key_seed(seed, self.global_step, rank, batch_idx % k, "dropout"))
         if batch_idx % k == 0:  # a new accumulation window (Lightning's): drop any unfinished one
             self.normaliser.reset()
-        _, stats = self.diffusion_loss(batch, keys=keys)
+        _, stats = self.objective.loss(self, batch, keys=keys)
+        self.tokens_seen += trainer.strategy.reduce(batch["attention_mask"].sum(), reduce_op="sum")
         self.normaliser.add(stats["weighted_sum"], stats["count"])
         self.log("train/hidden_frac", stats["n_hidden"] / stats["n_answer"].clamp_min(1), batch_size=bs)
         return stats["weighted_sum"]
@@ -144,40 +159,33 @@ class DiffusionLitModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         seed = validation_seed(int(self.cfg.get("seed", 0)), batch_idx)
         gen = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
-        loss, stats = self.diffusion_loss(batch, generator=gen)
+        loss, stats = self.objective.loss(self, batch, generator=gen)
         self.val_loss.update(loss, weight=stats["n_answer"])
         lk = self.cfg.get("val_likelihood", {})
-        args = (self.dlm, batch["input_ids"], batch["attention_mask"])
-        scored = batch.get("score_mask", batch["answer_mask"])  # answer + EOS, never the EOS padding
-        nll, count = elbo_nll(
-            *args,
-            batch["answer_mask"],
-            self.eval_schedule,
+        scores = score_batch(
+            batch,
+            seed=seed,
             num_samples=lk.get("num_samples", 4),
             method=lk.get("method", "grid"),
-            seed=seed,
-            score_mask=scored,
+            end_id=self.tokenizer.eos_token_id,
+            ar_base=self.dlm,
+            **{self.objective.role: self.dlm},
         )
-        ar, ar_count = ar_nll(*args, scored)
-        keep = count > 0
-        self.val_nll_bound.update(nll[keep] / count[keep], weight=count[keep])
-        self.val_ar_nll.update(ar[keep] / ar_count[keep], weight=ar_count[keep])
+        for row, metric in self.val_nll.items():
+            count = scores[TOKENS_OF[row]]
+            keep = count > 0
+            metric.update(scores[row][keep] / count[keep], weight=count[keep])
 
     @override
     def on_validation_epoch_end(self) -> None:
-        nll, ar = self.val_nll_bound.compute(), self.val_ar_nll.compute()
-        self.log_dict(
-            {
-                "val/loss": self.val_loss.compute(),
-                "val/nll_bound": nll,
-                "val/ar_nll": ar,
-                "val/gap": nll - ar,
-                "val/ppl_bound": torch.exp(nll),
-                "val/ar_ppl": torch.exp(ar),
-            },
-            prog_bar=False,
-        )
-        for m in (self.val_loss, self.val_nll_bound, self.val_ar_nll):
+        figures = {VAL_METRICS[row]: metric.compute() for row, metric in self.val_nll.items()}
+        ar = figures["val/ar_nll"]
+        extra = {"val/ar_ppl": torch.exp(ar)}
+        if "val/nll_bound" in figures:
+            nll = figures["val/nll_bound"]
+            extra.update({"val/gap": nll - ar, "val/ppl_bound": torch.exp(nll)})
+        self.log_dict({"val/loss": self.val_loss.compute(), **figures, **extra}, prog_bar=False)
+        for m in (self.val_loss, *self.val_nll.values()):
             m.reset()
         if not self.trainer.sanity_checking and self.sample_prompts:
             self._validation_samples()
@@ -209,9 +217,15 @@ class DiffusionLitModule(L.LightningModule):
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            preds = self.sample(
-                [p["prompt_ids"] for p in self.sample_prompts], seed=int(self.cfg.get("seed", 0))
-            )
+            prompt_ids = [p["prompt_ids"] for p in self.sample_prompts]
+            preds = self.objective.answers(
+                self.dlm,
+                self.tokenizer,
+                prompt_ids,
+                self.sampler_config,
+                seed=int(self.cfg.get("seed", 0)),
+                batch_size=len(prompt_ids),
+            ).texts
         self.train(was_training)
         refs = [p["reference"] for p in self.sample_prompts]
         self.log("val/exact_match", exact_match(preds, refs), rank_zero_only=True)
@@ -276,7 +290,11 @@ class DiffusionLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["diffllm"] = {"mask_id": self.mask_id, "trainable": trainable_line(self.dlm.model)}
+        checkpoint["diffllm"] = {
+            "mask_id": self.mask_id,
+            "trainable": trainable_line(self.dlm.model),
+            "tokens_seen": int(self.tokens_seen),
+        }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -290,3 +308,4 @@ class DiffusionLitModule(L.LightningModule):
         # load is exact and quiet (nothing is reported missing).
         for key, value in self.state_dict().items():
             checkpoint["state_dict"].setdefault(key, value)
+        self.tokens_seen.fill_(int(checkpoint.get("diffllm", {}).get("tokens_seen", 0)))

@@ -1,23 +1,30 @@
-"""The research question in numbers: converted diffusion model vs the original AR model.
+"""The research question in numbers: the converted diffusion model vs the AR models, on the same answers.
 
-On the same validation answers: the diffusion NLL upper bound vs the AR NLL (nats/token), the
-answers' unigram cross-entropy as the no-context reference, and the diffusion sampler's exact
-match / ROUGE-L vs the AR model's greedy decoding, with their speeds.
+Two honest readings, side by side: the unadapted AR base on exactly the same scored tokens (also
+without the end token, which a base model was never trained to produce there), and an AR-SFT
+model trained at equal budget (``objective=ar``, ``report.ar_ckpt_path``): the bound minus its NLL is
+the real price of the conversion. Plus the answers' unigram cross-entropy as the no-context
+reference, generation quality (exact match, ROUGE-L, answer length, EOS rate) of every model, and
+exact-match differences against AR-SFT. Every figure carries its standard error
+(``diffllm.scoring``); ``report.json`` also records its provenance.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
-import time
+import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffllm.ar_generate import ar_generate
-from diffllm.diffusion.likelihood import ar_nll, elbo_nll
-from diffllm.metrics import exact_match, rouge_l, unigram_cross_entropy
+from diffllm.metrics import unigram_cross_entropy
+from diffllm.model.dlm import DiffusionLM
+from diffllm.objectives import ARObjective
+from diffllm.scoring import Answers, ar_answers, likelihood_figures, paired_difference, quality, score_rows
 
 
 def _answer_tokens(ds, limit: int | None = None) -> list[int]:
@@ -29,37 +36,102 @@ def _answer_tokens(ds, limit: int | None = None) -> list[int]:
     return out
 
 
+def provenance(device: torch.device | str, wall_seconds: float, tokens_seen: int | None) -> dict[str, Any]:
+    """Where a figure came from: git commit (None outside a checkout), package versions, device,
+    wall time, training tokens seen (non-pad tokens of every training batch)."""
+    repo = Path(__file__).resolve().parent.parent
+    commit = dirty = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {}
+    for name in ("torch", "transformers", "peft", "lightning", "diffllm"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "versions": versions,
+        "device": str(device),
+        "device_name": name,
+        "wall_seconds": wall_seconds,
+        "tokens_seen": tokens_seen,
+    }
+
+
+def generation_figures(
+    answers: dict[str, Answers], refs: list[str], reference: str = "ar_sft"
+) -> dict[str, Any]:
+    """Quality of each model's answers (keys ``<model>_<metric>``) and exact-match differences
+    against ``reference`` (AR-SFT when present, else the base) on the same prompts, paired SEs."""
+    out: dict[str, Any] = {}
+    for model, a in answers.items():
+        out.update({f"{model}_{k}": v for k, v in quality(a, refs).items()})
+    ref = reference if reference in answers else "ar"
+    for model in answers:
+        if model != ref and ref in answers:
+            diff, se = paired_difference(answers[model].texts, answers[ref].texts, refs)
+            out[f"{model}_minus_{ref}_exact_match"], out[f"{model}_minus_{ref}_exact_match_se"] = diff, se
+    return out
+
+
 @torch.no_grad()
 def build_report(
-    module, datamodule, num_rows: int = 64, likelihood_samples: int = 8, seed: int = 0
+    module,
+    datamodule,
+    num_rows: int = 64,
+    likelihood_samples: int = 8,
+    seed: int = 0,
+    ar_sft: DiffusionLM | None = None,
 ) -> dict[str, Any]:
-    """Likelihoods and generation quality of ``module`` (a DiffusionLitModule) on ``num_rows`` val rows."""
+    """Likelihoods and generation quality of ``module`` (a DiffusionLitModule) on ``num_rows`` val rows.
+
+    Rows (``diffllm.scoring``): the module's own model (the diffusion bound, or the AR-SFT NLL for an
+    objective=ar run), the unadapted base with and without the end token, and ``ar_sft`` (an AR-SFT
+    model on the same tokenizer, e.g. ``report.ar_ckpt_path``) when given. Batches of
+    ``data.eval_batch_size`` rows, batch i seeded ``validation_seed(seed, i)``.
+    """
     module.eval()
     datamodule.setup()
-    dlm, tok = module.dlm, module.tokenizer
+    dlm, tok, objective = module.dlm, module.tokenizer, module.objective
     device = module.device
     n = min(num_rows, len(datamodule.val_ds))
     val = datamodule.val_ds.select(range(n))
+    models = {objective.role: dlm, "ar_base": dlm}
+    if ar_sft is not None and objective.role != "ar_sft":
+        models["ar_sft"] = ar_sft
 
-    nll_sum = ar_sum = count = 0.0
     bs = datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size
-    for start in range(0, n, bs):
-        batch = datamodule.collate([val[i] for i in range(start, min(start + bs, n))])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        args = (dlm, batch["input_ids"], batch["attention_mask"])
-        scored = batch["score_mask"]  # answer + EOS, never the EOS padding
-        s, c = elbo_nll(
-            *args,
-            batch["answer_mask"],
-            module.eval_schedule,
-            num_samples=likelihood_samples,
-            method="grid",
-            seed=seed + start,
-            score_mask=scored,
-        )
-        a, _ = ar_nll(*args, scored)
-        nll_sum, ar_sum, count = nll_sum + s.sum().item(), ar_sum + a.sum().item(), count + c.sum().item()
-
+    batches = (datamodule.collate([val[i] for i in range(s, min(s + bs, n))]) for s in range(0, n, bs))
+    scores = score_rows(
+        batches,
+        seed=seed,
+        device=device,
+        num_samples=likelihood_samples,
+        method="grid",
+        end_id=tok.eos_token_id,
+        **models,
+    )
     unigram = unigram_cross_entropy(
         _answer_tokens(datamodule.train_ds, limit=20_000), _answer_tokens(val), vocab_size=len(tok)
     )
@@ -68,54 +140,87 @@ def build_report(
     prompt_ids = [p["prompt_ids"] for p in prompts]
     refs = [p["reference"] for p in prompts]
     cfg = module.sampler_config
+    own = "ar_sft" if objective.role == "ar_sft" else "diffusion"
+    answers = {own: objective.answers(dlm, tok, prompt_ids, cfg, seed=seed, batch_size=n)}
+    if "ar_sft" in models and own != "ar_sft":
+        answers["ar_sft"] = ARObjective().answers(
+            models["ar_sft"], tok, prompt_ids, cfg, seed=seed, batch_size=n
+        )
+    answers["ar"] = ar_answers(dlm, tok, prompt_ids, cfg.gen_length, batch_size=n)
 
-    t0 = time.perf_counter()
-    diff_preds = module.sample(prompt_ids, seed=seed)
-    t_diff = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ar_out = ar_generate(
-        dlm.model, prompt_ids, max_new_tokens=cfg.gen_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id
-    )
-    t_ar = time.perf_counter() - t0
-    ar_preds = [tok.decode(t, skip_special_tokens=True).strip() for t in ar_out.tokens]
-
-    nll, ar = nll_sum / count, ar_sum / count
     return {
         "rows": n,
-        "answer_tokens": int(count),
-        "nll_bound": nll,
-        "ar_nll": ar,
-        "gap": nll - ar,
-        "ppl_bound": math.exp(nll),
-        "ar_ppl": math.exp(ar),
+        "objective": objective.label,
+        "likelihood": {"num_samples": likelihood_samples, "method": "grid", "seed": seed, "batch_size": bs},
+        **likelihood_figures(scores),
         "unigram_ce": unigram,
-        "diffusion_exact_match": exact_match(diff_preds, refs),
-        "ar_exact_match": exact_match(ar_preds, refs),
-        "diffusion_rougeL": rouge_l(diff_preds, refs),
-        "ar_rougeL": rouge_l(ar_preds, refs),
-        "diffusion_seconds": t_diff,
-        "ar_seconds": t_ar,
+        **generation_figures(answers, refs),
         "sampler": {k: v for k, v in vars(cfg).items()},
         "examples": [
-            {"prompt": p["prompt"], "reference": r, "diffusion": d, "ar": a}
-            for p, r, d, a in list(zip(prompts, refs, diff_preds, ar_preds))[:8]
+            {"prompt": p["prompt"], "reference": r, **{m: a.texts[i] for m, a in answers.items()}}
+            for i, (p, r) in enumerate(list(zip(prompts, refs))[:8])
         ],
     }
 
 
+def _pm(r: dict[str, Any], key: str, digits: int = 3) -> str:
+    """``value ± se`` of ``key`` in a report, or an em dash when absent / not finite."""
+    value, se = r.get(key), r.get(f"{key}_se")
+    if value is None or not math.isfinite(value):
+        return "—"
+    if se is None or not math.isfinite(se):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ± {se:.{digits}f}"
+
+
+MODEL_COLUMNS = (("diffusion", "diffusion"), ("ar_sft", "AR-SFT"), ("ar", "AR base"))
+
+
 def format_report(r: dict[str, Any]) -> str:
-    """A short plain-text table of a report."""
+    """A plain-text table of a report (``build_report`` or ``evaluate``): every figure ± its SE."""
     lines = [
-        f"== diffllm report: {r['rows']} validation rows, {r['answer_tokens']} answer tokens ==",
-        f"{'':28s}{'diffusion':>12s}{'AR base':>12s}",
-        f"{'answer NLL (nats/token)':28s}{r['nll_bound']:>12.3f}{r['ar_nll']:>12.3f}   (diffusion: ELBO upper bound)",
-        f"{'perplexity':28s}{r['ppl_bound']:>12.2f}{r['ar_ppl']:>12.2f}",
-        f"{'gap (bound - AR)':28s}{r['gap']:>12.3f}",
-        f"{'unigram CE of answers':28s}{r['unigram_ce']:>12.3f}   (no-context reference)",
-        f"{'exact match':28s}{r['diffusion_exact_match']:>12.3f}{r['ar_exact_match']:>12.3f}",
-        f"{'ROUGE-L':28s}{r['diffusion_rougeL']:>12.3f}{r['ar_rougeL']:>12.3f}",
-        f"{'generation seconds':28s}{r['diffusion_seconds']:>12.2f}{r['ar_seconds']:>12.2f}",
+        f"== diffllm report: {r['rows']} validation rows, {r['answer_tokens']} answer tokens (answer + end token) ==",
+        "answer NLL (nats/token), ± SE over rows",
     ]
+    nll_rows = [
+        ("nll_bound", "diffusion, ELBO upper bound"),
+        ("ar_sft_nll", "AR-SFT, same budget"),
+        ("ar_nll", "AR base, unadapted"),
+        ("ar_nll_no_end", f"AR base, without end token ({r.get('answer_tokens_no_end', '?')} tokens)"),
+    ]
+    lines += [f"  {label:44s}{_pm(r, key):>16s}" for key, label in nll_rows if key in r]
+    lines.append(f"  {'unigram CE of the answers':44s}{r['unigram_ce']:>16.3f}   (no-context reference)")
+    if "gap_sft" in r:
+        lines.append(
+            f"  {'bound - AR-SFT (price of the conversion)':44s}{_pm(r, 'gap_sft'):>16s}   (paired over rows)"
+        )
+    if "gap" in r:
+        lines.append(f"  {'bound - AR base':44s}{_pm(r, 'gap'):>16s}   (paired over rows)")
+    cols = [(key, name) for key, name in MODEL_COLUMNS if f"{key}_exact_match" in r]
+    lines += [
+        "",
+        f"generation, {r.get('gen_rows', r['rows'])} prompts" + "".join(f"{n:>18s}" for _, n in cols),
+    ]
+    for metric, label, digits in (
+        ("exact_match", "exact match", 3),
+        ("rougeL", "ROUGE-L", 3),
+        ("answer_length", "answer tokens (mean)", 2),
+        ("eos_rate", "EOS rate", 3),
+    ):
+        lines.append(f"  {label:26s}" + "".join(f"{_pm(r, f'{k}_{metric}', digits):>18s}" for k, _ in cols))
+    lines.append(
+        f"  {'generation seconds':26s}"
+        + "".join(
+            f"{r[f'{k}_seconds']:>18.2f}" if math.isfinite(r[f"{k}_seconds"]) else f"{'—':>18s}"
+            for k, _ in cols
+        )
+    )
+    ref = "ar_sft" if "ar_sft_exact_match" in r else "ar"
+    ref_name = dict(MODEL_COLUMNS)[ref]
+    for k, name in cols:
+        key = f"{k}_minus_{ref}_exact_match"
+        if key in r:
+            lines.append(f"  {f'EM {name} - {ref_name}':26s}{_pm(r, key):>18s}   (paired over prompts)")
     return "\n".join(lines)
 
 

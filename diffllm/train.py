@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,14 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the diffusion model described by ``cfg``; returns (metrics, {module, datamodule, trainer})."""
+    started = time.perf_counter()
     register_resolvers()
     if cfg.get("dry_run"):
         return dry_run(cfg), {}
 
     from diffllm.assets import ensure_tiny_assets
     from diffllm.lit_module import DiffusionLitModule
-    from diffllm.report import build_report, format_report, write_report
+    from diffllm.report import build_report, format_report, provenance, write_report
 
     if "${asset:" in OmegaConf.to_yaml(cfg, resolve=False):
         ensure_tiny_assets()
@@ -72,12 +74,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.report.enabled and trainer.is_global_zero:
         # fit's strategy teardown moved the module to the CPU: run the report where it trained
         module.to(trainer.strategy.root_device)
+        ar_sft = None
+        if cfg.report.ar_ckpt_path:
+            from diffllm.inference import load_ar_sft
+
+            ar_sft = load_ar_sft(cfg.report.ar_ckpt_path, module.tokenizer, device=module.device)
         report = build_report(
             module,
             datamodule,
             num_rows=cfg.report.num_rows,
             likelihood_samples=cfg.report.likelihood_samples,
             seed=cfg.seed,
+            ar_sft=ar_sft,
+        )
+        report["ar_ckpt_path"] = cfg.report.ar_ckpt_path
+        report["provenance"] = provenance(
+            module.device, time.perf_counter() - started, int(module.tokens_seen)
         )
         path = write_report(report, out_dir)
         print("\n" + format_report(report), flush=True)

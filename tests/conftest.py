@@ -126,12 +126,34 @@ TINY_RUN = [
 ]
 
 
+# The AR-SFT baseline of the tiny run (objective=ar): 16 training rows in batches of 8, so its 6
+# steps are exactly 3 epochs and every row is seen 3 times (the tokens-seen provenance is exact).
+TINY_AR_RUN = TINY_RUN + [
+    "objective=ar",
+    "data.limit_train_rows=16",
+    "trainer.val_check_interval=2",
+    "report.num_rows=4",
+]
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """(run folder, last.ckpt path, metrics) of a short embedded-default run."""
+def tiny_ar_run(tmp_path_factory):
+    """(run folder, last.ckpt path, metrics, objects) of a short objective=ar run (about 10 s)."""
+    from diffllm.config import compose
+    from diffllm.train import train
+
+    out = tmp_path_factory.mktemp("tiny_ar_run")
+    metrics, objects = train(compose(TINY_AR_RUN + [f"output_dir={out}"]))
+    return out, out / "checkpoints" / "last.ckpt", metrics, objects
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_ar_run):
+    """(run folder, last.ckpt path, metrics) of a short embedded-default run; its report carries the
+    AR-SFT row of ``tiny_ar_run`` (report.ar_ckpt_path), as ``make train`` does."""
     from diffllm.config import compose
     from diffllm.train import train
 
     out = tmp_path_factory.mktemp("tiny_run")
-    metrics, _ = train(compose(TINY_RUN + [f"output_dir={out}"]))
+    metrics, _ = train(compose(TINY_RUN + [f"output_dir={out}", f"report.ar_ckpt_path={tiny_ar_run[1]}"]))
     return out, out / "checkpoints" / "last.ckpt", metrics

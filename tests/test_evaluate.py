@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 
@@ -29,38 +31,61 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cli_eval(tiny_run, tmp_path_factory):
-    """``python -m diffllm.evaluate ckpt_path=... out_dir=... steps_grid=[2,8,16]`` in-process."""
+def cli_eval(tiny_run, tiny_ar_run, tmp_path_factory):
+    """``python -m diffllm.evaluate ckpt_path=... ar_ckpt_path=... out_dir=... steps_grid=[2,8,16]``
+    in-process; returns (out folder, eval.json, what it printed)."""
     out = tmp_path_factory.mktemp("eval")
     argv = sys.argv
     sys.argv = [
         "diffllm.evaluate",
         f"ckpt_path={tiny_run[1]}",
+        f"ar_ckpt_path={tiny_ar_run[1]}",
         f"out_dir={out}",
         "steps_grid=[2,8,16]",
         "progress=false",
     ]
+    printed = io.StringIO()
     try:
-        main()
+        with contextlib.redirect_stdout(printed):
+            main()
     finally:
         sys.argv = argv
-    return out, json.loads((out / "eval.json").read_text())
+    return out, json.loads((out / "eval.json").read_text()), printed.getvalue()
 
 
-def test_evaluate_reproduces_the_runs_validation_metrics(tiny_run, cli_eval):
+def test_evaluate_reproduces_the_runs_validation_metrics(tiny_run, tiny_ar_run, cli_eval):
     """Same rows (limit_val_batches=1 batch of the 16 val rows), same seed per batch, same estimator:
-    the figures equal what training logged for this checkpoint."""
+    the figures equal what training logged for this checkpoint, and for the AR-SFT checkpoint."""
     _, _, metrics = tiny_run
-    _, r = cli_eval
+    _, r, _ = cli_eval
     assert r["rows"] == 16 and r["likelihood"]["num_samples"] == 2 and r["likelihood"]["method"] == "grid"
     assert r["nll_bound"] == pytest.approx(metrics["val/nll_bound"], abs=1e-4)
     assert r["ar_nll"] == pytest.approx(metrics["val/ar_nll"], abs=1e-4)
+    assert r["ar_nll_no_end"] == pytest.approx(metrics["val/ar_nll_no_end"], abs=1e-4)
+    assert r["ar_sft_nll"] == pytest.approx(tiny_ar_run[2]["val/ar_sft_nll"], abs=1e-4)
     assert r["gap"] == pytest.approx(r["nll_bound"] - r["ar_nll"])
     assert r["ppl_bound"] == pytest.approx(np.exp(r["nll_bound"]))
 
 
+def test_evaluate_prints_the_three_rows_with_standard_errors(cli_eval):
+    _, r, printed = cli_eval
+    for key, label in (
+        ("nll_bound", "diffusion, ELBO upper bound"),
+        ("ar_sft_nll", "AR-SFT, same budget"),
+        ("ar_nll", "AR base, unadapted"),
+        ("ar_nll_no_end", "AR base, without end token"),
+        ("gap_sft", "bound - AR-SFT"),
+    ):
+        line = next(line for line in printed.splitlines() if label in line)
+        assert f"{r[key]:.3f} ± {r[key + '_se']:.3f}" in line, line
+    em = next(line for line in printed.splitlines() if line.strip().startswith("exact match"))
+    for model in ("diffusion", "ar_sft", "ar"):
+        assert f"{r[model + '_exact_match']:.3f} ± {r[model + '_exact_match_se']:.3f}" in em
+    assert "EM diffusion - AR-SFT" in printed and "BLEU-4" in printed
+
+
 def test_evaluate_report_contents(cli_eval):
-    out, r = cli_eval
+    out, r, _ = cli_eval
     # buckets partition the scored rows and pool back to the headline figures
     buckets = r["length_buckets"]
     assert sum(b["rows"] for b in buckets) == r["rows"]
@@ -90,7 +115,8 @@ def test_evaluate_report_contents(cli_eval):
         pooled_em = sum(t[f"{side}_exact_match"] * t["rows"] for t in tasks) / r["gen_rows"]
         assert pooled_em == pytest.approx(r[f"{side}_exact_match"])
     md = (out / "eval.md").read_text()
-    assert "| answer NLL (nats/token) |" in md and f"{r['nll_bound']:.3f}" in md
+    assert "| diffusion (ELBO upper bound) |" in md and f"{r['nll_bound']:.3f}" in md
+    assert "| AR-SFT, same budget |" in md and "| task | rows | diffusion | AR-SFT | AR base |" in md
     assert "(steps=16 skipped" in md
     assert "## Exact match by task" in md and f"| {tasks[0]['task']} | {tasks[0]['rows']} |" in md
     for name in ("nll_by_length.png", "quality_vs_steps.png"):

@@ -18,7 +18,7 @@ from tests.conftest import TINY_RUN as TINY
 def test_every_experiment_composes(experiment):
     cfg = compose([f"+experiment={experiment}", "output_dir=/tmp/x"])
     assert cfg.lora.target_modules and cfg.model.pretrained
-    for group in ("schedule", "time_sampler", "loss", "anneal", "sampler", "data"):
+    for group in ("objective", "schedule", "time_sampler", "loss", "anneal", "sampler", "data"):
         assert "_target_" in cfg[group], group
 
 
@@ -31,6 +31,7 @@ def test_every_experiment_composes(experiment):
         ["anneal=linear"],
         ["sampler=fast"],
         ["logger=many"],
+        ["objective=ar"],
     ],
 )
 def test_config_groups_compose(overrides):

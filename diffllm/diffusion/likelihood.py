@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from diffllm.diffusion.forward import forward_process
 from diffllm.diffusion.schedule import LinearSchedule, NoiseSchedule
+from diffllm.model.attention import causal_attention
 from diffllm.model.dlm import DiffusionLM, ar_mode, source_positions
 
 
@@ -210,24 +211,47 @@ def exact_elbo_nll(
     return nll, answer_mask.sum(dim=1)
 
 
+def causal_token_ce(
+    dlm: DiffusionLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    adapters: bool = False,
+) -> torch.Tensor:
+    """(N,) next-token cross-entropy at the N True positions of ``targets`` (B, L), row-major order.
+
+    Causal attention, no [MASK] input, the logits at position i - 1 predicting token i whatever
+    ``dlm.shift`` is. ``adapters=False``: the original AR model (``ar_mode``: LoRA off);
+    ``adapters=True``: the model as trained with causal attention (an AR-SFT model, objective=ar).
+    Keeps the autograd graph: the AR-SFT training loss is its mean over the scored tokens.
+    """
+    targets = targets.bool()
+    if targets[:, 0].any():
+        raise ValueError("position 0 has no AR prediction; the answer must follow at least one prompt token")
+    context = causal_attention(dlm.model) if adapters else ar_mode(dlm.model)
+    with context:
+        hidden = dlm.hidden_states(input_ids, attention_mask)  # (B, L, H)
+        logits = dlm.lm_head(hidden[source_positions(targets, shift=True)])  # (N, V)
+    return F.cross_entropy(logits.float(), input_ids[targets], reduction="none")
+
+
 @torch.no_grad()
 def ar_nll(
     dlm: DiffusionLM,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     answer_mask: torch.Tensor,
+    *,
+    adapters: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The base AR model's NLL of the answer tokens: adapters off, causal attention, no [MASK].
+    """The AR NLL of the answer tokens: by default the base model (adapters off, causal, no [MASK]).
 
     Standard next-token scoring: the logits at position i - 1 predict token i, whatever
     ``dlm.shift`` is. Returns (nll_sum (B,) float32 in nats, count (B,) long), so that
     nll_sum.sum() / count.sum() equals the HF causal-LM loss with labels = -100 off the answer.
+    ``adapters=True`` scores the adapted model with causal attention (an AR-SFT checkpoint).
     """
     answer_mask = answer_mask.bool()
-    if answer_mask[:, 0].any():
-        raise ValueError("position 0 has no AR prediction; the answer must follow at least one prompt token")
-    with ar_mode(dlm.model):
-        hidden = dlm.hidden_states(input_ids, attention_mask)  # (B, L, H)
-        logits = dlm.lm_head(hidden[source_positions(answer_mask, shift=True)])  # (N, V)
-    ce = F.cross_entropy(logits.float(), input_ids[answer_mask], reduction="none")
+    ce = causal_token_ce(dlm, input_ids, attention_mask, answer_mask, adapters=adapters)
     return _row_sums(ce, answer_mask), answer_mask.sum(dim=1)

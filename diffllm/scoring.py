@@ -1,0 +1,296 @@
+"""The scoring core: answer likelihoods and generation quality, each with its standard error.
+
+``DiffusionLitModule.validation_step``, ``report.build_report`` and ``evaluate.evaluate`` all call
+it, so the three print the same figures for the same rows and settings.
+
+One convention for all three:
+
+* scored tokens: ``score_mask``, the answer and its end token, never the EOS padding;
+* the bound: the ELBO on the linear schedule (``EVAL_SCHEDULE``; every schedule with
+  alpha(0) = 1, alpha(1) = 0 has the same bound, the linear one is used whatever trains);
+* the seed: batch ``i`` of the scored rows draws its masks and times from
+  ``validation_seed(seed, i)``.
+
+Per row (``score_batch``), in nats summed over the row's scored tokens:
+
+    diffusion        the diffusion NLL bound (ELBO) of the converted model;
+    ar_base          the unadapted base model (LoRA off, causal), on exactly the same tokens;
+    ar_base_no_end   the same without the end token (a base model was not trained to stop there);
+    ar_sft           an AR-SFT model (objective=ar: LoRA on, causal) on the same tokens.
+
+Standard errors (rows are the sampling unit: the tokens of one answer are not independent, so a
+per-token SE would be too small):
+
+* a per-token NLL R = sum_i s_i / sum_i n_i over m rows (sums s_i, token counts n_i) is a ratio
+  estimator; its delta-method SE is  sqrt( sum_i (s_i - R n_i)^2 / (m (m - 1)) ) / mean(n);
+* a gap between two models on the same rows is the same ratio of the paired differences
+  s_i - s'_i (same n_i), so the rows' shared difficulty cancels;
+* exact match, EOS rate: binomial sqrt(p (1 - p) / m) (at m = 64 one row is 1.6 points);
+* an exact-match difference on the same prompts: sd(d_i) / sqrt(m), d_i in {-1, 0, 1};
+* ROUGE-L and answer length: sd / sqrt(m) of the per-row values.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torchmetrics.functional.text.rouge import rouge_score
+
+from diffllm.ar_generate import ar_generate
+from diffllm.diffusion.likelihood import causal_token_ce, elbo_nll, validation_seed
+from diffllm.diffusion.sampler import SamplerConfig, generate
+from diffllm.diffusion.schedule import LinearSchedule
+from diffllm.metrics import exact_match, normalise
+from diffllm.model.dlm import DiffusionLM
+
+# The schedule every reported bound is computed on (validation, report, evaluate).
+EVAL_SCHEDULE = LinearSchedule()
+
+# The per-row likelihood figures and the token count each is per.
+TOKENS_OF = {
+    "diffusion": "tokens",
+    "ar_base": "tokens",
+    "ar_base_no_end": "tokens_no_end",
+    "ar_sft": "tokens",
+}
+
+
+# ----------------------------------------------------------------------------------- likelihoods
+
+
+def end_token_mask(input_ids: torch.Tensor, score_mask: torch.Tensor, end_id: int) -> torch.Tensor:
+    """(B, L) bool: each row's last scored position when it holds ``end_id`` (a truncated answer has none)."""
+    score_mask = score_mask.bool()
+    positions = torch.arange(score_mask.shape[1], device=score_mask.device)
+    last = torch.where(score_mask, positions, -1).max(dim=1).values  # (B,) -1: nothing scored
+    out = torch.zeros_like(score_mask)
+    rows = (last >= 0).nonzero()[:, 0]
+    out[rows, last[rows]] = True
+    return out & (input_ids == end_id)
+
+
+@torch.no_grad()
+def score_batch(
+    batch: Mapping[str, torch.Tensor],
+    *,
+    seed: int,
+    num_samples: int,
+    method: str,
+    end_id: int,
+    diffusion: DiffusionLM | None = None,
+    ar_base: DiffusionLM | None = None,
+    ar_sft: DiffusionLM | None = None,
+) -> dict[str, torch.Tensor]:
+    """(B,) per-row NLL sums of the models given (keys as in the module docstring) and token counts.
+
+    ``seed`` is this batch's seed (``validation_seed(run_seed, batch_idx)``); ``ar_base`` is any
+    model whose adapters-off causal mode is the original AR model (the converted one is).
+    """
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    answer_mask = batch["answer_mask"].bool()
+    scored = batch.get("score_mask", answer_mask).bool()  # answer + end token, never the EOS padding
+    end = end_token_mask(input_ids, scored, end_id)
+    out = {"tokens": scored.sum(dim=1), "tokens_no_end": (scored & ~end).sum(dim=1)}
+    if diffusion is not None:
+        out["diffusion"], _ = elbo_nll(
+            diffusion,
+            input_ids,
+            attention_mask,
+            answer_mask,
+            EVAL_SCHEDULE,
+            num_samples=num_samples,
+            method=method,
+            seed=seed,
+            score_mask=scored,
+        )
+    if ar_base is not None:
+        ce = torch.zeros(scored.shape, device=input_ids.device)
+        ce[scored] = causal_token_ce(ar_base, input_ids, attention_mask, scored, adapters=False)
+        out["ar_base"], out["ar_base_no_end"] = ce.sum(dim=1), (ce * ~end).sum(dim=1)
+    if ar_sft is not None:
+        ce = torch.zeros(scored.shape, device=input_ids.device)
+        ce[scored] = causal_token_ce(ar_sft, input_ids, attention_mask, scored, adapters=True)
+        out["ar_sft"] = ce.sum(dim=1)
+    return out
+
+
+def score_rows(
+    batches: Iterable[Mapping[str, torch.Tensor]], *, seed: int, device: torch.device | str, **kwargs: Any
+) -> dict[str, np.ndarray]:
+    """``score_batch`` over consecutive batches (batch i seeded ``validation_seed(seed, i)``), rows concatenated."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch_idx, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for key, value in score_batch(batch, seed=validation_seed(seed, batch_idx), **kwargs).items():
+            parts.setdefault(key, []).append(value.double().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def ratio_mean_se(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """Per-token mean R = sum(sums) / sum(counts) over rows with a token, and its delta-method SE."""
+    sums, counts = np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)
+    keep = counts > 0
+    sums, counts = sums[keep], counts[keep]
+    m = len(counts)
+    if m == 0:
+        return float("nan"), float("nan")
+    ratio = float(sums.sum() / counts.sum())
+    if m < 2:
+        return ratio, float("nan")
+    resid = sums - ratio * counts
+    return ratio, float(math.sqrt((resid**2).sum() / (m * (m - 1))) / counts.mean())
+
+
+def likelihood_figures(scores: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Per-token figures with SEs: ``nll_bound``, ``ar_nll``, ``ar_nll_no_end``, ``ar_sft_nll`` (those
+    scored), ``gap`` (bound - AR base) and ``gap_sft`` (bound - AR-SFT) paired over rows, perplexities."""
+    names = {
+        "diffusion": "nll_bound",
+        "ar_base": "ar_nll",
+        "ar_base_no_end": "ar_nll_no_end",
+        "ar_sft": "ar_sft_nll",
+    }
+    out: dict[str, Any] = {
+        "answer_tokens": int(scores["tokens"].sum()),
+        "answer_tokens_no_end": int(scores["tokens_no_end"].sum()),
+    }
+    for key, name in names.items():
+        if key in scores:
+            out[name], out[f"{name}_se"] = ratio_mean_se(scores[key], scores[TOKENS_OF[key]])
+    for gap, other in (("gap", "ar_base"), ("gap_sft", "ar_sft")):
+        if "diffusion" in scores and other in scores:
+            out[gap], out[f"{gap}_se"] = ratio_mean_se(scores["diffusion"] - scores[other], scores["tokens"])
+    for name, ppl in (("nll_bound", "ppl_bound"), ("ar_nll", "ar_ppl"), ("ar_sft_nll", "ar_sft_ppl")):
+        if name in out:
+            out[ppl] = math.exp(out[name]) if math.isfinite(out[name]) else float("nan")
+    return out
+
+
+# ----------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Answers:
+    """Decoded answers of one model on a list of prompts."""
+
+    texts: list[str]
+    lengths: list[int]  # generated tokens before the end token
+    ended: list[bool]  # the end token was produced within the budget
+    seconds: float
+    nfe: int
+
+
+def diffusion_answers(
+    dlm: DiffusionLM,
+    tokenizer: Any,
+    prompt_ids: Sequence[list[int]],
+    config: SamplerConfig,
+    *,
+    seed: int,
+    batch_size: int,
+) -> Answers:
+    """The diffusion sampler's answers (each batch seeded ``seed``; rows never interact)."""
+    eos = tokenizer.eos_token_id
+    texts, lengths, ended, nfe, t0 = [], [], [], 0, time.perf_counter()
+    for start in range(0, len(prompt_ids), batch_size):
+        out = generate(
+            dlm,
+            list(prompt_ids[start : start + batch_size]),
+            config,
+            eos_id=eos,
+            pad_id=tokenizer.pad_token_id,
+            seed=seed,
+        )
+        texts += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
+        lengths += [len(t) for t in out.tokens]
+        ended += [bool((row == eos).any()) for row in out.canvas]
+        nfe += out.nfe
+    return Answers(texts, lengths, ended, time.perf_counter() - t0, nfe)
+
+
+def ar_answers(
+    dlm: DiffusionLM,
+    tokenizer: Any,
+    prompt_ids: Sequence[list[int]],
+    max_new_tokens: int,
+    *,
+    batch_size: int,
+    adapters: bool = False,
+) -> Answers:
+    """Greedy causal answers with a KV cache ([MASK] suppressed): the base model (``adapters=False``) or
+    an AR-SFT model (``adapters=True``)."""
+    texts, lengths, ended, nfe, t0 = [], [], [], 0, time.perf_counter()
+    for start in range(0, len(prompt_ids), batch_size):
+        out = ar_generate(
+            dlm,
+            list(prompt_ids[start : start + batch_size]),
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            adapters=adapters,
+        )
+        texts += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
+        lengths += [len(t) for t in out.tokens]
+        ended += list(out.ended)
+        nfe += out.nfe
+    return Answers(texts, lengths, ended, time.perf_counter() - t0, nfe)
+
+
+def binomial_se(p: float, n: int) -> float:
+    """sqrt(p (1 - p) / n): the SE of a proportion over n independent rows."""
+    return math.sqrt(p * (1 - p) / n) if n > 0 and math.isfinite(p) else float("nan")
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its SE sd / sqrt(n) (sample sd, ddof 1)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def row_matches(preds: Sequence[str], refs: Sequence[str]) -> list[float]:
+    return [float(normalise(p) == normalise(r)) for p, r in zip(preds, refs, strict=True)]
+
+
+def row_rouge_l(preds: Sequence[str], refs: Sequence[str]) -> list[float]:
+    """Per-row ROUGE-L F-measure (torchmetrics; their mean is ``metrics.rouge_l``)."""
+    return [
+        float(rouge_score(p, r, rouge_keys="rougeL")["rougeL_fmeasure"])
+        for p, r in zip(preds, refs, strict=True)
+    ]
+
+
+def quality(answers: Answers, refs: Sequence[str]) -> dict[str, float]:
+    """Exact match, ROUGE-L, mean answer length (tokens), EOS rate, each with its SE; time and NFE."""
+    n = len(refs)
+    em = exact_match(answers.texts, refs)
+    rouge, rouge_se = mean_se(row_rouge_l(answers.texts, refs))
+    length, length_se = mean_se(answers.lengths)
+    eos_rate = float(np.mean(answers.ended)) if n else float("nan")
+    return {
+        "exact_match": em,
+        "exact_match_se": binomial_se(em, n),
+        "rougeL": rouge,
+        "rougeL_se": rouge_se,
+        "answer_length": length,
+        "answer_length_se": length_se,
+        "eos_rate": eos_rate,
+        "eos_rate_se": binomial_se(eos_rate, n),
+        "seconds": answers.seconds,
+        "nfe": answers.nfe,
+    }
+
+
+def paired_difference(
+    preds_a: Sequence[str], preds_b: Sequence[str], refs: Sequence[str]
+) -> tuple[float, float]:
+    """Exact match of A minus that of B on the same prompts, and its paired SE sd(d) / sqrt(m)."""
+    d = np.asarray(row_matches(preds_a, refs)) - np.asarray(row_matches(preds_b, refs))
+    return mean_se(d)
