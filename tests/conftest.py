@@ -131,7 +131,7 @@ TINY_RUN = [
 TINY_AR_RUN = TINY_RUN + [
     "objective=ar",
     "data.limit_train_rows=16",
-    "trainer.val_check_interval=2",
+    "trainer.val_every_n_steps=2",
     "report.num_rows=4",
 ]
 

@@ -128,13 +128,13 @@ class _ValidationCounter(L.Callback):
 @pytest.fixture(scope="module")
 def accumulated_run(tmp_path_factory):
     """4 optimizer steps of 2 micro-batches, validation every 2 optimizer steps, report on."""
-    import diffllm.report
+    import diffllm.scoring
     from diffllm.train import train
 
     out = tmp_path_factory.mktemp("accumulated")
     counter = _ValidationCounter()
     devices: list[tuple[torch.device, torch.device]] = []  # (report's input device, module's device)
-    original = diffllm.report.elbo_nll
+    original = diffllm.scoring.elbo_nll  # the scoring core's bound: validation and the report call it
 
     def spy(dlm, input_ids, *args, **kwargs):
         devices.append((input_ids.device, next(dlm.parameters()).device))
@@ -152,7 +152,7 @@ def accumulated_run(tmp_path_factory):
         f"trainer.accelerator={'gpu' if torch.cuda.is_available() else 'cpu'}",
     ]
     mp = pytest.MonkeyPatch()
-    mp.setattr(diffllm.report, "elbo_nll", spy)
+    mp.setattr(diffllm.scoring, "elbo_nll", spy)
     orig_build = build_trainer
 
     def with_counter(**kw):
