@@ -23,7 +23,8 @@ from diffllm.metrics import unigram_cross_entropy
 from diffllm.model.attention import set_bidirectional
 from diffllm.model.load import trainable_line
 
-pytestmark = pytest.mark.slow
+# One torch thread: on a shared 2-core box a second OpenMP thread makes these forwards several times slower.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 ROW = {"instruction": "Repeat the words.", "input": "hat cat", "output": "hat cat"}
 SYSTEM = (
