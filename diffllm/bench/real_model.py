@@ -6,7 +6,7 @@
 
 Composes ``+experiment=smollm2`` with the overrides, runs ``--steps`` optimizer steps through
 Lightning (validation at the end, the sanity check before, exactly as the run's
-``val_check_interval`` = ``max_steps`` does) and then the end-of-run report, timing each part.
+``val_every_n_steps`` = ``max_steps`` does) and then the end-of-run report, timing each part.
 It prints a table: seconds per training step (the first step, a warm-up, left out), the
 validation and report seconds, the training time projected to the experiment's ``max_steps``,
 and the share of that time that validation + report would add.
@@ -61,7 +61,7 @@ def measure(overrides: list[str], steps: int) -> dict[str, Any]:
     trainer = instantiate(
         cfg.trainer,
         max_steps=steps,
-        val_check_interval=steps,
+        val_every_n_steps=steps,
         logger=False,
         callbacks=[timer],
         enable_checkpointing=False,
