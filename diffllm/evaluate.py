@@ -185,7 +185,7 @@ def diffusion_answers(
     """The sampler's answers with their lengths, EOS flags, time and forward passes (all batches)."""
     log.info("%s: %d prompts", desc, len(prompt_ids))
     return scoring.diffusion_answers(
-        im.dlm, im.tokenizer, prompt_ids, config, seed=seed, batch_size=batch_size
+        im.dlm, im.tokenizer, prompt_ids, config, eos_id=im.eos_id, seed=seed, batch_size=batch_size
     )
 
 
@@ -468,7 +468,7 @@ def evaluate(
         device=device,
         num_samples=num_samples,
         method=method,
-        end_id=tok.eos_token_id,
+        end_id=im.eos_id,
         **{k: m for k, m in models.items() if m is not None},
     )
     figures = scoring.likelihood_figures(scores)
@@ -487,12 +487,12 @@ def evaluate(
     if ar_sft is not None:
         log.info("AR-SFT greedy: %d prompts", len(prompt_ids))
         answers["ar_sft"] = ARObjective().answers(
-            ar_sft, tok, prompt_ids, config, seed=seed, batch_size=gen_batch_size
+            ar_sft, tok, prompt_ids, config, eos_id=im.eos_id, seed=seed, batch_size=gen_batch_size
         )
     if ar_model is not None:
         log.info("AR base greedy: %d prompts", len(prompt_ids))
         answers["ar"] = scoring.ar_answers(
-            ar_model, tok, prompt_ids, config.gen_length, batch_size=gen_batch_size
+            ar_model, tok, prompt_ids, config.gen_length, eos_id=im.eos_id, batch_size=gen_batch_size
         )
     gen = generation_figures(answers, refs)
     for model, a in answers.items():

@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 from peft import PeftModel
 
 from diffllm.config import CONF_DIR
-from diffllm.data.template import TEMPLATES
+from diffllm.data.template import TemplateError, get_format
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.inference import InferenceModel, load_for_inference
 from diffllm.model.attention import set_bidirectional
@@ -73,9 +73,11 @@ USAGE = {
 }
 
 
-def _template(name: str) -> dict[str, str]:
-    with_input, no_input = TEMPLATES[name]
-    return {"name": name, "with_input": with_input, "no_input": no_input}
+def _template(name: str | None) -> dict[str, str] | None:
+    try:
+        return get_format(name).describe() if name else None
+    except TemplateError:
+        return None
 
 
 def model_card(im: InferenceModel, kind: str, source: str) -> dict[str, Any]:
@@ -91,7 +93,7 @@ def model_card(im: InferenceModel, kind: str, source: str) -> dict[str, Any]:
         "mask_token": tok.convert_ids_to_tokens(dlm.mask_id),
         "shift": dlm.shift,
         "prefix_lm": dlm.prefix_lm,
-        "eos_id": tok.eos_token_id,
+        "eos_id": im.eos_id,  # the end-of-answer id (EOS, or the chat template's end of turn)
         "pad_id": tok.pad_token_id,
         "vocab_size": len(tok),
         "base_model": model_cfg.get("pretrained"),
@@ -99,7 +101,7 @@ def model_card(im: InferenceModel, kind: str, source: str) -> dict[str, Any]:
         "lora": cfg.get("lora"),
         "trainable": trainable_line(dlm.model),
         "sampler": dict(vars(im.sampler_config)),
-        "prompt_template": _template(template) if template in TEMPLATES else None,
+        "prompt_template": _template(template),
         "source_checkpoint": source,
         "usage": USAGE[kind],
         "run_config": cfg,

@@ -150,7 +150,7 @@ def generate_answers(
     every row's generator (it matters only with temperature > 0).
     """
     from diffllm.ar_generate import ar_generate
-    from diffllm.data.template import render_prompt
+    from diffllm.data.template import get_format
     from diffllm.diffusion.sampler import generate
 
     if isinstance(instructions, str):
@@ -171,11 +171,10 @@ def generate_answers(
 
     config = sampler_with_overrides(model.sampler_config, sampler_overrides)
     tok = model.tokenizer
-    template = (model.cfg.get("data") or {}).get("template") or "alpaca"
-    prompts = [
-        render_prompt({"instruction": t, "input": i or ""}, template) for t, i in zip(instructions, inputs)
-    ]
-    prompt_ids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    fmt = get_format(model.template)
+    rows = [{"instruction": t, "input": i or ""} for t, i in zip(instructions, inputs)]
+    prompts = [fmt.prompt_text(r, tok) for r in rows]
+    prompt_ids = [fmt.prompt_ids(r, tok) for r in rows]
 
     results: list[dict[str, Any]] = []
     for start in range(0, len(prompts), batch_size):
@@ -184,7 +183,7 @@ def generate_answers(
             model.dlm,
             ids,
             config,
-            eos_id=tok.eos_token_id,
+            eos_id=model.eos_id,
             pad_id=tok.pad_token_id,
             seed=seed,
             record_trajectory=trajectory,
@@ -195,7 +194,7 @@ def generate_answers(
                 model.dlm,
                 ids,
                 max_new_tokens=config.gen_length,
-                eos_id=tok.eos_token_id,
+                eos_id=model.eos_id,
                 pad_id=tok.pad_token_id,
                 temperature=config.temperature,
                 seed=seed,

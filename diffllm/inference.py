@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,18 @@ class InferenceModel:
     sampler_config: SamplerConfig
     cfg: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+
+    @property
+    def template(self) -> str:
+        """The run's prompt format (``data.template``); ``alpaca`` for a config without one."""
+        return (self.cfg.get("data") or {}).get("template") or "alpaca"
+
+    @cached_property
+    def eos_id(self) -> int:
+        """The end-of-answer id (EOS, or the chat template's end of turn): ``end_of_answer_id``."""
+        from diffllm.data.template import end_of_answer_id
+
+        return end_of_answer_id(self.tokenizer, self.template)
 
 
 def load_for_inference(

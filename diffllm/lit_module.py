@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from diffllm.data.template import end_of_answer_id
 from diffllm.diffusion.forward import forward_process, keyed_forward_process
 from diffllm.diffusion.keys import DrawKeys, key_seed
 from diffllm.diffusion.likelihood import validation_seed
@@ -55,6 +56,8 @@ class DiffusionLitModule(L.LightningModule):
         self.strict_loading = False  # the checkpoint holds the trainable weights only
         self.cfg = cfg
         self.dlm, self.tokenizer = build_diffusion_model(lora=cfg["lora"], **cfg["model"])
+        # The end-of-answer id (EOS, or the chat template's end of turn) the sampler stops at.
+        self.eos_id = end_of_answer_id(self.tokenizer, cfg["data"]["template"])
         self.dlm.train()  # from_pretrained returns eval mode; LoRA dropout must be live in training
         log.info("%s", trainable_line(self.dlm.model))
         # objective=diffusion (this module's diffusion_loss) or objective=ar (AR-SFT, the baseline);
@@ -167,7 +170,7 @@ class DiffusionLitModule(L.LightningModule):
             seed=seed,
             num_samples=lk.get("num_samples", 4),
             method=lk.get("method", "grid"),
-            end_id=self.tokenizer.eos_token_id,
+            end_id=self.eos_id,
             ar_base=self.dlm,
             **{self.objective.role: self.dlm},
         )
@@ -205,7 +208,7 @@ class DiffusionLitModule(L.LightningModule):
             self.dlm,
             prompt_ids,
             config,
-            eos_id=self.tokenizer.eos_token_id,
+            eos_id=self.eos_id,
             pad_id=self.tokenizer.pad_token_id,
             seed=seed,
         )
@@ -223,6 +226,7 @@ class DiffusionLitModule(L.LightningModule):
                 self.tokenizer,
                 prompt_ids,
                 self.sampler_config,
+                eos_id=self.eos_id,
                 seed=int(self.cfg.get("seed", 0)),
                 batch_size=len(prompt_ids),
             ).texts

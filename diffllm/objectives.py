@@ -56,10 +56,13 @@ class DiffusionObjective:
         prompt_ids: Sequence[list[int]],
         config: SamplerConfig,
         *,
+        eos_id: int,
         seed: int,
         batch_size: int,
     ) -> Answers:
-        return diffusion_answers(dlm, tokenizer, prompt_ids, config, seed=seed, batch_size=batch_size)
+        return diffusion_answers(
+            dlm, tokenizer, prompt_ids, config, eos_id=eos_id, seed=seed, batch_size=batch_size
+        )
 
     def __repr__(self) -> str:
         return "DiffusionObjective()"
@@ -101,11 +104,14 @@ class ARObjective:
         prompt_ids: Sequence[list[int]],
         config: SamplerConfig,
         *,
+        eos_id: int,
         seed: int,
         batch_size: int,
     ) -> Answers:
         """Greedy, with the sampler's answer budget (``gen_length``) as ``max_new_tokens``."""
-        return ar_answers(dlm, tokenizer, prompt_ids, config.gen_length, batch_size=batch_size, adapters=True)
+        return ar_answers(
+            dlm, tokenizer, prompt_ids, config.gen_length, eos_id=eos_id, batch_size=batch_size, adapters=True
+        )
 
     def __repr__(self) -> str:
         return "ARObjective()"

@@ -129,7 +129,7 @@ def build_report(
         device=device,
         num_samples=likelihood_samples,
         method="grid",
-        end_id=tok.eos_token_id,
+        end_id=module.eos_id,
         **models,
     )
     unigram = unigram_cross_entropy(
@@ -141,12 +141,13 @@ def build_report(
     refs = [p["reference"] for p in prompts]
     cfg = module.sampler_config
     own = "ar_sft" if objective.role == "ar_sft" else "diffusion"
-    answers = {own: objective.answers(dlm, tok, prompt_ids, cfg, seed=seed, batch_size=n)}
+    eos_id = module.eos_id
+    answers = {own: objective.answers(dlm, tok, prompt_ids, cfg, eos_id=eos_id, seed=seed, batch_size=n)}
     if "ar_sft" in models and own != "ar_sft":
         answers["ar_sft"] = ARObjective().answers(
-            models["ar_sft"], tok, prompt_ids, cfg, seed=seed, batch_size=n
+            models["ar_sft"], tok, prompt_ids, cfg, eos_id=eos_id, seed=seed, batch_size=n
         )
-    answers["ar"] = ar_answers(dlm, tok, prompt_ids, cfg.gen_length, batch_size=n)
+    answers["ar"] = ar_answers(dlm, tok, prompt_ids, cfg.gen_length, eos_id=eos_id, batch_size=n)
 
     return {
         "rows": n,

@@ -192,11 +192,15 @@ def diffusion_answers(
     prompt_ids: Sequence[list[int]],
     config: SamplerConfig,
     *,
+    eos_id: int,
     seed: int,
     batch_size: int,
 ) -> Answers:
-    """The diffusion sampler's answers (each batch seeded ``seed``; rows never interact)."""
-    eos = tokenizer.eos_token_id
+    """The diffusion sampler's answers (each batch seeded ``seed``; rows never interact).
+
+    ``eos_id``: the end-of-answer id (``diffllm.data.template.end_of_answer_id``).
+    """
+    eos = eos_id
     texts, lengths, ended, nfe, t0 = [], [], [], 0, time.perf_counter()
     for start in range(0, len(prompt_ids), batch_size):
         out = generate(
@@ -220,6 +224,7 @@ def ar_answers(
     prompt_ids: Sequence[list[int]],
     max_new_tokens: int,
     *,
+    eos_id: int,
     batch_size: int,
     adapters: bool = False,
 ) -> Answers:
@@ -231,7 +236,7 @@ def ar_answers(
             dlm,
             list(prompt_ids[start : start + batch_size]),
             max_new_tokens=max_new_tokens,
-            eos_id=tokenizer.eos_token_id,
+            eos_id=eos_id,
             pad_id=tokenizer.pad_token_id,
             adapters=adapters,
         )

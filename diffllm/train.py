@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from diffllm.config import CONF_DIR, register_resolvers, to_plain
+from diffllm.config import CONF_DIR, prepare_assets, register_resolvers, to_plain
 from diffllm.model.load import ModelLoadError, build_from_config, trainable_line
 
 log = logging.getLogger("diffllm.train")
@@ -46,12 +46,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("dry_run"):
         return dry_run(cfg), {}
 
-    from diffllm.assets import ensure_tiny_assets
     from diffllm.lit_module import DiffusionLitModule
     from diffllm.report import build_report, format_report, provenance, write_report
 
-    if "${asset:" in OmegaConf.to_yaml(cfg, resolve=False):
-        ensure_tiny_assets()
+    prepare_assets(cfg)  # the tiny assets, or SmolLM2 from the registry, before resolving
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.output_dir)
     plain = to_plain(cfg)

@@ -248,11 +248,13 @@ def plot_tau_by_strategy(taus: Mapping[str, Sequence[float]]) -> Figure:
 # ------------------------------------------------------------------------------ notebook helpers
 
 
-def answer_text(traj: Trajectory, tokenizer: Any, eos_id: int | None = None) -> str:
-    """The decoded final answer of a trajectory (up to the first EOS, special tokens skipped)."""
+def answer_text(traj: Trajectory, tokenizer: Any, eos_id: int) -> str:
+    """The decoded final answer of a trajectory (up to the first ``eos_id``, special tokens skipped).
+
+    ``eos_id``: the run's end-of-answer id (``InferenceModel.eos_id``).
+    """
     ids = traj.final_canvas
-    eos_id = getattr(tokenizer, "eos_token_id", None) if eos_id is None else eos_id
-    if eos_id is not None and eos_id in ids:
+    if eos_id in ids:
         ids = ids[: ids.index(eos_id)]
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
@@ -269,7 +271,7 @@ def trajectories(model: Any, prompt_ids: Sequence[list[int]], config: Any, seed:
         model.dlm,
         [list(p) for p in prompt_ids],
         config,
-        eos_id=tok.eos_token_id,
+        eos_id=model.eos_id,
         pad_id=tok.pad_token_id,
         seed=seed,
         record_trajectory=True,
@@ -309,6 +311,7 @@ def _md(text: str) -> str:
 def strategy_table(
     by_strategy: Mapping[str, Sequence[Trajectory]],
     tokenizer: Any,
+    eos_id: int,
     index: int = 0,
     reference: str | None = None,
 ) -> str:
@@ -319,7 +322,6 @@ def strategy_table(
     EOS looks at the answer only, but where that EOS lands depends on the order, so it is biased
     (``random`` scores well above 0 on it): read it for one answer, not as an average.
     """
-    eos = getattr(tokenizer, "eos_token_id", None)
     lines = [
         "| strategy | answer | tau (canvas) | tau (to EOS) | mean tau (canvas, all prompts) | steps |",
         "|---|---|---:|---:|---:|---:|",
@@ -329,8 +331,8 @@ def strategy_table(
         taus = np.array([order_tau(t) for t in trajs])
         mean = float(np.nanmean(taus)) if np.isfinite(taus).any() else float("nan")
         lines.append(
-            f"| {name} | {_md(answer_text(traj, tokenizer))} | {order_tau(traj):+.2f} | "
-            f"{order_tau(traj, eos):+.2f} | {mean:+.2f} | {len(traj.steps)} |"
+            f"| {name} | {_md(answer_text(traj, tokenizer, eos_id))} | {order_tau(traj):+.2f} | "
+            f"{order_tau(traj, eos_id):+.2f} | {mean:+.2f} | {len(traj.steps)} |"
         )
     if reference is not None:
         lines.append(f"| *reference* | {_md(reference)} | | | | |")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from diffllm.data.template import render
+from diffllm.data.template import check_row, get_format
 
 HISTOGRAM = Path(__file__).with_name("alpaca_lengths.json")
 
@@ -26,10 +26,11 @@ HISTOGRAM = Path(__file__).with_name("alpaca_lengths.json")
 def length_pairs(rows: Iterable[Mapping], tokenizer, template: str = "alpaca") -> Counter:
     """Counter of (prompt tokens incl. the tokenizer's BOS, answer tokens without EOS)."""
     out: Counter = Counter()
+    fmt = get_format(template)
     for row in rows:
-        prompt, answer = render(row, template)
-        p = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        a = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        check_row(row)
+        p = len(fmt.prompt_ids(row, tokenizer))
+        a = len(tokenizer(row["output"].strip(), add_special_tokens=False)["input_ids"])
         out[(p, a)] += 1
     return out
 

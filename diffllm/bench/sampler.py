@@ -278,7 +278,7 @@ def measure(
     from diffllm.metrics import exact_match
 
     tok, dlm = model.tokenizer, model.dlm
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    eos, pad = model.eos_id, tok.pad_token_id
     fast_dlm = dlm.merged_copy().eval() if merge else dlm  # the diffusion rows; AR keeps dlm (adapters off)
     batches = [prompt_ids[i : i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
 

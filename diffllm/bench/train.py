@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> str:
                 v.accumulate or cfg["trainer"]["accumulate_grad_batches"] for v in variants
             )
             rows = alpaca_shaped_rows(
-                n_rows, vocab=128_000, eos_id=tok.eos_token_id, answer_pad_to=data["answer_pad_to"],
+                n_rows, vocab=128_000, eos_id=module.eos_id, answer_pad_to=data["answer_pad_to"],
                 max_length=data["max_length"],
             )  # fmt: skip
             what = "Llama-3.2-1B shape" + (f" ({' '.join(args.arch)})" if args.arch else "")

@@ -1,9 +1,11 @@
 """Alpaca-format data -> padded batches {input_ids, attention_mask, answer_mask, score_mask}.
 
-A row renders through the prompt template into (prompt, answer); tokens are
-``prompt_ids + answer_ids + [EOS]`` and ``answer_mask`` is True on ``answer_ids + [EOS]`` only
-(optionally also on extra EOS padding up to a length bucket, LLaDA-style; ``score_mask`` then
-stays on ``answer_ids + [EOS]``: the tokens likelihoods are reported per). Tokenisation runs
+A row renders through the prompt format (``data.template``) into prompt ids and an answer; tokens
+are ``prompt_ids + answer_ids + [END]`` where END is the format's end-of-answer id (EOS, or the
+chat template's end-of-turn token: ``diffllm.data.template.end_of_answer_id``), and
+``answer_mask`` is True on ``answer_ids + [END]`` only (optionally also on extra END padding up to
+a length bucket, LLaDA-style; ``score_mask`` then stays on ``answer_ids + [END]``: the tokens
+likelihoods are reported per). Tokenisation runs
 through ``datasets.map`` (batched, cached by fingerprint); batches are padded per batch.
 
 Rows that are not Alpaca rows are never silently dropped: they are counted, logged with their
@@ -29,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from diffllm.data.collate import Collator
-from diffllm.data.template import MalformedRowError, check_row, render, render_prompt
+from diffllm.data.template import MalformedRowError, check_row, end_of_answer_id, get_format
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,11 @@ def encode_row(
 ) -> dict[str, Any]:
     """One row -> ``input_ids``, ``answer_mask``, ``score_mask`` (lists of 0/1), ``prompt_len``, ``truncated``.
 
-    The prompt keeps the tokenizer's own special tokens (BOS); the answer has none and ends with
-    EOS. ``answer_pad_to=k`` appends extra EOS so the supervised span is a multiple of k tokens
-    (LLaDA SFT: the model learns to fill a fixed canvas with EOS after its answer).
+    The prompt is the format's (a text format keeps the tokenizer's own special tokens, e.g. BOS;
+    ``chat`` is the chat template's own text); the answer has no special tokens and ends with the
+    end-of-answer id (``end_of_answer_id(tokenizer, template)``: EOS, or the chat template's end of
+    turn). ``answer_pad_to=k`` appends extra end ids so the supervised span is a multiple of k
+    tokens (LLaDA SFT: the model learns to fill a fixed canvas with EOS after its answer).
     ``answer_mask`` marks the supervised span (answer, EOS and the padding EOS): what is hidden and
     trained on. ``score_mask`` marks the answer and its first EOS only: the tokens a likelihood is
     reported per, the same tokens whatever the padding, so the AR model is scored on them alone.
@@ -68,10 +72,16 @@ def encode_rows(
     ``datasets.map`` fingerprints it by what changes the tokens (the cache then hits across runs).
     """
     n = len(next(iter(rows.values())))
-    pairs = [render({key: col[i] for key, col in rows.items()}, template) for i in range(n)]
-    prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
-    answer_ids = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
+    fmt = get_format(template)
+    dict_rows = [{key: col[i] for key, col in rows.items()} for i in range(n)]
+    for row in dict_rows:
+        check_row(row)
+    prompts = [fmt.prompt_text(row, tokenizer) for row in dict_rows]
+    prompt_ids = tokenizer(prompts, add_special_tokens=fmt.add_special_tokens)["input_ids"]
+    answer_ids = tokenizer([row["output"].strip() for row in dict_rows], add_special_tokens=False)[
+        "input_ids"
+    ]
+    eos = fmt.end_id(tokenizer)  # the one end-of-answer id, for the answer's end and its padding
     out: dict[str, list[Any]] = {
         k: [] for k in ("input_ids", "answer_mask", "score_mask", "prompt_len", "truncated", "length")
     }
@@ -153,6 +163,9 @@ class AlpacaDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
+        self.format = get_format(template)  # fails early on an unknown data.template
+        # The one end-of-answer id (EOS, or the chat template's end of turn) for answers and padding.
+        self.eos_id = end_of_answer_id(tokenizer, template)
         self.collate = Collator(tokenizer.pad_token_id, pad_to_multiple_of)
         self.report = DataReport()
         self.train_ds: datasets.Dataset | None = None
@@ -263,8 +276,8 @@ class AlpacaDataModule(L.LightningDataModule):
         n = self.hparams.num_sample_prompts if n is None else n
         out = []
         for row in self.val_raw.select(range(min(n, len(self.val_raw)))):
-            prompt = render_prompt(row, self.hparams.template)
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            prompt = self.format.prompt_text(row, self.tokenizer)
+            ids = self.format.prompt_ids(row, self.tokenizer)
             out.append(
                 {"prompt": prompt, "prompt_ids": ids, "reference": row["output"].strip(), "row": dict(row)}
             )
