@@ -42,7 +42,7 @@ from diffllm.config import CONF_DIR
 from diffllm.data.template import TemplateError, get_format
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.inference import InferenceModel, load_for_inference
-from diffllm.model.attention import set_bidirectional
+from diffllm.model.attention import attention_of, set_bidirectional
 from diffllm.model.dlm import DiffusionLM
 from diffllm.model.load import (
     ModelLoadError,
@@ -92,7 +92,7 @@ def model_card(im: InferenceModel, kind: str, source: str) -> dict[str, Any]:
         "mask_id": dlm.mask_id,
         "mask_token": tok.convert_ids_to_tokens(dlm.mask_id),
         "shift": dlm.shift,
-        "prefix_lm": dlm.prefix_lm,
+        "attention": dlm.attention,
         "eos_id": im.eos_id,  # the end-of-answer id (EOS, or the chat template's end of turn)
         "pad_id": tok.pad_token_id,
         "vocab_size": len(tok),
@@ -232,8 +232,8 @@ def load_exported(
     model.to(device).eval()
     return InferenceModel(
         dlm=DiffusionLM(
-            model, mask_id=card["mask_id"], shift=card["shift"], prefix_lm=card.get("prefix_lm", False)
-        ),
+            model, mask_id=card["mask_id"], shift=card["shift"], attention=attention_of(card)
+        ),  # cards older than model.attention say prefix_lm: true/false
         tokenizer=tokenizer,
         sampler_config=SamplerConfig(**card["sampler"]),
         cfg=card.get("run_config") or {},

@@ -63,18 +63,16 @@ class DiffusionLitModule(L.LightningModule):
         # objective=diffusion (this module's diffusion_loss) or objective=ar (AR-SFT, the baseline);
         # read through the project's registry, as a checkpoint's config is data
         self.objective = objective_of(cfg)
+        if self.objective.attention is not None:  # AR-SFT: the model it trains is causal
+            self.dlm.attention = self.objective.attention
         self.schedule = instantiate(cfg["schedule"])
         # The schedule of every reported bound (diffllm.scoring: one choice for validation, the
         # report and evaluate), whatever trains.
         self.eval_schedule = EVAL_SCHEDULE
         self.time_sampler = instantiate(cfg["time_sampler"])
         self.loss_fn = instantiate(cfg["loss"])
+        # annealing composes with model.attention (diffllm.diffusion.annealing)
         self.annealing = instantiate(cfg["anneal"])
-        if self.dlm.prefix_lm and self.annealing.steps > 0:
-            raise ValueError(
-                f"model.prefix_lm=true cannot be combined with attention annealing ({self.annealing}): "
-                "both set the 4D attention mask; use anneal=none or model.prefix_lm=false"
-            )
         self.sampler_config = instantiate(cfg["sampler"])
         self.sample_prompts: list[dict[str, Any]] = []
         self.val_loss = MeanMetric()
@@ -110,10 +108,13 @@ class DiffusionLitModule(L.LightningModule):
         else:
             t = self.time_sampler(x0.shape[0], device=x0.device, generator=generator)  # (B,)
             xt, hidden = forward_process(x0, answer_mask, self.schedule.mask_prob(t), self.mask_id, generator)
-        attn = self.annealing.mask(
-            attention_mask, self.global_step, self.dlm.base.config._attn_implementation, self.dtype
+        # annealing's (B, L, L) draw (None when off), from the same keys / generator as t and the masks
+        visible = self.annealing.visible(
+            *x0.shape, self.global_step, device=x0.device, generator=generator, keys=keys
         )
-        logits = self.dlm.logits_at(xt, hidden, attn, canvas=answer_mask)  # (N, V) only at hidden positions
+        logits = self.dlm.logits_at(
+            xt, hidden, attention_mask, canvas=answer_mask, extra_mask=visible
+        )  # (N, V) only at hidden positions
         t_pos = t[:, None].expand_as(x0)[hidden]  # (N,) the t of each hidden token's row
         n_answer = answer_mask.sum()
         weighted_sum = self.loss_fn.weighted_sum(logits, x0[hidden], t_pos, self.schedule)

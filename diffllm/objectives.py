@@ -4,7 +4,7 @@
   ``DiffusionLitModule.diffusion_loss`` on the bidirectional model.
 * ``ARObjective`` (``objective=ar``): AR-SFT at equal budget, the fair baseline of the research
   question. The same base, LoRA targets and rank, [MASK] row, data, steps and optimizer; attention
-  causal and the loss the next-token cross-entropy on the scored span (``score_mask``: the answer
+  causal (``model.attention=causal``, set on the model whatever the model node says) and the loss the next-token cross-entropy on the scored span (``score_mask``: the answer
   and its first end token, never the EOS padding after it), averaged over the scored
   tokens of the whole optimizer step (micro-batches and ranks, as training normalises):
 
@@ -37,6 +37,7 @@ class DiffusionObjective:
 
     role = "diffusion"
     label = "diffusion"
+    attention = None  # the model's own (model.attention)
 
     def loss(
         self,
@@ -73,6 +74,7 @@ class ARObjective:
 
     role = "ar_sft"
     label = "AR-SFT"
+    attention = "causal"  # model.attention of the trained model, whatever the model node says
 
     def loss(
         self,

@@ -1,4 +1,5 @@
-"""Attention-mask annealing: causal at step 0, bidirectional at the end, a p-mix in between."""
+"""Attention-mask annealing over bidirectional attention: causal at step 0, bidirectional at the end,
+a p-mix in between (its composition with every mode: tests/test_attention.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 from transformers import LlamaForCausalLM
 
 from diffllm.diffusion.annealing import AttentionAnnealing
-from diffllm.model.attention import causal_attention, set_bidirectional
+from diffllm.model.attention import causal_attention, custom_attention_mask, may_attend, set_bidirectional
 from tests.conftest import tiny_llama
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -20,6 +21,15 @@ IMPLS = ["eager", "sdpa"]
 
 # tiny models on 2 shared cores: OpenMP threads only add spin-wait overhead (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _mask(anneal, attention_mask, step, attn_implementation, generator=None):
+    """What DiffusionLM passes the decoder for a bidirectional model at ``step`` (the 2D mask once over)."""
+    visible = anneal.visible(*attention_mask.shape, step, generator=generator)
+    if visible is None:
+        return attention_mask
+    allowed = may_attend("bidirectional", attention_mask.bool(), None, attention_mask.shape[1], extra=visible)
+    return custom_attention_mask(allowed, attn_implementation, torch.float32)
 
 
 def _bidirectional_llama(attn_implementation: str) -> LlamaForCausalLM:
@@ -53,7 +63,7 @@ def test_step_zero_is_causal(attn_implementation, padded):
     model = _bidirectional_llama(attn_implementation)
     input_ids, attention_mask = _batch(padded)
     anneal = AttentionAnnealing(steps=10)
-    mask = anneal.mask(attention_mask, 0, attn_implementation, torch.float32)
+    mask = _mask(anneal, attention_mask, 0, attn_implementation)
     assert mask.shape == (2, 1, 9, 9)
 
     changed, last = _change_last_real_token(input_ids, attention_mask)
@@ -75,12 +85,9 @@ def test_end_of_annealing_is_bidirectional_and_untouched(attn_implementation):
     input_ids, attention_mask = _batch(padded=True)
     anneal = AttentionAnnealing(steps=10)
     for step in (10, 11, 1000):
-        assert anneal.mask(attention_mask, step, attn_implementation, torch.float32) is attention_mask
+        assert anneal.visible(2, 9, step) is None
     for step in (0, 5, 10**6):
-        assert (
-            AttentionAnnealing(steps=0).mask(attention_mask, step, attn_implementation, torch.float32)
-            is attention_mask
-        )
+        assert AttentionAnnealing(steps=0).visible(2, 9, step) is None
 
     changed, _ = _change_last_real_token(input_ids, attention_mask)
     before, after = _logits(model, input_ids, attention_mask), _logits(model, changed, attention_mask)
@@ -97,7 +104,7 @@ def test_in_between_a_fraction_p_of_future_keys_is_visible(attn_implementation):
     i, j = torch.meshgrid(torch.arange(length), torch.arange(length), indexing="ij")
     future, past = j > i, j <= i
     for step in (1, 2, 4, 6):
-        mask = anneal.mask(attention_mask, step, attn_implementation, torch.float32, generator=gen)
+        mask = _mask(anneal, attention_mask, step, attn_implementation, generator=gen)
         allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0  # eager: additive 0 / min
         keys_ok = attention_mask.bool()[:, None, :].expand_as(allowed)
         assert not allowed[~keys_ok].any(), "a padding key is visible"
@@ -112,7 +119,7 @@ def test_annealed_mask_reaches_eager_and_sdpa_alike():
     anneal = AttentionAnnealing(steps=2)  # p = 0.5 at step 1
     out = {}
     for impl in IMPLS:
-        mask = anneal.mask(attention_mask, 1, impl, torch.float32, generator=torch.Generator().manual_seed(3))
+        mask = _mask(anneal, attention_mask, 1, impl, generator=torch.Generator().manual_seed(3))
         out[impl] = _logits(_bidirectional_llama(impl), input_ids, mask)
     real = attention_mask.bool()
     assert torch.allclose(out["eager"][real], out["sdpa"][real], atol=1e-5)
@@ -129,7 +136,7 @@ def test_annealed_mask_reaches_eager_and_sdpa_alike():
 def test_left_padding_gives_finite_logits(attn_implementation):
     input_ids, attention_mask = _batch(padded=False)
     attention_mask[0, :3] = 0  # a padding query at position 0 can see no key: it gets its own
-    mask = AttentionAnnealing(steps=4).mask(attention_mask, 1, attn_implementation, torch.float32)
+    mask = _mask(AttentionAnnealing(steps=4), attention_mask, 1, attn_implementation)
     assert torch.isfinite(_logits(_bidirectional_llama(attn_implementation), input_ids, mask)).all()
 
 
@@ -141,7 +148,7 @@ def test_progress_and_refusals():
     with pytest.raises(ValueError, match="steps must be >= 0"):
         AttentionAnnealing(steps=-1)
     with pytest.raises(ValueError, match="flash_attention_2"):
-        anneal.mask(torch.ones(1, 4), 0, "flash_attention_2", torch.float32)
+        _mask(anneal, torch.ones(1, 4), 0, "flash_attention_2")
 
 
 @pytest.mark.parametrize(("name", "steps"), [("none", 0), ("linear", 200)])

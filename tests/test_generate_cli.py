@@ -309,7 +309,7 @@ def test_merged_copy_matches_the_adapters_and_leaves_them_alone(model):
     fast = dlm.merged_copy()
     assert not any("lora" in name for name, _ in fast.model.named_modules())  # plain linear layers
     assert is_bidirectional(fast.model)
-    assert (fast.mask_id, fast.shift, fast.prefix_lm) == (dlm.mask_id, dlm.shift, dlm.prefix_lm)
+    assert (fast.mask_id, fast.shift, fast.attention) == (dlm.mask_id, dlm.shift, dlm.attention)
     ids = torch.tensor([[1, 5, 9, dlm.mask_id, dlm.mask_id, 7]])
     with torch.no_grad():
         torch.testing.assert_close(fast(ids), dlm(ids), atol=1e-5, rtol=1e-4)

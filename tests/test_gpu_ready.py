@@ -230,7 +230,7 @@ def _lora_grads(model_dir: str, checkpointing: bool) -> tuple[dict[str, torch.Te
 
     torch.manual_seed(0)
     dlm, tok = build_diffusion_model(
-        model_dir, LORA, shift=True, prefix_lm=True, gradient_checkpointing=checkpointing
+        model_dir, LORA, shift=True, attention="prefix_lm", gradient_checkpointing=checkpointing
     )
     dlm.train()
     calls = []

@@ -74,9 +74,11 @@ def test_last_token_changes_first_logit(tiny_model_dir, impl, padded):
     with torch.no_grad():
         a, b = dlm(ids, mask), dlm(changed, mask)
         assert (a[0, 0] - b[0, 0]).abs().max() > 1e-4, "position 0 did not see the last token"
-        with causal_attention(dlm.model):
-            c, d = dlm(ids, mask), dlm(changed, mask)
-        torch.testing.assert_close(c[0, 0], d[0, 0])  # the switch back to causal really is causal
+        c, d = dlm(ids, mask, attention="causal"), dlm(changed, mask, attention="causal")
+        torch.testing.assert_close(c[0, 0], d[0, 0])  # the causal mode really is causal
+        with causal_attention(dlm.model):  # and so is the switch on the bare HF model
+            e, f = dlm.base(ids, attention_mask=mask).logits, dlm.base(changed, attention_mask=mask).logits
+        torch.testing.assert_close(e[0, 0], f[0, 0])
     assert is_bidirectional(dlm.model)
 
 
@@ -107,7 +109,7 @@ def test_prefix_lm_prompt_never_sees_the_canvas(tiny_model_dir, impl):
     changed[:, 5] = tok.convert_tokens_to_ids("green")  # an answer token
     with torch.no_grad():
         full_a, full_b = dlm(ids, mask, canvas), dlm(changed, mask, canvas)
-        dlm.prefix_lm = True
+        dlm.attention = "prefix_lm"
         a, b = dlm(ids, mask, canvas), dlm(changed, mask, canvas)
         no_canvas = dlm(ids, mask)  # without canvas= (the AR path) the mask is the plain one
     assert (full_a[:, :4] - full_b[:, :4]).abs().max() > 1e-4  # bidirectional: the prompt sees it
@@ -118,7 +120,7 @@ def test_prefix_lm_prompt_never_sees_the_canvas(tiny_model_dir, impl):
     with torch.no_grad():
         prompt_only = dlm(ids[:, :4], mask[:, :4], canvas[:, :4])
     torch.testing.assert_close(a[:, :4], prompt_only, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="anneal=none"):
+    with pytest.raises(ValueError, match="extra_mask="):
         dlm(ids, torch.ones(2, 1, ids.shape[1], ids.shape[1], dtype=torch.bool), canvas)
 
 
@@ -139,8 +141,10 @@ def test_prefix_lm_reaches_flex_as_an_exact_block_mask():
 
 
 def test_prefix_lm_refuses_kernels_without_custom_masks(tiny_model_dir):
-    with pytest.raises(ValueError, match="model.prefix_lm=false"):
-        build_diffusion_model(tiny_model_dir, LORA, attn_implementation="flash_attention_2", prefix_lm=True)
+    with pytest.raises(ValueError, match="model.attention=bidirectional"):
+        build_diffusion_model(
+            tiny_model_dir, LORA, attn_implementation="flash_attention_2", attention="prefix_lm"
+        )
 
 
 def test_mask_token_is_a_new_mean_row(tiny_model_dir):

@@ -41,7 +41,7 @@ def _dlm() -> DiffusionLM:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.3, generator=torch.Generator().manual_seed(2))
-    return DiffusionLM(model, mask_id=MASK, shift=True, prefix_lm=True).train()
+    return DiffusionLM(model, mask_id=MASK, shift=True, attention="prefix_lm").train()
 
 
 def _batch() -> dict[str, torch.Tensor]:

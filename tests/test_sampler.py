@@ -53,10 +53,12 @@ def table_from_probs(rows: list[tuple[list[float], int]]) -> torch.Tensor:
 def tiny_dlm(
     shift: bool, bidirectional: bool = True, seed: int = 0, attn: str = "sdpa", prefix_lm: bool = False
 ) -> DiffusionLM:
+    """bidirectional=False: a causal model (model.attention=causal); prefix_lm: the prefix-LM mode."""
     # initializer_range 0.2: spread-out logits, no near-ties for the exactness tests
     model = tiny_llama(64, attn, seed, max_position_embeddings=128, initializer_range=0.2)
     set_bidirectional(model, bidirectional)
-    return DiffusionLM(model, mask_id=63, shift=shift, prefix_lm=prefix_lm)
+    attention = "prefix_lm" if prefix_lm else "bidirectional" if bidirectional else "causal"
+    return DiffusionLM(model, mask_id=63, shift=shift, attention=attention)
 
 
 def run(dlm, config: SamplerConfig, prompts=PROMPTS, seed: int = 0, eos_id: int = 59, pad_id: int = 0):

@@ -15,7 +15,7 @@ token ids. Every variant runs the same rows through ``lightning.Trainer.fit`` on
 
     today            rows in random order, padded to the batch maximum, prefix-LM 4D mask (SDPA)
     grouped          rows grouped by length (transformers' LengthGroupedSampler), prefix-LM (SDPA)
-    padding mask     grouped, model.prefix_lm=false: only the (B, L) padding mask
+    padding mask     grouped, model.attention=bidirectional: only the (B, L) padding mask
     no mask          grouped, no mask at all (padding attended: NOT a training mode; the kernel ceiling)
     flex             grouped, prefix-LM as a flex-attention BlockMask
     bf16 adapters    grouped, LoRA weights bf16 instead of PEFT's fp32 cast (autocast_adapter_dtype)
@@ -172,13 +172,13 @@ def variant_applied(module, variant: Variant) -> Iterator[None]:
     """Switch the module to ``variant`` for the block; everything is put back afterwards."""
     dlm = module.dlm
     base = dlm.base
-    impl_before, prefix_before = base.config._attn_implementation, dlm.prefix_lm
+    impl_before, attention_before = base.config._attn_implementation, dlm.attention
     decoder = base.get_decoder()
     lora = lora_parameters(module)
     dtypes = [p.dtype for p in lora]
     try:
         if variant.mask == "padding" or variant.mask == "none":
-            dlm.prefix_lm = False
+            dlm.attention = "bidirectional"
         if variant.mask == "flex":
             base.set_attn_implementation("flex_attention")
         if not variant.fp32_adapters:
@@ -188,7 +188,7 @@ def variant_applied(module, variant: Variant) -> Iterator[None]:
             decoder.compile(dynamic=True)
         yield
     finally:
-        dlm.prefix_lm = prefix_before
+        dlm.attention = attention_before
         if base.config._attn_implementation != impl_before:
             base.set_attn_implementation(impl_before)
         for p, dt in zip(lora, dtypes):

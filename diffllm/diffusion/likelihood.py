@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from diffllm.diffusion.forward import forward_process
 from diffllm.diffusion.schedule import LinearSchedule, NoiseSchedule
-from diffllm.model.attention import causal_attention
-from diffllm.model.dlm import DiffusionLM, ar_mode, source_positions
+from diffllm.model.dlm import DiffusionLM, adapters_disabled, source_positions
 
 
 def grid_times(
@@ -222,16 +222,15 @@ def causal_token_ce(
     """(N,) next-token cross-entropy at the N True positions of ``targets`` (B, L), row-major order.
 
     Causal attention, no [MASK] input, the logits at position i - 1 predicting token i whatever
-    ``dlm.shift`` is. ``adapters=False``: the original AR model (``ar_mode``: LoRA off);
+    ``dlm.shift`` is. ``adapters=False``: the original AR model (LoRA off);
     ``adapters=True``: the model as trained with causal attention (an AR-SFT model, objective=ar).
     Keeps the autograd graph: the AR-SFT training loss is its mean over the scored tokens.
     """
     targets = targets.bool()
     if targets[:, 0].any():
         raise ValueError("position 0 has no AR prediction; the answer must follow at least one prompt token")
-    context = causal_attention(dlm.model) if adapters else ar_mode(dlm.model)
-    with context:
-        hidden = dlm.hidden_states(input_ids, attention_mask)  # (B, L, H)
+    with nullcontext() if adapters else adapters_disabled(dlm.model):
+        hidden = dlm.hidden_states(input_ids, attention_mask, attention="causal")  # (B, L, H)
         logits = dlm.lm_head(hidden[source_positions(targets, shift=True)])  # (N, V)
     return F.cross_entropy(logits.float(), input_ids[targets], reduction="none")
 

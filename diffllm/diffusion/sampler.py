@@ -33,7 +33,7 @@ Prefix KV cache (``cache="prefix"``, Fast-dLLM): at the start of each block the 
 once and the keys/values of everything before the block are kept; the block's later steps run
 only [block + suffix] on top of them. The cached prefix was computed while the block was still
 masked, so with bidirectional attention this is an approximation; it is exact for a causal model,
-and for the prompt of a prefix-LM model (``DiffusionLM.prefix_lm``: the prompt never attends to
+and for the prompt of a prefix-LM model (``model.attention=prefix_lm``: the prompt never attends to
 the canvas): exact in the first block, whose prefix is the prompt; a later block's prefix holds
 committed answer blocks, which attend to the block being decoded, so there it stays approximate.
 
@@ -205,7 +205,7 @@ class _Denoiser:
         self, dlm: nn.Module, config: SamplerConfig, prompt_mask: torch.Tensor, canvas: torch.Tensor
     ) -> None:
         self.dlm = dlm
-        self.canvas = canvas  # (B, P + G) True on the answer canvas (model.prefix_lm masks it for the prompt)
+        self.canvas = canvas  # (B, P + G) True on the answer canvas (model.attention=prefix_lm hides it from the prompt)
         self.shift = int(dlm.shift)
         self.cfg = config.cfg_scale > 0
         self.use_cache = config.cache == "prefix"
@@ -229,9 +229,8 @@ class _Denoiser:
             attention_mask = torch.cat([attention_mask, attention_mask])
             position_ids = torch.cat([position_ids, position_ids])
             canvas = torch.cat([canvas, canvas])
-        kwargs: dict = {"use_cache": False}
-        if getattr(self.dlm, "prefix_lm", False):
-            kwargs["canvas"] = canvas  # over all keys: the cached prefix and the new tokens
+        # canvas over all keys (the cached prefix and the new tokens): model.attention decides its use
+        kwargs: dict = {"use_cache": False, "canvas": canvas}
         if self.use_cache:
             if self.cache is None:
                 self.cache = DynamicCache(config=self.dlm.base.config)

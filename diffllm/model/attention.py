@@ -1,4 +1,18 @@
-"""Switch a Hugging Face decoder between causal and bidirectional attention.
+"""Attention of the diffusion model: the causal/bidirectional switches and the one mask builder.
+
+Modes (``model.attention``, ``ATTENTION_MODES``), as a boolean "may attend" pattern over a
+query i and a key j, given the answer canvas (``canvas``, True on answer positions):
+
+    causal         j <= i
+    bidirectional  always
+    prefix_lm      canvas[i] or not canvas[j]   (the prompt never sees the canvas; the canvas sees all)
+
+``may_attend`` builds the whole (B, Lq, Lk) pattern in one place: padding AND the mode AND an
+optional extra constraint (attention-mask annealing's draw); ``custom_attention_mask`` converts it
+once into what the attention implementation takes (sdpa bool, eager additive, flex BlockMask).
+``DiffusionLM.hidden_states`` keeps the model's own fast path where there is nothing to build:
+``causal`` and ``bidirectional`` without an extra constraint pass the (B, L) padding mask to
+transformers with the two switches below set accordingly (``NATIVE_MODES``).
 
 Two switches must agree, or one attention implementation silently stays causal:
 
@@ -14,8 +28,10 @@ restores the AR behaviour for the base-model baseline inside a ``with`` block.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,14 +80,24 @@ def is_bidirectional(model: nn.Module) -> bool:
 
 
 @contextmanager
-def causal_attention(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily restore causal attention (the AR baseline); restores the previous state."""
+def attention_switch(model: nn.Module, causal: bool) -> Iterator[nn.Module]:
+    """Both switches set to causal (or bidirectional) inside a ``with`` block; restores the previous state."""
+    flags = [getattr(c, "is_causal", True) for c in _configs(model)]
+    flags += [m.is_causal for m in _attention_modules(model)]
+    if all(f is causal for f in flags):  # already there: nothing to flip or restore
+        yield model
+        return
     was_bidirectional = is_bidirectional(model)
-    set_bidirectional(model, False)
+    set_bidirectional(model, not causal)
     try:
         yield model
     finally:
         set_bidirectional(model, was_bidirectional)
+
+
+def causal_attention(model: nn.Module):
+    """Temporarily restore causal attention (the AR baseline); restores the previous state."""
+    return attention_switch(model, causal=True)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -117,6 +143,112 @@ def custom_attention_mask(
     if attn_implementation == "eager":
         return additive_mask(allowed, dtype)
     raise ValueError(
-        f"attention implementation {attn_implementation!r} cannot take a custom 4D mask; "
-        "use model.attn_implementation=sdpa (or eager) for attention-mask annealing."
+        f"attention implementation {attn_implementation!r} cannot take a custom 4D mask (needed by "
+        "model.attention=prefix_lm and by attention-mask annealing); use model.attn_implementation=sdpa "
+        "(or eager, flex_attention)"
     )
+
+
+# -- attention modes ------------------------------------------------------------------------------
+def causal_pattern(num_queries: int, num_keys: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(Lq, Lk) bool, key j <= query i, where the queries are the last ``num_queries`` keys (a KV cache's
+    keys come first)."""
+    q = torch.arange(num_keys - num_queries, num_keys, device=device)
+    return torch.arange(num_keys, device=device)[None, :] <= q[:, None]
+
+
+def _causal(canvas: torch.Tensor, num_queries: int, **_: Any) -> torch.Tensor:
+    return causal_pattern(num_queries, canvas.shape[1], canvas.device)[None]  # (1, Lq, Lk)
+
+
+def _bidirectional(canvas: torch.Tensor, num_queries: int, **_: Any) -> torch.Tensor:
+    return canvas.new_ones(1, num_queries, canvas.shape[1])  # (1, Lq, Lk)
+
+
+def _prefix_lm(canvas: torch.Tensor, num_queries: int, **_: Any) -> torch.Tensor:
+    query_canvas = canvas[:, -num_queries:]  # (B, Lq)
+    return query_canvas[:, :, None] | ~canvas[:, None, :]  # (B, Lq, Lk)
+
+
+# mode -> fn(canvas (B, Lk) bool, num_queries, **options) -> "may attend" (B or 1, Lq, Lk) bool,
+# padding left out (``may_attend`` adds it). A new mode (block_causal) is one more entry here; its
+# options (e.g. block_size) come from ``DiffusionLM.attention_options``.
+ATTENTION_MODES: dict[str, Callable[..., torch.Tensor]] = {
+    "causal": _causal,
+    "bidirectional": _bidirectional,
+    "prefix_lm": _prefix_lm,
+}
+
+# Modes the model builds itself from a (B, L) padding mask, with the value of the ``is_causal``
+# switches they need: no 4D mask, and SDPA keeps its fast path.
+NATIVE_MODES: dict[str, bool] = {"causal": True, "bidirectional": False}
+
+
+def check_attention_mode(attention: str) -> str:
+    """``attention`` if it names a mode, else a ValueError listing the modes."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"model.attention={attention!r} is not one of {sorted(ATTENTION_MODES)}")
+    return attention
+
+
+def attention_mode(attention: str | None = None, prefix_lm: bool | None = None) -> str:
+    """The attention mode of a model config, an old one included.
+
+    Configs, checkpoints and export cards written before ``model.attention`` carry
+    ``prefix_lm: true/false``: true reads as ``prefix_lm``, false as ``bidirectional`` (with a
+    FutureWarning). Neither key: ``bidirectional``, the old default. Both: they must agree.
+    """
+    if prefix_lm is not None:
+        old = "prefix_lm" if prefix_lm else "bidirectional"
+        if attention is not None and attention != old:
+            raise ValueError(
+                f"model.prefix_lm={prefix_lm} and model.attention={attention!r} disagree; "
+                "drop model.prefix_lm (deprecated) and set model.attention only"
+            )
+        warnings.warn(
+            f"model.prefix_lm={prefix_lm} is deprecated; read as model.attention={old!r} "
+            "(write model.attention instead)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        attention = old
+    return check_attention_mode(attention or "bidirectional")
+
+
+def attention_of(node: Mapping[str, Any]) -> str:
+    """``attention_mode`` of a model config node or an export card (``attention`` / old ``prefix_lm``)."""
+    return attention_mode(node.get("attention"), node.get("prefix_lm"))
+
+
+def may_attend(
+    attention: str,
+    key_ok: torch.Tensor,
+    canvas: torch.Tensor | None,
+    num_queries: int,
+    *,
+    extra: torch.Tensor | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Every attention constraint as one (B, Lq, Lk) boolean "query i may attend to key j".
+
+        allowed[b, i, j] = key_ok[b, j]  and  mode(canvas)[b, i, j]  and  extra[b, i, j]
+
+    key_ok:      (B, Lk) bool, the real (non-padding) keys; a KV cache's keys come first
+    canvas:      (B, Lk) bool, the answer canvas over the same keys (None: no canvas, so
+                 ``prefix_lm`` is plain bidirectional)
+    num_queries: Lq, the queries being the last Lq keys
+    extra:       (B, Lq, Lk) bool or None, ANDed in (attention-mask annealing's draw,
+                 ``AttentionAnnealing.visible``)
+    options:     passed to the mode's function (``ATTENTION_MODES``)
+    """
+    key_ok = key_ok.bool()
+    canvas = torch.zeros_like(key_ok) if canvas is None else canvas.bool()
+    if canvas.shape != key_ok.shape:
+        raise ValueError(
+            f"canvas {tuple(canvas.shape)} and padding mask {tuple(key_ok.shape)} differ in shape"
+        )
+    allowed = ATTENTION_MODES[check_attention_mode(attention)](canvas, num_queries, **options)
+    allowed = allowed & key_ok[:, None, :]  # (B, Lq, Lk)
+    if extra is not None:
+        allowed = allowed & extra
+    return allowed

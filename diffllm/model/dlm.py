@@ -9,13 +9,21 @@ tensor costs ~0.5 MB per token.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from torch import nn
 
-from diffllm.model.attention import causal_attention, custom_attention_mask
+from diffllm.model.attention import (
+    NATIVE_MODES,
+    attention_switch,
+    causal_attention,
+    check_attention_mode,
+    custom_attention_mask,
+    may_attend,
+)
 
 
 def source_positions(targets: torch.Tensor, shift: bool) -> torch.Tensor:
@@ -41,19 +49,29 @@ def align(logits: torch.Tensor, shift: bool) -> torch.Tensor:
 class DiffusionLM(nn.Module):
     """Wraps a Hugging Face causal LM (optionally a PeftModel) for masked-diffusion use.
 
-    ``prefix_lm=True``: prompt positions attend to the prompt only (bidirectionally), never to the
-    answer canvas; canvas positions attend to everything (a prefix-LM mask over the bidirectional
-    model). The prompt's keys/values then never depend on the canvas, as in the AR model, so a
-    prefix KV cache of the prompt is exact. Callers mark the canvas with ``canvas=`` (B, L_keys) in
-    ``hidden_states`` / ``logits_at``; without it (the AR path, ``ar_nll``) nothing changes.
+    ``attention`` (``model.attention``, see ``diffllm.model.attention``): ``bidirectional`` (every
+    position sees every real position, LLaDA), ``prefix_lm`` (prompt positions attend to the prompt
+    only, never to the answer canvas; canvas positions attend to everything: the prompt's
+    keys/values never depend on the canvas, as in the AR model, so a prefix KV cache of the prompt
+    is exact) or ``causal``. Callers mark the canvas with ``canvas=`` (B, L_keys) in
+    ``hidden_states`` / ``logits_at``; without it there is no canvas and ``prefix_lm`` is
+    bidirectional. ``attention_options`` go to the mode's mask function (e.g. a block size).
     """
 
-    def __init__(self, model: nn.Module, mask_id: int, shift: bool = False, prefix_lm: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mask_id: int,
+        shift: bool = False,
+        attention: str = "bidirectional",
+        attention_options: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.mask_id = int(mask_id)
         self.shift = bool(shift)
-        self.prefix_lm = bool(prefix_lm)
+        self.attention = check_attention_mode(attention)
+        self.attention_options = dict(attention_options or {})
 
     @property
     def base(self) -> nn.Module:
@@ -70,36 +88,61 @@ class DiffusionLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         canvas: torch.Tensor | None = None,
+        *,
+        attention: str | None = None,
+        extra_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """(B, L, H) final hidden states of the decoder (LoRA layers included).
 
-        ``canvas`` (B, L_keys) bool marks the answer-canvas positions over all keys (a KV cache's
-        positions first, then ``input_ids``); it matters only with ``prefix_lm``.
+        attention_mask: (B, L_keys) padding mask (1 = real token) over all keys (a KV cache's
+                        positions first, then ``input_ids``), or None (no padding)
+        canvas:         (B, L_keys) bool, the answer-canvas positions over the same keys
+        attention:      the mode of this call (default ``self.attention``; the AR path passes ``causal``)
+        extra_mask:     (B, L, L_keys) bool ANDed into the mask (attention-mask annealing)
         """
-        if self.prefix_lm and canvas is not None:
-            attention_mask = self.prefix_lm_mask(attention_mask, canvas, input_ids.shape[1])
-        out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        mask, is_causal = self.attention_inputs(input_ids, attention_mask, canvas, attention, extra_mask)
+        switch = nullcontext() if is_causal is None else attention_switch(self.model, is_causal)
+        with switch:
+            out = self.base.get_decoder()(input_ids=input_ids, attention_mask=mask, **kwargs)
         return out.last_hidden_state
 
-    def prefix_lm_mask(
-        self, attention_mask: torch.Tensor | None, canvas: torch.Tensor, num_queries: int
-    ) -> torch.Tensor:
-        """(B, Lk) padding mask + canvas -> the (B, 1, Lq, Lk) mask where prompt queries skip the canvas.
+    def attention_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        canvas: torch.Tensor | None,
+        attention: str | None = None,
+        extra_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, bool | None]:
+        """(what the decoder gets as ``attention_mask``, the ``is_causal`` switch it needs or None).
 
-        allowed[b, i, j] = key_ok[b, j] and (canvas[b, i] or not canvas[b, j]); the queries are
-        the last ``num_queries`` keys.
+        The fast path: a native mode (``causal``, ``bidirectional``; ``prefix_lm`` without a canvas
+        is bidirectional) with no ``extra_mask`` hands the (B, L) padding mask to transformers and
+        sets the switch. Anything else is ``may_attend``'s (B, Lq, Lk) pattern, converted once by
+        ``custom_attention_mask`` for this model's attention implementation (the switch then does
+        not matter: transformers passes a 4D mask through untouched).
         """
+        mode = check_attention_mode(attention or self.attention)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
-                "model.prefix_lm builds its own 4D mask from the (B, L) padding mask and cannot be "
-                "combined with another 4D mask (attention annealing); set anneal=none or model.prefix_lm=false"
+                f"attention_mask must be the (B, L) padding mask, got shape {tuple(attention_mask.shape)}; "
+                "DiffusionLM builds the 4D mask itself (pass extra constraints as extra_mask=)"
             )
-        canvas = canvas.bool()
-        key_ok = canvas.new_ones(canvas.shape) if attention_mask is None else attention_mask.bool()
-        query_canvas = canvas[:, -num_queries:]  # (B, Lq)
-        allowed = key_ok[:, None, :] & (query_canvas[:, :, None] | ~canvas[:, None, :])  # (B, Lq, Lk)
-        return custom_attention_mask(allowed, self.base.config._attn_implementation, self.base.dtype)
+        if mode == "prefix_lm" and canvas is None:
+            mode = "bidirectional"
+        if extra_mask is None and mode in NATIVE_MODES:
+            return attention_mask, NATIVE_MODES[mode]
+        num_queries = input_ids.shape[1]
+        if attention_mask is not None:
+            key_ok = attention_mask.bool()
+        else:
+            num_keys = num_queries if canvas is None else canvas.shape[1]
+            key_ok = torch.ones(input_ids.shape[0], num_keys, dtype=torch.bool, device=input_ids.device)
+        allowed = may_attend(
+            mode, key_ok, canvas, num_queries, extra=extra_mask, **self.attention_options
+        )  # (B, Lq, Lk)
+        return custom_attention_mask(allowed, self.base.config._attn_implementation, self.base.dtype), None
 
     def merged_copy(self) -> DiffusionLM:
         """A DiffusionLM over a copy of the model with its LoRA adapters merged into the weights.
@@ -111,16 +154,28 @@ class DiffusionLM(nn.Module):
         if not callable(getattr(self.model, "merge_and_unload", None)):
             return self
         merged = copy.deepcopy(self.model).merge_and_unload()  # module is_causal flags are copied too
-        return DiffusionLM(merged, mask_id=self.mask_id, shift=self.shift, prefix_lm=self.prefix_lm)
+        return DiffusionLM(
+            merged,
+            mask_id=self.mask_id,
+            shift=self.shift,
+            attention=self.attention,
+            attention_options=self.attention_options,
+        )
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         canvas: torch.Tensor | None = None,
+        *,
+        attention: str | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, L, V) aligned logits: [:, i] is the prediction for token i."""
-        return align(self.lm_head(self.hidden_states(input_ids, attention_mask, canvas)), self.shift)
+        hidden = self.hidden_states(
+            input_ids, attention_mask, canvas, attention=attention, extra_mask=extra_mask
+        )
+        return align(self.lm_head(hidden), self.shift)
 
     def logits_at(
         self,
@@ -129,11 +184,24 @@ class DiffusionLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
         canvas: torch.Tensor | None = None,
+        *,
+        attention: str | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(N, V) predictions for the N True positions of ``targets`` (B, L), in row-major order."""
         if hidden is None:
-            hidden = self.hidden_states(input_ids, attention_mask, canvas)
+            hidden = self.hidden_states(
+                input_ids, attention_mask, canvas, attention=attention, extra_mask=extra_mask
+            )
         return self.lm_head(hidden[source_positions(targets, self.shift)])
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` (HF causal LM or PeftModel) with its LoRA adapters off inside a ``with`` block."""
+    disable = getattr(model, "disable_adapter", None)
+    with disable() if callable(disable) else nullcontext():
+        yield model
 
 
 @contextmanager
@@ -142,7 +210,7 @@ def ar_mode(model: nn.Module) -> Iterator[nn.Module]:
 
     ``model`` is the HF causal LM or its PeftModel wrapper (``DiffusionLM.model``). The [MASK]
     row added to the embedding is never an input of the AR model, so it changes nothing here.
+    (Through ``DiffusionLM``, pass ``attention="causal"`` instead of switching: the mode decides.)
     """
-    disable = getattr(model, "disable_adapter", None)
-    with disable() if callable(disable) else nullcontext(), causal_attention(model):
+    with adapters_disabled(model), causal_attention(model):
         yield model

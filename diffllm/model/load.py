@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from diffllm.model.attention import set_bidirectional
+from diffllm.model.attention import NATIVE_MODES, attention_mode, check_attention_mode, set_bidirectional
 from diffllm.model.dlm import DiffusionLM
 
 log = logging.getLogger(__name__)
@@ -203,13 +203,14 @@ def _load_causal_lm(
         raise _hub_help(pretrained, err) from err
 
 
-def check_prefix_lm(prefix_lm: bool, attn_implementation: str) -> None:
-    """The prefix-LM mask is a custom 4D mask: only sdpa, eager and flex attention take one."""
-    if prefix_lm and attn_implementation not in ("sdpa", "eager", "flex_attention"):
+def check_attention(attention: str, attn_implementation: str) -> None:
+    """A mode outside ``NATIVE_MODES`` is a custom 4D mask: only sdpa, eager and flex attention take one."""
+    check_attention_mode(attention)
+    if attention not in NATIVE_MODES and attn_implementation not in ("sdpa", "eager", "flex_attention"):
         raise ValueError(
-            f"model.prefix_lm=true needs a custom 4D attention mask, which "
+            f"model.attention={attention} needs a custom 4D attention mask, which "
             f"attn_implementation={attn_implementation!r} cannot take; set model.attn_implementation=sdpa "
-            "(or eager), or model.prefix_lm=false"
+            "(or eager), or model.attention=bidirectional"
         )
 
 
@@ -218,7 +219,8 @@ def build_diffusion_model(
     lora: Mapping[str, Any] | None,
     *,
     shift: bool = True,
-    prefix_lm: bool = False,
+    attention: str | None = None,
+    prefix_lm: bool | None = None,
     attn_implementation: str = "sdpa",
     dtype: str = "float32",
     mask_token: Mapping[str, Any] | None = None,
@@ -235,9 +237,12 @@ def build_diffusion_model(
     weights (seeded by the caller), to show how much the AR pretraining contributes.
     ``gradient_checkpointing=True`` recomputes each decoder block's activations in the backward
     pass (memory for compute, see ``enable_checkpointing``).
+    ``attention``: ``model.attention`` (default ``bidirectional``); ``prefix_lm`` is the key it
+    replaced, still read from old configs and checkpoints (``attention_mode``).
     Extra keys (the model node's ``config`` architecture, used by the dry run) are ignored here.
     """
-    check_prefix_lm(prefix_lm, attn_implementation)
+    attention = attention_mode(attention, prefix_lm)
+    check_attention(attention, attn_implementation)
     tokenizer = load_tokenizer(pretrained, trust_remote_code=trust_remote_code)
     if from_scratch:
         hf_config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
@@ -253,7 +258,7 @@ def build_diffusion_model(
         enable_checkpointing(model)
     if lora is not None:
         model = apply_lora(model, lora, mask_id=mask_id, train_mask_row=train_mask_row)
-    return DiffusionLM(model, mask_id=mask_id, shift=shift, prefix_lm=prefix_lm), tokenizer
+    return DiffusionLM(model, mask_id=mask_id, shift=shift, attention=attention), tokenizer
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -277,13 +282,15 @@ def build_from_config(
     mask_token: Mapping[str, Any] | None = None,
     train_mask_row: bool = False,
     shift: bool = True,
-    prefix_lm: bool = False,
+    attention: str | None = None,
+    prefix_lm: bool | None = None,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     **_: Any,
 ) -> DiffusionLM:
     """The same conversion from an architecture dict (``model_type`` + config fields), no weights."""
-    check_prefix_lm(prefix_lm, attn_implementation)
+    attention = attention_mode(attention, prefix_lm)
+    check_attention(attention, attn_implementation)
     config = dict(config)
     model_type = config.pop("model_type", None)
     if model_type is None:
@@ -296,7 +303,7 @@ def build_from_config(
     set_bidirectional(model)
     if lora is not None:
         model = apply_lora(model, lora, mask_id=mask_id, train_mask_row=train_mask_row)
-    return DiffusionLM(model, mask_id=mask_id, shift=shift, prefix_lm=prefix_lm)
+    return DiffusionLM(model, mask_id=mask_id, shift=shift, attention=attention)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
