@@ -222,3 +222,32 @@ def test_validation_inside_annealing_is_reproducible(tmp_path):
     first = validate(5)
     assert validate(5) == first
     assert validate(10)[0] != first[0]  # at step 10 annealing is over: the loss sees another pattern
+
+
+# -- checkpoints and export cards written before model.attention -------------------------------------
+def _old_style_model_node(node: dict, prefix_lm: bool) -> dict:
+    node = {k: v for k, v in node.items() if k != "attention"}
+    return {**node, "prefix_lm": prefix_lm}
+
+
+@pytest.mark.parametrize(("prefix_lm", "mode"), [(True, "prefix_lm"), (False, "bidirectional")])
+def test_old_checkpoint_with_prefix_lm_key_loads_as_its_mode(tiny_run, tmp_path, prefix_lm, mode):
+    from diffllm.inference import load_for_inference
+
+    ckpt = torch.load(tiny_run[1], map_location="cpu", weights_only=False)
+    cfg = ckpt["hyper_parameters"]["cfg"]
+    assert cfg["model"]["attention"] == "prefix_lm"
+    cfg["model"] = _old_style_model_node(cfg["model"], prefix_lm)
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    with pytest.warns(FutureWarning, match=f"model.prefix_lm={prefix_lm} is deprecated"):
+        im = load_for_inference(old)
+    assert im.dlm.attention == mode
+    # the same weights under the mode the old key named: equal logits where the new key says the same
+    new = load_for_inference(tiny_run[1])
+    new.dlm.attention = mode
+    ids = torch.tensor([im.tokenizer.encode("Reverse: cat dog")])
+    canvas = torch.zeros_like(ids, dtype=torch.bool)
+    canvas[:, -2:] = True
+    with torch.no_grad():
+        torch.testing.assert_close(im.dlm(ids, None, canvas), new.dlm(ids, None, canvas))

@@ -128,6 +128,30 @@ def test_export_root_resolves_to_merged_and_missing_card_is_an_error(exported, t
         load_exported(tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["adapter", "merged"])
+def test_card_written_before_model_attention_is_read(checkpoint_model, exported, tmp_path, kind):
+    """Cards that say ``prefix_lm: true`` (card and model node) load as model.attention=prefix_lm."""
+    import shutil
+
+    folder = tmp_path / kind
+    shutil.copytree(exported / kind, folder)
+    card = json.loads((folder / "diffllm.json").read_text())
+    assert card.pop("attention") == "prefix_lm"
+    card["prefix_lm"] = True
+    card["model"] = {**{k: v for k, v in card["model"].items() if k != "attention"}, "prefix_lm": True}
+    (folder / "diffllm.json").write_text(json.dumps(card))
+    with pytest.warns(FutureWarning, match="model.prefix_lm=True is deprecated"):
+        reloaded = load_exported(folder)
+    assert reloaded.dlm.attention == "prefix_lm"
+    ids = probe_batch(checkpoint_model)
+    canvas = ids == checkpoint_model.dlm.mask_id
+    attention_mask = (ids != checkpoint_model.tokenizer.pad_token_id).long()
+    with torch.no_grad():
+        got = reloaded.dlm(ids, attention_mask, canvas)
+        want = checkpoint_model.dlm(ids, attention_mask, canvas)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("train_mask_row", [False, True])
 def test_roundtrip_untied_model_with_and_without_a_trained_mask_row(tiny_model_dir, tmp_path, train_mask_row):
     """Untied embeddings (the conftest model); an untrained mean-initialised [MASK] row is rebuilt
