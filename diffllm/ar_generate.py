@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
 from diffllm.diffusion.sampler import left_pad, truncate_at_eos
 from diffllm.model.attention import causal_attention
@@ -58,8 +59,6 @@ def ar_generate(
     ``seed``, so the global RNG state is left untouched. ``pad_id`` None means ``eos_id``.
     ``adapters=True`` keeps the LoRA adapters on (causal attention still): an AR-SFT model.
     """
-    from transformers import GenerationConfig
-
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:

@@ -37,31 +37,34 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from diffllm import scoring
-from diffllm.config import CONF_DIR
+from diffllm.cli_support import set_keys
+from diffllm.config import CONF_DIR, register_resolvers
 from diffllm.diffusion.sampler import SamplerConfig
-from diffllm.generate import sampler_with_overrides
-from diffllm.inference import InferenceModel, load_ar_sft, load_for_inference
-from diffllm.metrics import bleu, exact_match, unigram_cross_entropy
-from diffllm.model.dlm import DiffusionLM
-from diffllm.model.load import ModelLoadError, build_diffusion_model
-from diffllm.objectives import ARObjective
-from diffllm.report import MODEL_COLUMNS, _answer_tokens, _pm, format_report, generation_figures, provenance
+from diffllm.evaluation import EVAL_SCHEDULE, compare, exact_match_by_task, likelihood_settings
+from diffllm.loading import (
+    InferenceModel,
+    ar_baseline_model,
+    load_ar_sft,
+    load_for_inference,
+    run_datamodule,
+)
+from diffllm.metrics import bleu
+from diffllm.model.load import ModelLoadError
+from diffllm.report import MODEL_COLUMNS, format_report, plus_minus, provenance
 from diffllm.scoring import Answers
+from diffllm.viz import plot_nll_by_length, plot_quality_vs_steps, save_figure
 
 log = logging.getLogger("diffllm.evaluate")
-
-NUM_EXAMPLES = 8
 
 
 # ----------------------------------------------------------------------------------- the inputs
@@ -73,29 +76,6 @@ def default_out_dir(path: str | Path) -> Path:
     if path.is_dir():
         return path / "eval"
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-
-
-def eval_datamodule(
-    cfg: Mapping[str, Any], tokenizer: Any, data_path: str | Path | None = None, **overrides: Any
-):
-    """The run's datamodule rebuilt from its config (``data_path``: that file as the validation split)."""
-    from hydra.utils import instantiate
-
-    if not cfg.get("data"):
-        raise ValueError(
-            "this model carries no run config (data section) to rebuild the validation split from; pass data_path=FILE"
-        )
-    data_cfg = dict(cfg["data"])
-    if data_path is not None:
-        if not Path(data_path).exists():
-            raise FileNotFoundError(
-                f"data_path={str(data_path)!r} does not exist; pass a .json/.jsonl file of Alpaca rows"
-            )
-        data_cfg.update(val_path=str(data_path), limit_val_rows=None)
-    data_cfg.update(report_dir=None, **overrides)  # evaluation writes nothing into the run's data report
-    datamodule = instantiate(data_cfg, tokenizer=tokenizer)
-    datamodule.setup()
-    return datamodule
 
 
 def validated_rows(cfg: Mapping[str, Any], num_rows: int, batch_size: int) -> int:
@@ -110,29 +90,6 @@ def validated_rows(cfg: Mapping[str, Any], num_rows: int, batch_size: int) -> in
     else:
         used = min(int(limit), num_batches)
     return min(num_rows, used * batch_size)
-
-
-def batches(dataset, collate, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
-    """Consecutive padded batches of ``dataset`` rows, as the (unshuffled) validation loader builds them."""
-    for start in range(0, len(dataset), batch_size):
-        yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-
-
-def ar_baseline_model(im: InferenceModel, device: str | torch.device) -> DiffusionLM | None:
-    """The model whose ``ar_mode`` is the original AR model: the same one when it has adapters to
-    switch off; for a merged export, the base rebuilt from the recorded ``model.pretrained``."""
-    if callable(getattr(im.dlm.model, "disable_adapter", None)):
-        return im.dlm
-    model_cfg = {k: v for k, v in (im.cfg.get("model") or {}).items() if k != "config"}
-    if not model_cfg.get("pretrained"):
-        log.warning("no base model recorded for %s: AR baseline skipped", im.source)
-        return None
-    try:
-        base, _ = build_diffusion_model(lora=None, **model_cfg)
-    except ModelLoadError as err:
-        log.warning("AR baseline skipped: %s", err)
-        return None
-    return base.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------- likelihood
@@ -192,43 +149,6 @@ def diffusion_answers(
 def quality(answers: Answers, refs: Sequence[str]) -> dict[str, float]:
     """``scoring.quality`` (exact match, ROUGE-L, length, EOS rate, with SEs) plus corpus BLEU-4."""
     return {**scoring.quality(answers, refs), "bleu": bleu(answers.texts, refs)}
-
-
-def by_task(
-    rows: Sequence[Mapping[str, Any]],
-    refs: Sequence[str],
-    diffusion: Sequence[str],
-    ar: Sequence[str] | None,
-    ar_sft: Sequence[str] | None = None,
-) -> list[dict[str, Any]]:
-    """Exact match per value of the rows' ``task`` key (the tiny tasks carry one; Alpaca rows do not).
-
-    Returns [{task, rows, diffusion_exact_match, ar_exact_match}] sorted by task, or [] when no row
-    has a task; rows without one are grouped under "(none)".
-    """
-    tasks = [str(r.get("task") or "(none)") for r in rows]
-    if set(tasks) == {"(none)"}:
-        return []
-    out = []
-    for task in sorted(set(tasks)):
-        idx = [i for i, t in enumerate(tasks) if t == task]
-        task_refs = [refs[i] for i in idx]
-        out.append(
-            {
-                "task": task,
-                "rows": len(idx),
-                "diffusion_exact_match": exact_match([diffusion[i] for i in idx], task_refs),
-                "ar_exact_match": exact_match([ar[i] for i in idx], task_refs)
-                if ar is not None
-                else float("nan"),
-                **(
-                    {"ar_sft_exact_match": exact_match([ar_sft[i] for i in idx], task_refs)}
-                    if ar_sft is not None
-                    else {}
-                ),
-            }
-        )
-    return out
 
 
 def default_steps_grid(config: SamplerConfig) -> list[int]:
@@ -318,7 +238,7 @@ def format_markdown(r: Mapping[str, Any]) -> str:
         "| metric | " + " | ".join(name for _, name in cols) + " |",
         "|---|" + "---:|" * len(cols),
         *(
-            f"| {label} | " + " | ".join(_pm(r, f"{k}_{metric}", digits) for k, _ in cols) + " |"
+            f"| {label} | " + " | ".join(plus_minus(r, f"{k}_{metric}", digits) for k, _ in cols) + " |"
             for metric, label, digits in (
                 ("exact_match", "exact match", 3),
                 ("rougeL", "ROUGE-L", 3),
@@ -331,7 +251,7 @@ def format_markdown(r: Mapping[str, Any]) -> str:
         ),
         *(
             f"| exact match − {cols_ref} | "
-            + " | ".join(_pm(r, f"{k}_minus_{ref}_exact_match") for k, _ in cols)
+            + " | ".join(plus_minus(r, f"{k}_minus_{ref}_exact_match") for k, _ in cols)
             + " |"
             for ref, cols_ref in [
                 (
@@ -391,8 +311,6 @@ def format_markdown(r: Mapping[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path, buckets_fig, steps_fig) -> dict[str, Path]:
-    from diffllm.viz import save_figure
-
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "nll_by_length": save_figure(buckets_fig, out_dir / "nll_by_length.png"),
@@ -438,67 +356,48 @@ def evaluate(
     im = load_for_inference(ckpt_path, device=device)
     cfg, tok = im.cfg, im.tokenizer
     seed = int(cfg.get("seed", 0) if seed is None else seed)
-    lk = {
-        **(cfg.get("val_likelihood") or {}),
-        **{k: v for k, v in dict(likelihood or {}).items() if v is not None},
-    }
-    num_samples, method = int(lk.get("num_samples", 4)), str(lk.get("method", "grid"))
-    config = sampler_with_overrides(im.sampler_config, sampler)
+    lk = likelihood_settings(cfg.get("val_likelihood"), **dict(likelihood or {}))
+    config = im.sampler_config.with_overrides(sampler)
 
-    dm = eval_datamodule(cfg, tok, data_path)
+    dm = run_datamodule(cfg, tok, data_path)
     bs = int(batch_size or dm.hparams.eval_batch_size or dm.hparams.batch_size)
     if rows is None:
         rows = len(dm.val_ds) if data_path is not None else validated_rows(cfg, len(dm.val_ds), bs)
     rows = min(int(rows), len(dm.val_ds))
     if rows < 1:
         raise ValueError(f"no validation row to score (rows={rows}, {len(dm.val_ds)} available)")
-    scored = dm.val_ds.select(range(rows))
 
     ar_model = ar_baseline_model(im, device) if ar_baseline else None
     ar_sft = load_ar_sft(ar_ckpt_path, tok, device=device) if ar_ckpt_path is not None else None
-    models = {"diffusion": im.dlm, "ar_base": ar_model, "ar_sft": ar_sft}
-    scores = scoring.score_rows(
-        tqdm(
-            batches(scored, dm.collate, bs),
-            desc="likelihood",
-            total=math.ceil(rows / bs),
-            disable=not progress,
-        ),
+    prompts = dm.sample_prompts(rows if gen_rows is None else int(gen_rows))
+    refs = [p["reference"] for p in prompts]
+    figures, scores, answers = compare(
+        scored=dm.val_ds.select(range(rows)),
+        train=dm.train_ds,
+        collate=dm.collate,
+        batch_size=bs,
+        prompts=prompts,
+        tokenizer=tok,
+        eos_id=im.eos_id,
+        config=config,
         seed=seed,
         device=device,
-        num_samples=num_samples,
-        method=method,
-        end_id=im.eos_id,
-        **{k: m for k, m in models.items() if m is not None},
+        likelihood=lk,
+        gen_batch_size=gen_batch_size,
+        diffusion=im.dlm,
+        ar_base=ar_model,
+        ar_sft=ar_sft,
+        progress=lambda it: tqdm(it, desc="likelihood", total=math.ceil(rows / bs), disable=not progress),
     )
-    figures = scoring.likelihood_figures(scores)
     if ar_model is None:  # the headline keys stay, as not-a-number
         figures.update(
             dict.fromkeys(("ar_nll", "ar_nll_se", "ar_nll_no_end", "gap", "gap_se", "ar_ppl"), float("nan"))
         )
-    unigram = unigram_cross_entropy(
-        _answer_tokens(dm.train_ds, limit=20_000), _answer_tokens(scored), vocab_size=len(tok)
-    )
-
-    prompts = dm.sample_prompts(rows if gen_rows is None else int(gen_rows))
-    prompt_ids = [p["prompt_ids"] for p in prompts]
-    refs = [p["reference"] for p in prompts]
-    answers = {"diffusion": diffusion_answers(im, prompt_ids, config, seed=seed, batch_size=gen_batch_size)}
-    if ar_sft is not None:
-        log.info("AR-SFT greedy: %d prompts", len(prompt_ids))
-        answers["ar_sft"] = ARObjective().answers(
-            ar_sft, tok, prompt_ids, config, eos_id=im.eos_id, seed=seed, batch_size=gen_batch_size
-        )
-    if ar_model is not None:
-        log.info("AR base greedy: %d prompts", len(prompt_ids))
-        answers["ar"] = scoring.ar_answers(
-            ar_model, tok, prompt_ids, config.gen_length, eos_id=im.eos_id, batch_size=gen_batch_size
-        )
-    gen = generation_figures(answers, refs)
+        figures.update({f"ar_{k}": float("nan") for k in quality(answers["diffusion"], refs)})
+        figures["examples"] = [{**e, "ar": ""} for e in figures["examples"]]
     for model, a in answers.items():
-        gen[f"{model}_bleu"] = bleu(a.texts, refs)
-    if ar_model is None:
-        gen.update({f"ar_{k}": float("nan") for k in quality(answers["diffusion"], refs)})
+        figures[f"{model}_bleu"] = bleu(a.texts, refs)
+    prompt_ids = [p["prompt_ids"] for p in prompts]
     grid, skipped = steps_sweep(
         im,
         prompt_ids,
@@ -513,49 +412,34 @@ def evaluate(
     buckets = length_buckets(
         scores["diffusion"], scores.get("ar_base", np.full(rows, np.nan)), scores["tokens"]
     )
+    texts = {m: a.texts for m, a in answers.items()}
     result: dict[str, Any] = {
         "source": str(ckpt_path),
         "ar_ckpt_path": None if ar_ckpt_path is None else str(ar_ckpt_path),
         "data": f"file {data_path}" if data_path is not None else "validation split of the run",
         "rows": rows,
         "gen_rows": len(prompts),
-        "likelihood": {
-            "num_samples": num_samples,
-            "method": method,
-            "seed": seed,
-            "batch_size": bs,
-            "schedule": "linear",
-        },
+        "likelihood": {**lk, "seed": seed, "batch_size": bs, "schedule": repr(EVAL_SCHEDULE)},
         **figures,
-        "unigram_ce": unigram,
-        **gen,
         "sampler": dict(vars(config)),
         "length_buckets": buckets,
-        "by_task": by_task(
-            [p["row"] for p in prompts],
+        "by_task": exact_match_by_task(
+            [p["row"].get("task") for p in prompts],
             refs,
-            answers["diffusion"].texts,
-            answers["ar"].texts if "ar" in answers else None,
-            answers["ar_sft"].texts if "ar_sft" in answers else None,
+            diffusion=texts["diffusion"],
+            ar_sft=texts.get("ar_sft"),
+            ar=texts.get("ar"),
         ),
         "steps_grid": grid,
         "steps_skipped": skipped,
-        "examples": [
-            {"prompt": p["prompt"], "reference": r, **{m: a.texts[i] for m, a in answers.items()}}
-            for i, (p, r) in enumerate(list(zip(prompts, refs))[:NUM_EXAMPLES])
-        ],
         "provenance": provenance(device, time.perf_counter() - started, None),
     }
-    for key in ("ar",) if ar_model is None else ():
-        result["examples"] = [{**e, key: ""} for e in result["examples"]]
     ar_q = {"exact_match": result["ar_exact_match"], "rougeL": result["ar_rougeL"]}
-    from diffllm.viz import plot_nll_by_length, plot_quality_vs_steps
-
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt_path)
     files = write_outputs(
         result,
         out,
-        plot_nll_by_length(buckets, unigram),
+        plot_nll_by_length(buckets, result["unigram_ce"]),
         plot_quality_vs_steps(grid, ar_q),
     )
     result["files"] = {k: str(v) for k, v in files.items()}
@@ -567,7 +451,7 @@ def evaluate(
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The CLI body (``conf/evaluate.yaml``); ``sampler.*`` keys left at ??? keep the checkpoint's value."""
-    overrides = {k: cfg.sampler[k] for k in cfg.sampler if not OmegaConf.is_missing(cfg.sampler, k)}
+    overrides = set_keys(cfg.sampler)
     result = evaluate(
         cfg.ckpt_path,
         data_path=cfg.data_path,
@@ -602,7 +486,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from diffllm.config import register_resolvers
-
     register_resolvers()
     main()

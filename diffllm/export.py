@@ -1,4 +1,4 @@
-"""Export a trained diffusion model to Hugging Face formats, and load an export back.
+"""Export a trained diffusion model to Hugging Face formats (``diffllm.loading`` reads them back).
 
     python -m diffllm.export ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt out=exports/tiny
 
@@ -14,13 +14,15 @@ writes two self-describing folders:
 
 The whole embedding matrix is never written into the adapter: an untrained [MASK] row (mean of the
 input embeddings) is reproduced exactly by re-running ``add_mask_token`` on the base, a trained one
-travels as PEFT's trainable-token delta.
+travels as PEFT's trainable-token delta. This module only writes; the card's format
+(``CARD``, ``FORMAT``, ``KINDS``) and every reader (``read_card``, ``load_exported``) live in
+``diffllm.loading``.
 
 What no Hugging Face format can carry is the bidirectional switch. ``config.json`` keeps
 ``is_causal: false``, which makes transformers build a bidirectional *padding* mask, but the
 per-module ``is_causal`` flag that SDPA reads when there is no padding is not saved: a model loaded
 with plain ``from_pretrained`` is bidirectional with eager attention and CAUSAL with SDPA on an
-unpadded batch. ``load_exported`` re-applies ``set_bidirectional``; any other consumer must do the
+unpadded batch. ``diffllm.loading.load_exported`` re-applies ``set_bidirectional``; any other consumer must do the
 same (``diffllm.json`` says ``"bidirectional": true`` and gives the recipe under ``usage``).
 """
 
@@ -34,41 +36,28 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
 from peft import PeftModel
 
 from diffllm.config import CONF_DIR
 from diffllm.data.template import TemplateError, get_format
-from diffllm.diffusion.sampler import SamplerConfig
-from diffllm.inference import InferenceModel, load_for_inference
-from diffllm.model.attention import attention_of, set_bidirectional
-from diffllm.model.dlm import DiffusionLM
-from diffllm.model.load import (
-    ModelLoadError,
-    build_diffusion_model,
-    load_tokenizer,
-    resolve_dtype,
-    trainable_line,
-)
+from diffllm.loading import CARD, FORMAT, KINDS, InferenceModel, load_for_inference
+from diffllm.model.attention import set_bidirectional
+from diffllm.model.load import ModelLoadError, trainable_line
 
 log = logging.getLogger("diffllm.export")
-
-CARD = "diffllm.json"
-FORMAT = "diffllm-export/1"
-KINDS = ("adapter", "merged")
 
 USAGE = {
     "merged": (
         "model = AutoModelForCausalLM.from_pretrained(folder); tokenizer = AutoTokenizer.from_pretrained(folder); "
         "then set `is_causal = False` on model.config and on every attention module "
-        "(diffllm.model.attention.set_bidirectional(model)). diffllm: diffllm.export.load_exported(folder)."
+        "(diffllm.model.attention.set_bidirectional(model)). diffllm: diffllm.loading.load_exported(folder)."
     ),
     "adapter": (
         "base = AutoModelForCausalLM.from_pretrained(base_model); tokenizer = AutoTokenizer.from_pretrained(folder); "
         "base.resize_token_embeddings(len(tokenizer)) and set row mask_id as diffllm.model.load.add_mask_token does "
         "(init in model.mask_token); set_bidirectional(base); PeftModel.from_pretrained(base, folder). "
-        "diffllm: diffllm.export.load_exported(folder[, base_model=...])."
+        "diffllm: diffllm.loading.load_exported(folder[, base_model=...])."
     ),
 }
 
@@ -176,69 +165,6 @@ def export(
     """A training checkpoint -> ``out/adapter`` and/or ``out/merged``; returns {kind: folder}."""
     im = load_for_inference(ckpt_path, device=device)
     return export_model(im, out, formats, source=str(ckpt_path), overwrite=overwrite)
-
-
-def read_card(folder: str | Path) -> tuple[Path, dict[str, Any]]:
-    """(the folder holding ``diffllm.json``, its content). An export root resolves to ``merged/`` first."""
-    folder = Path(folder)
-    if not (folder / CARD).exists():
-        for kind in ("merged", "adapter"):
-            if (folder / kind / CARD).exists():
-                folder = folder / kind
-                break
-        else:
-            raise FileNotFoundError(
-                f"{folder} has no {CARD} (nor merged/ or adapter/ with one); pass a folder written by "
-                "`python -m diffllm.export`"
-            )
-    card = json.loads((folder / CARD).read_text())
-    if card.get("format") != FORMAT or card.get("kind") not in KINDS:
-        raise ValueError(
-            f"{folder / CARD} is not a {FORMAT} card (format={card.get('format')!r}, kind={card.get('kind')!r})"
-        )
-    return folder, card
-
-
-def load_exported(
-    folder: str | Path, device: str | torch.device = "cpu", base_model: str | None = None
-) -> InferenceModel:
-    """An exported folder (``adapter/``, ``merged/`` or their parent) -> ``InferenceModel`` in eval mode.
-
-    ``base_model`` replaces the recorded base path for an adapter (the base moved, or another
-    copy of the same weights).
-    """
-    folder, card = read_card(folder)
-    model_cfg = dict(card["model"])
-    if card["kind"] == "merged":
-        from transformers import AutoModelForCausalLM
-
-        tokenizer = load_tokenizer(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            dtype=resolve_dtype(model_cfg.get("dtype", "float32")),
-            attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
-        )
-    else:
-        model_cfg["pretrained"] = base_model or card["base_model"]
-        # the same tokenizer + [MASK] conversion as training; the adapter restores a trained [MASK] row
-        dlm, tokenizer = build_diffusion_model(lora=None, **model_cfg)
-        model = PeftModel.from_pretrained(dlm.model, folder, is_trainable=False)
-    if tokenizer.mask_token_id != card["mask_id"]:
-        raise ValueError(
-            f"{folder}: the tokenizer's [MASK] id is {tokenizer.mask_token_id}, diffllm.json says {card['mask_id']}; "
-            "the base model or tokenizer differs from the one the export was trained on"
-        )
-    set_bidirectional(model)  # module-level is_causal flags are not saved by any HF format
-    model.to(device).eval()
-    return InferenceModel(
-        dlm=DiffusionLM(
-            model, mask_id=card["mask_id"], shift=card["shift"], attention=attention_of(card)
-        ),  # cards older than model.attention say prefix_lm: true/false
-        tokenizer=tokenizer,
-        sampler_config=SamplerConfig(**card["sampler"]),
-        cfg=card.get("run_config") or {},
-        source=str(folder),
-    )
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:

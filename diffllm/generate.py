@@ -6,12 +6,7 @@ CLI (Hydra, ``conf/generate.yaml``; writes nothing unless asked)::
     python -m diffllm.generate ckpt_path=... prompts_file=prompts.jsonl sampler.threshold=0.9 sampler.cache=prefix
     python -m diffllm.generate ckpt_path=... prompt="..." ar=true trajectory=traj.json show_trajectory=true
 
-Python (notebooks)::
-
-    model = load_for_inference(path)
-    rows = generate_answers(model, ["Reverse these words: a b c"], sampler_overrides={"steps": 8})
-    rows[0]["answer"], rows[0]["trajectory"]
-
+The Python API it calls is ``diffllm.inference.generate_answers`` (notebooks use it directly).
 Every instruction is rendered through the run's own prompt template (``data.template`` of the
 checkpoint's config) and tokenised as in training (with the tokenizer's BOS). The sampler is the
 checkpoint's ``sampler`` config with the given fields replaced. Bad input (no checkpoint, an
@@ -27,23 +22,20 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from diffllm.cli_support import EXIT_BAD_INPUT, InputError, check_device, is_set, set_keys
 from diffllm.config import CONF_DIR
+from diffllm.diffusion.sampler import SamplerConfig
+from diffllm.diffusion.trajectory import trajectories_to_json
+from diffllm.inference import generate_answers
+from diffllm.loading import load_quietly
+from diffllm.metrics import normalise
 
-if TYPE_CHECKING:
-    from diffllm.diffusion.sampler import SamplerConfig
-    from diffllm.inference import InferenceModel
-
-EXIT_BAD_INPUT = 2
 LABEL_WIDTH = 12  # "instruction:" and the answers under it start in the same column
-
-
-class InputError(ValueError):
-    """Bad user input; the CLI prints the message (no traceback) and exits with status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,126 +93,6 @@ def _jsonl_row(line: str, number: int, path: Path) -> PromptRow:
     return PromptRow(values["instruction"].strip(), (values["input"] or "").strip(), values["output"])
 
 
-def sampler_with_overrides(base: SamplerConfig, overrides: Mapping[str, Any] | None) -> SamplerConfig:
-    """``base`` with the fields in ``overrides`` replaced (validated by ``SamplerConfig``).
-
-    Setting ``threshold`` without ``steps`` drops ``base.steps``: a threshold sampler takes no step
-    count, so ``sampler.threshold=0.9`` works on a checkpoint whose config fixes the steps.
-    """
-    overrides = dict(overrides or {})
-    if not overrides:
-        return base
-    fields = {f.name for f in dataclasses.fields(base)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise InputError(f"unknown sampler setting(s) {unknown}; the sampler keys are {sorted(fields)}")
-    if overrides.get("threshold") is not None and "steps" not in overrides:
-        overrides["steps"] = None
-    try:
-        return dataclasses.replace(base, **overrides)
-    except (ValueError, TypeError) as err:
-        raise InputError(f"sampler settings {overrides}: {err}") from None
-
-
-# -- the API -------------------------------------------------------------------------------------
-def generate_answers(
-    model: InferenceModel,
-    instructions: str | Sequence[str],
-    inputs: Sequence[str | None] | None = None,
-    sampler_overrides: Mapping[str, Any] | None = None,
-    seed: int = 0,
-    trajectory: bool = False,
-    ar: bool = False,
-    *,
-    batch_size: int = 16,
-) -> list[dict[str, Any]]:
-    """Answer every instruction with the diffusion sampler (and the original AR model if ``ar``).
-
-    One dict per instruction, in order:
-
-    * ``instruction``, ``input``, ``prompt`` (the rendered template text);
-    * ``answer`` (decoded, special tokens skipped, stripped), ``answer_ids`` (up to the first EOS),
-      ``canvas`` (all ``gen_length`` answer ids, EOS fill included), ``nfe`` (forward passes of the
-      batch the row was decoded in), ``trajectory`` (a ``Trajectory`` if asked, else None);
-    * with ``ar``: ``ar_answer``, ``ar_answer_ids``, ``ar_nfe`` from ``ar_generate`` (adapters
-      off, causal attention, KV cache) with the same temperature / top-k / top-p and at most
-      ``gen_length`` new tokens.
-
-    Rows never interact in the sampler, so answers do not depend on ``batch_size``; ``seed`` seeds
-    every row's generator (it matters only with temperature > 0).
-    """
-    from diffllm.ar_generate import ar_generate
-    from diffllm.data.template import get_format
-    from diffllm.diffusion.sampler import generate
-
-    if isinstance(instructions, str):
-        instructions = [instructions]
-    if not instructions:
-        raise InputError("no instruction given; pass at least one instruction string")
-    if inputs is None:
-        inputs = [""] * len(instructions)
-    if len(inputs) != len(instructions):
-        raise InputError(
-            f"{len(inputs)} inputs for {len(instructions)} instructions; pass one input per instruction"
-        )
-    if batch_size < 1:
-        raise InputError(f"batch_size={batch_size}; it must be >= 1")
-    for i, text in enumerate(instructions):
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"instruction {i} is {text!r}; every instruction must be a non-empty string")
-
-    config = sampler_with_overrides(model.sampler_config, sampler_overrides)
-    tok = model.tokenizer
-    fmt = get_format(model.template)
-    rows = [{"instruction": t, "input": i or ""} for t, i in zip(instructions, inputs)]
-    prompts = [fmt.prompt_text(r, tok) for r in rows]
-    prompt_ids = [fmt.prompt_ids(r, tok) for r in rows]
-
-    results: list[dict[str, Any]] = []
-    for start in range(0, len(prompts), batch_size):
-        ids = prompt_ids[start : start + batch_size]
-        out = generate(
-            model.dlm,
-            ids,
-            config,
-            eos_id=model.eos_id,
-            pad_id=tok.pad_token_id,
-            seed=seed,
-            record_trajectory=trajectory,
-        )
-        ar_out = None
-        if ar:
-            ar_out = ar_generate(
-                model.dlm,
-                ids,
-                max_new_tokens=config.gen_length,
-                eos_id=model.eos_id,
-                pad_id=tok.pad_token_id,
-                temperature=config.temperature,
-                seed=seed,
-                top_k=config.top_k,
-                top_p=config.top_p,
-            )
-        for j, answer_ids in enumerate(out.tokens):
-            k = start + j
-            row: dict[str, Any] = {
-                "instruction": instructions[k],
-                "input": inputs[k] or "",
-                "prompt": prompts[k],
-                "answer": tok.decode(answer_ids, skip_special_tokens=True).strip(),
-                "answer_ids": answer_ids,
-                "canvas": out.canvas[j].tolist(),
-                "nfe": out.nfe,
-                "trajectory": out.trajectories[j] if out.trajectories is not None else None,
-            }
-            if ar_out is not None:
-                row["ar_answer"] = tok.decode(ar_out.tokens[j], skip_special_tokens=True).strip()
-                row["ar_answer_ids"] = ar_out.tokens[j]
-                row["ar_nfe"] = ar_out.nfe
-            results.append(row)
-    return results
-
-
 # -- output --------------------------------------------------------------------------------------
 def _field(label: str, text: str) -> str:
     """``label:`` padded to LABEL_WIDTH, then ``text``; later lines of ``text`` indented under it."""
@@ -263,8 +135,6 @@ def summary_lines(
 ) -> list[str]:
     """The sampler settings, forward passes summed over the batches and, where references exist,
     the exact-match counts."""
-    from diffllm.metrics import normalise
-
     lines = [f"# sampler: {_describe(config)}"] if config is not None else []
     firsts = results[::batch_size]  # the rows of one batch share its nfe: count each batch once
     line = f"# forward passes: diffusion {sum(r['nfe'] for r in firsts)}"
@@ -283,16 +153,12 @@ def summary_lines(
 
 
 # -- the CLI -------------------------------------------------------------------------------------
-def _is_set(cfg: DictConfig, key: str) -> bool:
-    return key in cfg and not OmegaConf.is_missing(cfg, key) and cfg[key] is not None
-
-
 def _requests(cfg: DictConfig) -> list[PromptRow]:
-    has_prompt, has_file = _is_set(cfg, "prompt"), _is_set(cfg, "prompts_file")
+    has_prompt, has_file = is_set(cfg, "prompt"), is_set(cfg, "prompts_file")
     if has_prompt and has_file:
         raise InputError(f"both prompt=... and prompts_file={cfg.prompts_file!r} given; pass one of them")
     if has_file:
-        if _is_set(cfg, "input"):
+        if is_set(cfg, "input"):
             raise InputError(
                 "input=... goes with prompt=...; in a prompts_file use JSONL rows with an 'input' key"
             )
@@ -301,29 +167,12 @@ def _requests(cfg: DictConfig) -> list[PromptRow]:
         raise InputError(
             'no prompt; pass prompt="an instruction" or prompts_file=path (one per line, or JSONL)'
         )
-    return [PromptRow(str(cfg.prompt).strip(), str(cfg.input).strip() if _is_set(cfg, "input") else "")]
-
-
-def _sampler_overrides(cfg: DictConfig) -> dict[str, Any]:
-    """The ``sampler.*`` keys set on the command line (``???`` = keep the checkpoint's value)."""
-    node = cfg.get("sampler") or {}
-    return {k: node[k] for k in node if not str(k).startswith("_") and not OmegaConf.is_missing(node, k)}
-
-
-def check_device(device: str) -> None:
-    import torch
-
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device={device!r} but CUDA is not available here; pass device=cpu")
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"device={device!r} is not a torch device; pass device=cpu or device=cuda") from None
+    return [PromptRow(str(cfg.prompt).strip(), str(cfg.input).strip() if is_set(cfg, "input") else "")]
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """The CLI body: check the input, load the model, generate, print, write the trajectory file."""
-    if not _is_set(cfg, "ckpt_path"):
+    if not is_set(cfg, "ckpt_path"):
         raise InputError(
             "ckpt_path is missing; pass ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt "
             "(printed as 'checkpoint:' at the end of `make train`) or an exported folder"
@@ -335,7 +184,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             "(outputs/<date>/<time>/checkpoints/last.ckpt) or a folder written by diffllm.export"
         )
     requests = _requests(cfg)
-    overrides = _sampler_overrides(cfg)
+    overrides = set_keys(cfg.get("sampler"))
     if int(cfg.batch_size) < 1:
         raise InputError(f"batch_size={cfg.batch_size}; it must be >= 1")
     check_device(str(cfg.device))
@@ -347,7 +196,10 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             f"ckpt_path={str(ckpt)!r} could not be loaded ({type(err).__name__}: {err}); "
             "pass a .ckpt written by diffllm.train or a folder written by diffllm.export"
         ) from None
-    config = sampler_with_overrides(model.sampler_config, overrides)  # fail before any work
+    try:
+        config = model.sampler_config.with_overrides(overrides)  # fail before any work
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
     record = bool(cfg.trajectory) or bool(cfg.show_trajectory)
     results = generate_answers(
@@ -369,31 +221,11 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     return results
 
 
-def load_quietly(path: Path, device: str) -> InferenceModel:
-    """``load_for_inference`` without the expected noise: the frozen base weights are rebuilt, not
-    read from the checkpoint (Lightning lists every one of them), and the weight-loading bar."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    from diffllm.inference import load_for_inference
-
-    hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="Found keys that are in the model state dict but not in the checkpoint"
-        )
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        return load_for_inference(path, device=device)
-
-
 def _describe(config: SamplerConfig) -> str:
     return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
 
 
 def _write_trajectories(path: Path, trajectories: list) -> None:
-    from diffllm.diffusion.trajectory import trajectories_to_json
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(trajectories_to_json(trajectories))

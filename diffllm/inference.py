@@ -1,114 +1,118 @@
-"""Load a trained diffusion model for inference from a Lightning checkpoint or an exported folder.
+"""Answers from a loaded diffusion model: the Python API behind ``diffllm.generate`` and notebooks.
 
-``load_for_inference(path)`` is what the CLIs (generate, evaluate, export) and notebooks call:
+    model = load_for_inference(path)            # diffllm.loading
+    rows = generate_answers(model, ["Reverse these words: a b c"], sampler_overrides={"steps": 8})
+    rows[0]["answer"], rows[0]["trajectory"]
 
-* ``*.ckpt`` written by ``diffllm.train``: the base is rebuilt from the config's
-  ``model.pretrained`` and the trainable weights (adapters, [MASK] row) are restored;
-* a folder written by ``diffllm.export`` (merged model or PEFT adapter + ``diffllm.json``).
+Every instruction is rendered through the run's own prompt template (``data.template`` of the
+checkpoint's config) and tokenised as in training (with the tokenizer's BOS). The sampler is the
+checkpoint's ``sampler`` config with the given fields replaced (``SamplerConfig.with_overrides``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-from hydra.utils import instantiate
-from transformers import PreTrainedTokenizerBase
-
-from diffllm.diffusion.sampler import SamplerConfig
-from diffllm.model.dlm import DiffusionLM
-
-
-@dataclass
-class InferenceModel:
-    """What inference needs: the diffusion model, its tokenizer, the run's sampler and config."""
-
-    dlm: DiffusionLM
-    tokenizer: PreTrainedTokenizerBase
-    sampler_config: SamplerConfig
-    cfg: dict[str, Any] = field(default_factory=dict)
-    source: str = ""
-
-    @property
-    def template(self) -> str:
-        """The run's prompt format (``data.template``); ``alpaca`` for a config without one."""
-        return (self.cfg.get("data") or {}).get("template") or "alpaca"
-
-    @cached_property
-    def eos_id(self) -> int:
-        """The end-of-answer id (EOS, or the chat template's end of turn): ``end_of_answer_id``."""
-        from diffllm.data.template import end_of_answer_id
-
-        return end_of_answer_id(self.tokenizer, self.template)
+from diffllm.ar_generate import ar_generate
+from diffllm.cli_support import InputError
+from diffllm.data.template import get_format
+from diffllm.diffusion.sampler import generate
+from diffllm.loading import InferenceModel
 
 
-def load_for_inference(
-    path: str | Path, device: str | torch.device = "cpu", *, allow_ar_sft: bool = False
-) -> InferenceModel:
-    """A checkpoint (``.ckpt``) or an exported folder -> ``InferenceModel`` in eval mode on ``device``.
+def generate_answers(
+    model: InferenceModel,
+    instructions: str | Sequence[str],
+    inputs: Sequence[str | None] | None = None,
+    sampler_overrides: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    trajectory: bool = False,
+    ar: bool = False,
+    *,
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """Answer every instruction with the diffusion sampler (and the original AR model if ``ar``).
 
-    An AR-SFT checkpoint (``objective=ar``) is refused unless ``allow_ar_sft``: it is a causal model,
-    the baseline that ``load_ar_sft`` loads, not a diffusion model for the sampler.
+    One dict per instruction, in order:
+
+    * ``instruction``, ``input``, ``prompt`` (the rendered template text);
+    * ``answer`` (decoded, special tokens skipped, stripped), ``answer_ids`` (up to the first EOS),
+      ``canvas`` (all ``gen_length`` answer ids, EOS fill included), ``nfe`` (forward passes of the
+      batch the row was decoded in), ``trajectory`` (a ``Trajectory`` if asked, else None);
+    * with ``ar``: ``ar_answer``, ``ar_answer_ids``, ``ar_nfe`` from ``ar_generate`` (adapters
+      off, causal attention, KV cache) with the same temperature / top-k / top-p and at most
+      ``gen_length`` new tokens.
+
+    Rows never interact in the sampler, so answers do not depend on ``batch_size``; ``seed`` seeds
+    every row's generator (it matters only with temperature > 0).
     """
-    path = Path(path)
-    if path.is_dir():
-        from diffllm.export import load_exported
-
-        return load_exported(path, device=device)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"ckpt_path={str(path)!r} does not exist; pass a .ckpt from a run folder "
-            "(outputs/<date>/<time>/checkpoints/last.ckpt) or a folder written by diffllm.export"
+    if isinstance(instructions, str):
+        instructions = [instructions]
+    if not instructions:
+        raise InputError("no instruction given; pass at least one instruction string")
+    if inputs is None:
+        inputs = [""] * len(instructions)
+    if len(inputs) != len(instructions):
+        raise InputError(
+            f"{len(inputs)} inputs for {len(instructions)} instructions; pass one input per instruction"
         )
-    from diffllm.config import register_resolvers
-    from diffllm.lit_module import DiffusionLitModule
+    if batch_size < 1:
+        raise InputError(f"batch_size={batch_size}; it must be >= 1")
+    for i, text in enumerate(instructions):
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"instruction {i} is {text!r}; every instruction must be a non-empty string")
 
-    register_resolvers()
-    module = DiffusionLitModule.load_from_checkpoint(path, map_location=device)
-    module.eval()
-    cfg = module.cfg
-    from diffllm.objectives import ARObjective
+    try:
+        config = model.sampler_config.with_overrides(sampler_overrides)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    tok = model.tokenizer
+    fmt = get_format(model.template)
+    rows = [{"instruction": t, "input": i or ""} for t, i in zip(instructions, inputs)]
+    prompts = [fmt.prompt_text(r, tok) for r in rows]
+    prompt_ids = [fmt.prompt_ids(r, tok) for r in rows]
 
-    if isinstance(module.objective, ARObjective) and not allow_ar_sft:
-        raise ValueError(
-            f"ckpt_path={str(path)!r} is an AR-SFT checkpoint (objective=ar), a causal baseline, not a "
-            "diffusion model: pass it as ar_ckpt_path= to diffllm.evaluate (or report.ar_ckpt_path= to a run)"
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(prompts), batch_size):
+        ids = prompt_ids[start : start + batch_size]
+        out = generate(
+            model.dlm,
+            ids,
+            config,
+            eos_id=model.eos_id,
+            pad_id=tok.pad_token_id,
+            seed=seed,
+            record_trajectory=trajectory,
         )
-    return InferenceModel(
-        dlm=module.dlm,
-        tokenizer=module.tokenizer,
-        sampler_config=instantiate(cfg["sampler"]),
-        cfg=cfg,
-        source=str(path),
-    )
-
-
-def load_ar_sft(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, device: str | torch.device = "cpu"
-) -> DiffusionLM:
-    """The model of an AR-SFT checkpoint (a run with ``objective=ar``), checked to score the same
-    token ids as ``tokenizer`` (the diffusion model's): same vocabulary, [MASK] included."""
-    from diffllm.objectives import ARObjective, objective_of
-
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(
-            f"ar_ckpt_path={str(path)!r} is a folder; pass the .ckpt of an objective=ar run "
-            "(outputs/<date>/<time>/checkpoints/last.ckpt)"
-        )
-    im = load_for_inference(path, device=device, allow_ar_sft=True)
-    objective = objective_of(im.cfg)
-    if not isinstance(objective, ARObjective):
-        raise ValueError(
-            f"ar_ckpt_path={str(path)!r} was trained with {objective!r}, not the AR-SFT baseline; "
-            "pass a checkpoint of a run with objective=ar"
-        )
-    if im.tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
-            f"ar_ckpt_path={str(path)!r} has another vocabulary ({len(im.tokenizer)} tokens vs "
-            f"{len(tokenizer)}): train the AR-SFT baseline on the same model.pretrained"
-        )
-    return im.dlm
+        ar_out = None
+        if ar:
+            ar_out = ar_generate(
+                model.dlm,
+                ids,
+                max_new_tokens=config.gen_length,
+                eos_id=model.eos_id,
+                pad_id=tok.pad_token_id,
+                temperature=config.temperature,
+                seed=seed,
+                top_k=config.top_k,
+                top_p=config.top_p,
+            )
+        for j, answer_ids in enumerate(out.tokens):
+            k = start + j
+            row: dict[str, Any] = {
+                "instruction": instructions[k],
+                "input": inputs[k] or "",
+                "prompt": prompts[k],
+                "answer": tok.decode(answer_ids, skip_special_tokens=True).strip(),
+                "answer_ids": answer_ids,
+                "canvas": out.canvas[j].tolist(),
+                "nfe": out.nfe,
+                "trajectory": out.trajectories[j] if out.trajectories is not None else None,
+            }
+            if ar_out is not None:
+                row["ar_answer"] = tok.decode(ar_out.tokens[j], skip_special_tokens=True).strip()
+                row["ar_answer_ids"] = ar_out.tokens[j]
+                row["ar_nfe"] = ar_out.nfe
+            results.append(row)
+    return results

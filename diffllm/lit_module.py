@@ -27,10 +27,11 @@ from diffllm.diffusion.keys import DrawKeys, key_seed
 from diffllm.diffusion.likelihood import validation_seed
 from diffllm.diffusion.sampler import generate
 from diffllm.distributed import GlobalNormaliser, draw_keys, nominal_batch_size
+from diffllm.evaluation import validation_scores
 from diffllm.metrics import exact_match, rouge_l
 from diffllm.model.load import build_diffusion_model, trainable_line
 from diffllm.objectives import objective_of
-from diffllm.scoring import EVAL_SCHEDULE, TOKENS_OF, score_batch
+from diffllm.scoring import TOKENS_OF
 
 # scoring-core row -> validation metric (per token, nats)
 VAL_METRICS = {
@@ -65,10 +66,7 @@ class DiffusionLitModule(L.LightningModule):
         self.objective = objective_of(cfg)
         if self.objective.attention is not None:  # AR-SFT: the model it trains is causal
             self.dlm.attention = self.objective.attention
-        self.schedule = instantiate(cfg["schedule"])
-        # The schedule of every reported bound (diffllm.scoring: one choice for validation, the
-        # report and evaluate), whatever trains.
-        self.eval_schedule = EVAL_SCHEDULE
+        self.schedule = instantiate(cfg["schedule"])  # training only: bounds use evaluation.EVAL_SCHEDULE
         self.time_sampler = instantiate(cfg["time_sampler"])
         self.loss_fn = instantiate(cfg["loss"])
         # annealing composes with model.attention (diffllm.diffusion.annealing)
@@ -161,16 +159,17 @@ class DiffusionLitModule(L.LightningModule):
     # -- validation ------------------------------------------------------------------------------
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        seed = validation_seed(int(self.cfg.get("seed", 0)), batch_idx)
-        gen = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
+        run_seed = int(self.cfg.get("seed", 0))
+        gen = torch.Generator(device=batch["input_ids"].device).manual_seed(
+            validation_seed(run_seed, batch_idx)
+        )
         loss, stats = self.objective.loss(self, batch, generator=gen)
         self.val_loss.update(loss, weight=stats["n_answer"])
-        lk = self.cfg.get("val_likelihood", {})
-        scores = score_batch(
+        scores = validation_scores(
             batch,
-            seed=seed,
-            num_samples=lk.get("num_samples", 4),
-            method=lk.get("method", "grid"),
+            batch_idx,
+            seed=run_seed,
+            likelihood=self.cfg.get("val_likelihood"),
             end_id=self.eos_id,
             ar_base=self.dlm,
             **{self.objective.role: self.dlm},
@@ -202,9 +201,7 @@ class DiffusionLitModule(L.LightningModule):
 
     def sample(self, prompt_ids: list[list[int]], seed: int = 0, **overrides: Any) -> list[str]:
         """Decode answers for token-id prompts with the configured sampler (overrides replace fields)."""
-        config = self.sampler_config
-        if overrides:
-            config = type(config)(**{**vars(config), **overrides})
+        config = self.sampler_config.with_overrides(overrides)
         out = generate(
             self.dlm,
             prompt_ids,

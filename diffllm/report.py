@@ -5,8 +5,9 @@ without the end token, which a base model was never trained to produce there), a
 model trained at equal budget (``objective=ar``, ``report.ar_ckpt_path``): the bound minus its NLL is
 the real price of the conversion. Plus the answers' unigram cross-entropy as the no-context
 reference, generation quality (exact match, ROUGE-L, answer length, EOS rate) of every model, and
-exact-match differences against AR-SFT. Every figure carries its standard error
-(``diffllm.scoring``); ``report.json`` also records its provenance.
+exact-match differences against AR-SFT. Every figure carries its standard error; the figures
+come from ``diffllm.evaluation.compare`` (as ``diffllm.evaluate``'s), ``report.json`` also records
+its provenance.
 """
 
 from __future__ import annotations
@@ -21,19 +22,8 @@ from typing import Any
 
 import torch
 
-from diffllm.metrics import unigram_cross_entropy
+from diffllm.evaluation import EVAL_SCHEDULE, compare, likelihood_settings
 from diffllm.model.dlm import DiffusionLM
-from diffllm.objectives import ARObjective
-from diffllm.scoring import Answers, ar_answers, likelihood_figures, paired_difference, quality, score_rows
-
-
-def _answer_tokens(ds, limit: int | None = None) -> list[int]:
-    out: list[int] = []
-    for i, row in enumerate(ds):
-        if limit is not None and i >= limit:
-            break
-        out.extend(t for t, m in zip(row["input_ids"], row.get("score_mask", row["answer_mask"])) if m)
-    return out
 
 
 def provenance(device: torch.device | str, wall_seconds: float, tokens_seen: int | None) -> dict[str, Any]:
@@ -79,22 +69,6 @@ def provenance(device: torch.device | str, wall_seconds: float, tokens_seen: int
     }
 
 
-def generation_figures(
-    answers: dict[str, Answers], refs: list[str], reference: str = "ar_sft"
-) -> dict[str, Any]:
-    """Quality of each model's answers (keys ``<model>_<metric>``) and exact-match differences
-    against ``reference`` (AR-SFT when present, else the base) on the same prompts, paired SEs."""
-    out: dict[str, Any] = {}
-    for model, a in answers.items():
-        out.update({f"{model}_{k}": v for k, v in quality(a, refs).items()})
-    ref = reference if reference in answers else "ar"
-    for model in answers:
-        if model != ref and ref in answers:
-            diff, se = paired_difference(answers[model].texts, answers[ref].texts, refs)
-            out[f"{model}_minus_{ref}_exact_match"], out[f"{model}_minus_{ref}_exact_match_se"] = diff, se
-    return out
-
-
 @torch.no_grad()
 def build_report(
     module,
@@ -113,58 +87,39 @@ def build_report(
     """
     module.eval()
     datamodule.setup()
-    dlm, tok, objective = module.dlm, module.tokenizer, module.objective
-    device = module.device
+    dlm, objective = module.dlm, module.objective
     n = min(num_rows, len(datamodule.val_ds))
-    val = datamodule.val_ds.select(range(n))
-    models = {objective.role: dlm, "ar_base": dlm}
-    if ar_sft is not None and objective.role != "ar_sft":
-        models["ar_sft"] = ar_sft
-
     bs = datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size
-    batches = (datamodule.collate([val[i] for i in range(s, min(s + bs, n))]) for s in range(0, n, bs))
-    scores = score_rows(
-        batches,
+    likelihood = likelihood_settings(num_samples=likelihood_samples, method="grid")
+    own = {objective.role: dlm}  # the bound (diffusion) or the AR-SFT NLL (objective=ar)
+    if ar_sft is not None and objective.role != "ar_sft":
+        own["ar_sft"] = ar_sft
+    figures, _, _ = compare(
+        scored=datamodule.val_ds.select(range(n)),
+        train=datamodule.train_ds,
+        collate=datamodule.collate,
+        batch_size=bs,
+        prompts=datamodule.sample_prompts(n),
+        tokenizer=module.tokenizer,
+        eos_id=module.eos_id,
+        config=module.sampler_config,
         seed=seed,
-        device=device,
-        num_samples=likelihood_samples,
-        method="grid",
-        end_id=module.eos_id,
-        **models,
+        device=module.device,
+        likelihood=likelihood,
+        gen_batch_size=n,
+        ar_base=dlm,
+        **own,
     )
-    unigram = unigram_cross_entropy(
-        _answer_tokens(datamodule.train_ds, limit=20_000), _answer_tokens(val), vocab_size=len(tok)
-    )
-
-    prompts = datamodule.sample_prompts(n)
-    prompt_ids = [p["prompt_ids"] for p in prompts]
-    refs = [p["reference"] for p in prompts]
-    cfg = module.sampler_config
-    own = "ar_sft" if objective.role == "ar_sft" else "diffusion"
-    eos_id = module.eos_id
-    answers = {own: objective.answers(dlm, tok, prompt_ids, cfg, eos_id=eos_id, seed=seed, batch_size=n)}
-    if "ar_sft" in models and own != "ar_sft":
-        answers["ar_sft"] = ARObjective().answers(
-            models["ar_sft"], tok, prompt_ids, cfg, eos_id=eos_id, seed=seed, batch_size=n
-        )
-    answers["ar"] = ar_answers(dlm, tok, prompt_ids, cfg.gen_length, eos_id=eos_id, batch_size=n)
-
     return {
         "rows": n,
         "objective": objective.label,
-        "likelihood": {"num_samples": likelihood_samples, "method": "grid", "seed": seed, "batch_size": bs},
-        **likelihood_figures(scores),
-        "unigram_ce": unigram,
-        **generation_figures(answers, refs),
-        "sampler": {k: v for k, v in vars(cfg).items()},
-        "examples": [
-            {"prompt": p["prompt"], "reference": r, **{m: a.texts[i] for m, a in answers.items()}}
-            for i, (p, r) in enumerate(list(zip(prompts, refs))[:8])
-        ],
+        "likelihood": {**likelihood, "seed": seed, "batch_size": bs, "schedule": repr(EVAL_SCHEDULE)},
+        **figures,
+        "sampler": dict(vars(module.sampler_config)),
     }
 
 
-def _pm(r: dict[str, Any], key: str, digits: int = 3) -> str:
+def plus_minus(r: dict[str, Any], key: str, digits: int = 3) -> str:
     """``value ± se`` of ``key`` in a report, or an em dash when absent / not finite."""
     value, se = r.get(key), r.get(f"{key}_se")
     if value is None or not math.isfinite(value):
@@ -189,14 +144,14 @@ def format_report(r: dict[str, Any]) -> str:
         ("ar_nll", "AR base, unadapted"),
         ("ar_nll_no_end", f"AR base, without end token ({r.get('answer_tokens_no_end', '?')} tokens)"),
     ]
-    lines += [f"  {label:44s}{_pm(r, key):>16s}" for key, label in nll_rows if key in r]
+    lines += [f"  {label:44s}{plus_minus(r, key):>16s}" for key, label in nll_rows if key in r]
     lines.append(f"  {'unigram CE of the answers':44s}{r['unigram_ce']:>16.3f}   (no-context reference)")
     if "gap_sft" in r:
         lines.append(
-            f"  {'bound - AR-SFT (price of the conversion)':44s}{_pm(r, 'gap_sft'):>16s}   (paired over rows)"
+            f"  {'bound - AR-SFT (price of the conversion)':44s}{plus_minus(r, 'gap_sft'):>16s}   (paired over rows)"
         )
     if "gap" in r:
-        lines.append(f"  {'bound - AR base':44s}{_pm(r, 'gap'):>16s}   (paired over rows)")
+        lines.append(f"  {'bound - AR base':44s}{plus_minus(r, 'gap'):>16s}   (paired over rows)")
     cols = [(key, name) for key, name in MODEL_COLUMNS if f"{key}_exact_match" in r]
     lines += [
         "",
@@ -208,7 +163,9 @@ def format_report(r: dict[str, Any]) -> str:
         ("answer_length", "answer tokens (mean)", 2),
         ("eos_rate", "EOS rate", 3),
     ):
-        lines.append(f"  {label:26s}" + "".join(f"{_pm(r, f'{k}_{metric}', digits):>18s}" for k, _ in cols))
+        lines.append(
+            f"  {label:26s}" + "".join(f"{plus_minus(r, f'{k}_{metric}', digits):>18s}" for k, _ in cols)
+        )
     lines.append(
         f"  {'generation seconds':26s}"
         + "".join(
@@ -221,7 +178,9 @@ def format_report(r: dict[str, Any]) -> str:
     for k, name in cols:
         key = f"{k}_minus_{ref}_exact_match"
         if key in r:
-            lines.append(f"  {f'EM {name} - {ref_name}':26s}{_pm(r, key):>18s}   (paired over prompts)")
+            lines.append(
+                f"  {f'EM {name} - {ref_name}':26s}{plus_minus(r, key):>18s}   (paired over prompts)"
+            )
     return "\n".join(lines)
 
 

@@ -19,7 +19,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from diffllm.config import CONF_DIR, prepare_assets, register_resolvers, to_plain
-from diffllm.model.load import ModelLoadError, build_from_config, trainable_line
+from diffllm.lit_module import DiffusionLitModule
+from diffllm.loading import load_ar_sft
+from diffllm.model.load import ModelLoadError, build_diffusion_model, build_from_config, trainable_line
+from diffllm.report import build_report, format_report, provenance, write_report
 
 log = logging.getLogger("diffllm.train")
 
@@ -31,8 +34,6 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
     if architecture:
         dlm = build_from_config(architecture, to_plain(cfg.lora), device="meta", **model_cfg)
     else:  # no architecture in the config: load the real thing (a local folder, e.g. the tiny model)
-        from diffllm.model.load import build_diffusion_model
-
         dlm, _ = build_diffusion_model(lora=to_plain(cfg.lora), **model_cfg)
     line = trainable_line(dlm.model)
     print(line, flush=True)
@@ -45,9 +46,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     register_resolvers()
     if cfg.get("dry_run"):
         return dry_run(cfg), {}
-
-    from diffllm.lit_module import DiffusionLitModule
-    from diffllm.report import build_report, format_report, provenance, write_report
 
     prepare_assets(cfg)  # the tiny assets, or SmolLM2 from the registry, before resolving
     L.seed_everything(cfg.seed, workers=True)
@@ -74,8 +72,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         module.to(trainer.strategy.root_device)
         ar_sft = None
         if cfg.report.ar_ckpt_path:
-            from diffllm.inference import load_ar_sft
-
             ar_sft = load_ar_sft(cfg.report.ar_ckpt_path, module.tokenizer, device=module.device)
         report = build_report(
             module,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffllm.bench import train as bench
-from diffllm.bench.lengths import load_histogram, sample_lengths
+from diffllm.bench.histogram import load_histogram, sample_lengths
 from diffllm.bench.wheelhouse import closure
 
 pytestmark = pytest.mark.usefixtures("one_thread")

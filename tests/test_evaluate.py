@@ -13,7 +13,6 @@ import pytest
 from diffllm.config import CONF_DIR
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.evaluate import (
-    by_task,
     default_out_dir,
     default_steps_grid,
     evaluate,
@@ -22,6 +21,7 @@ from diffllm.evaluate import (
     pooled,
     validated_rows,
 )
+from diffllm.evaluation import exact_match_by_task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -149,9 +149,9 @@ def test_evaluate_a_data_file_with_sampler_overrides(tiny_run, tmp_path):
 
 
 def test_by_task_groups_rows_and_skips_untagged_data():
-    rows = [{"task": "copy"}, {"task": "sort"}, {"task": "copy"}, {}]
+    tasks = ["copy", "sort", "copy", None]
     refs, diff, ar = ["a", "b", "c", "d"], ["a", "x", "x", "d"], ["a", "b", "c", "x"]
-    got = {t["task"]: t for t in by_task(rows, refs, diff, ar)}
+    got = {t["task"]: t for t in exact_match_by_task(tasks, refs, diffusion=diff, ar=ar, ar_sft=None)}
     assert set(got) == {"copy", "sort", "(none)"}
     assert (got["copy"]["rows"], got["copy"]["diffusion_exact_match"], got["copy"]["ar_exact_match"]) == (
         2,
@@ -159,7 +159,8 @@ def test_by_task_groups_rows_and_skips_untagged_data():
         1.0,
     )
     assert (got["sort"]["diffusion_exact_match"], got["(none)"]["ar_exact_match"]) == (0.0, 0.0)
-    assert by_task([{"instruction": "x"}] * 2, refs[:2], diff[:2], None) == []  # Alpaca rows: no task
+    assert "ar_sft_exact_match" not in got["copy"]  # a model given as None is left out
+    assert exact_match_by_task([None] * 2, refs[:2], diffusion=diff[:2]) == []  # Alpaca rows: no task
 
 
 def test_length_buckets_and_pooling():

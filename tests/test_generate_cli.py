@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from diffllm.bench.sampler import (
     AR,
@@ -23,10 +24,11 @@ from diffllm.bench.sampler import (
     check_goals,
     sampler_settings,
 )
+from diffllm.cli_support import InputError, set_keys
 from diffllm.config import CONF_DIR
 from diffllm.diffusion.sampler import SamplerConfig, truncate_at_eos
 from diffllm.diffusion.trajectory import trajectories_from_json
-from diffllm.generate import InputError, PromptRow, read_prompts_file, sampler_with_overrides
+from diffllm.generate import PromptRow, read_prompts_file
 
 INSTRUCTION = "Reverse these words: lion fish ring house"
 INPUT = "cat dog"
@@ -88,7 +90,7 @@ def cli_run(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tiny_run):
-    from diffllm.inference import load_for_inference
+    from diffllm.loading import load_for_inference
 
     return load_for_inference(tiny_run[1])
 
@@ -125,7 +127,7 @@ def test_cli_ar_prints_both_answers(cli_run):
 
 
 def test_api_matches_cli_for_the_same_seed(cli_run, model):
-    from diffllm.generate import generate_answers
+    from diffllm.inference import generate_answers
 
     proc, cwd = cli_run
     kwargs = {"sampler_overrides": {"temperature": 1.0}, "trajectory": True, "ar": True}
@@ -228,15 +230,20 @@ def test_cli_bad_input_exits_2_with_a_clear_message(tiny_run, tmp_path):
 def test_sampler_overrides_on_top_of_the_checkpoint():
     base = SamplerConfig(gen_length=8, steps=8, block_length=4)
     # a threshold drops the checkpoint's step count (unused with a threshold)
-    assert sampler_with_overrides(base, {"threshold": 0.9}) == dataclasses.replace(
-        base, steps=None, threshold=0.9
-    )
-    assert sampler_with_overrides(base, {"steps": 4}).steps == 4
-    assert sampler_with_overrides(base, None) is base
-    with pytest.raises(InputError, match=r"unknown sampler setting\(s\) \['stepz'\]"):
-        sampler_with_overrides(base, {"stepz": 4})
-    with pytest.raises(InputError, match="set steps <= 4"):
-        sampler_with_overrides(base, {"gen_length": 4})
+    assert base.with_overrides({"threshold": 0.9}) == dataclasses.replace(base, steps=None, threshold=0.9)
+    assert base.with_overrides({"steps": 4}).steps == 4
+    assert base.with_overrides(None) is base and base.with_overrides({}) is base
+    with pytest.raises(ValueError, match=r"unknown sampler setting\(s\) \['stepz'\]"):
+        base.with_overrides({"stepz": 4})
+    with pytest.raises(ValueError, match="set steps <= 4"):
+        base.with_overrides({"gen_length": 4})
+
+
+def test_cli_sampler_node_keeps_the_checkpoint_value_for_missing_keys():
+    node = OmegaConf.create({"steps": 4, "threshold": "???", "cache": "prefix", "_target_": "x"})
+    assert set_keys(node) == {"steps": 4, "cache": "prefix"}
+    assert set_keys({"steps": 4, "threshold": "???"}) == {"steps": 4}
+    assert set_keys(None) == {}
 
 
 def test_generate_yaml_lists_every_sampler_field():

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from diffllm.diffusion.forward import forward_process
 from diffllm.diffusion.likelihood import elbo_nll
-from diffllm.diffusion.loss import MaskedDiffusionLoss, masked_diffusion_loss
+from diffllm.diffusion.loss import NORMALISATIONS, MaskedDiffusionLoss, masked_diffusion_loss
 from diffllm.diffusion.schedule import LinearSchedule, PolynomialSchedule
 from diffllm.diffusion.time import AntitheticTimeSampler
 from diffllm.model.attention import set_bidirectional
@@ -43,10 +43,10 @@ UNIFORM_SUM = LOG3 + LOG2 + 2 * LOG2  # = log 3 + 3 log 2 = 3.1780538
 @pytest.mark.parametrize(
     ("weighting", "normalisation", "expected"),
     [
-        ("elbo", "answer_tokens", ELBO_SUM / 8),  # 1.1410871
+        ("elbo", "supervised_tokens", ELBO_SUM / 8),  # 1.1410871
         ("elbo", "hidden_tokens", ELBO_SUM / 3),  # 3.0428989
         ("elbo", "batch_tokens", ELBO_SUM / 12),  # 0.7607247
-        ("uniform", "answer_tokens", UNIFORM_SUM / 8),  # 0.3972567
+        ("uniform", "supervised_tokens", UNIFORM_SUM / 8),  # 0.3972567
         ("uniform", "hidden_tokens", UNIFORM_SUM / 3),  # 1.0593513
         ("uniform", "batch_tokens", UNIFORM_SUM / 12),  # 0.2648378
     ],
@@ -58,7 +58,9 @@ def test_loss_matches_hand_computation(weighting, normalisation, expected):
 
 def test_elbo_weighting_follows_the_schedule():
     # polynomial p=3: w = 3/t = (6, 6, 12), i.e. three times the linear weights
-    loss = MaskedDiffusionLoss("elbo", "answer_tokens")(LOGITS, TARGETS, T, PolynomialSchedule(3.0), **COUNTS)
+    loss = MaskedDiffusionLoss("elbo", "supervised_tokens")(
+        LOGITS, TARGETS, T, PolynomialSchedule(3.0), **COUNTS
+    )
     assert loss.item() == pytest.approx(3 * ELBO_SUM / 8, rel=1e-5)
 
 
@@ -87,7 +89,7 @@ def test_unknown_names_are_refused():
 @pytest.mark.parametrize(
     ("name", "weighting", "normalisation"),
     [
-        ("elbo", "elbo", "answer_tokens"),
+        ("elbo", "elbo", "supervised_tokens"),
         ("elbo_hidden", "elbo", "hidden_tokens"),
         ("elbo_batch", "elbo", "batch_tokens"),
         ("uniform_hidden", "uniform", "hidden_tokens"),
@@ -145,3 +147,34 @@ def test_loss_falls_when_overfitting_one_batch():
     # random init starts near log 33 = 3.50 nats/token; 100 steps of Adam bring it to ~1.6 (1.4-1.6 over seeds 0-3)
     assert before > 3.0
     assert after < 0.6 * before, (before, after)
+
+
+def test_the_former_answer_tokens_name_is_read_with_a_warning_and_the_same_value():
+    # issue 12: the default divides by the supervised positions (EOS padding included), so it is
+    # named for them; configs, checkpoints and export cards written before still load unchanged
+    with pytest.warns(FutureWarning, match="'answer_tokens' is now called 'supervised_tokens'"):
+        old = MaskedDiffusionLoss("elbo", "answer_tokens")
+    assert old.normalisation == "supervised_tokens"
+    new = MaskedDiffusionLoss("elbo", "supervised_tokens")
+    assert old(LOGITS, TARGETS, T, LinearSchedule(), **COUNTS) == new(
+        LOGITS, TARGETS, T, LinearSchedule(), **COUNTS
+    )
+    assert "answer_tokens" not in NORMALISATIONS
+
+
+def test_the_default_normaliser_counts_the_eos_padding():
+    # one row: prompt 2 tokens, answer 2 tokens + end token, padded with EOS to 8 supervised positions
+    # -> the default divides by 8, the scored tokens (answer + end token) are 3
+    from diffllm.data.collate import Collator
+
+    row = {
+        "input_ids": [1, 5, 7, 8, 2, 2, 2, 2, 2, 2],
+        "answer_mask": [0, 0] + [1] * 8,
+        "score_mask": [0, 0, 1, 1, 1] + [0] * 5,
+    }
+    batch = Collator(pad_id=0)([row])
+    loss_fn = MaskedDiffusionLoss()
+    count = loss_fn.count(
+        n_answer=batch["answer_mask"].sum(), n_hidden=0, n_tokens=batch["attention_mask"].sum()
+    )
+    assert int(count) == 8 and int(batch["score_mask"].sum()) == 3

@@ -13,8 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from diffllm import viz
-from diffllm.diffusion.trajectory import Trajectory, TrajectoryStep
+from diffllm import notebook, viz
+from diffllm.diffusion.trajectory import (
+    Trajectory,
+    TrajectoryStep,
+    commit_grid,
+    commit_steps,
+    kendall_tau,
+    order_tau,
+)
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "denoising_trajectories.ipynb"
 MASK = 99
@@ -87,36 +94,36 @@ def test_kendall_tau_matches_torchmetrics_tau_b_with_ties():
         x = rng.integers(0, 4, 12).astype(float)  # many ties, as commit steps have
         y = rng.permutation(12).astype(float)
         expected = float(kendall_rank_corrcoef(torch.tensor(x), torch.tensor(y), variant="b"))
-        assert viz.kendall_tau(x, y) == pytest.approx(expected, abs=1e-6)
-    assert viz.kendall_tau([1, 2, 3], [1, 2, 3]) == 1.0
-    assert viz.kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
-    assert np.isnan(viz.kendall_tau([1, 1, 1], [1, 2, 3]))
+        assert kendall_tau(x, y) == pytest.approx(expected, abs=1e-6)
+    assert kendall_tau([1, 2, 3], [1, 2, 3]) == 1.0
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
+    assert np.isnan(kendall_tau([1, 1, 1], [1, 2, 3]))
 
 
 def test_order_tau_left_to_right_right_to_left_and_until_eos():
-    assert viz.order_tau(make_trajectory([[0], [1], [2], [3]], 4)) == 1.0
-    assert viz.order_tau(make_trajectory([[3], [2], [1], [0]], 4)) == -1.0
+    assert order_tau(make_trajectory([[0], [1], [2], [3]], 4)) == 1.0
+    assert order_tau(make_trajectory([[3], [2], [1], [0]], 4)) == -1.0
     # two positions per step: 4 concordant pairs, 2 tied in step -> tau_b = 4 / sqrt(6 * 4) < 1
-    assert viz.order_tau(make_trajectory([[0, 1], [2, 3]], 4)) == pytest.approx(4 / np.sqrt(24))
+    assert order_tau(make_trajectory([[0, 1], [2, 3]], 4)) == pytest.approx(4 / np.sqrt(24))
     # the tail after the first EOS (token 12 at position 2) committed first is excluded with until_eos
     traj = make_trajectory([[3], [2], [0], [1]], 4)
-    assert viz.order_tau(traj) < 0
-    assert viz.order_tau(traj, until_eos=12) == pytest.approx(viz.kendall_tau([0, 1, 2], [2, 3, 1]))
+    assert order_tau(traj) < 0
+    assert order_tau(traj, until_eos=12) == pytest.approx(kendall_tau([0, 1, 2], [2, 3, 1]))
 
 
 def test_commit_grid_marks_each_position_once_with_its_confidence():
     traj = make_trajectory([[2], [0, 3], [1]], 5, filled={1: [4]})
-    step, conf = viz.commit_steps(traj)
+    step, conf = commit_steps(traj)
     assert step.tolist() == [1, 2, 0, 1, 1]
     assert conf[:4].tolist() == pytest.approx([0.1, 0.2, 0.0, 0.1]) and np.isnan(conf[4])
-    grid, known = viz.commit_grid(traj)
+    grid, known = commit_grid(traj)
     assert grid.shape == (3, 5)
     assert (
         np.isfinite(grid).sum(axis=0) == [1, 1, 1, 1, 0]
     ).all()  # the EOS-filled position has no confidence
     assert known[2].tolist() == [True, False, True, True, True] and not known[0].any()
     with pytest.raises(ValueError, match="never committed"):
-        viz.commit_steps(make_trajectory([[0]], 2))
+        commit_steps(make_trajectory([[0]], 2))
 
 
 def test_plots_return_figures_with_the_expected_artists(tmp_path):
@@ -141,7 +148,22 @@ def test_resolve_checkpoint_prefers_the_argument_then_the_newest_run(tmp_path):
         p.parent.mkdir(parents=True)
         p.write_bytes(b"")
         os.utime(p, (1_000 + i, 1_000 + i))  # "old" folder written last: mtime decides, not the name
-    assert viz.resolve_checkpoint(None, tmp_path) == old
-    assert viz.resolve_checkpoint(new, tmp_path) == new
+    assert notebook.resolve_checkpoint(None, tmp_path) == old
+    assert notebook.resolve_checkpoint(new, tmp_path) == new
     with pytest.raises(FileNotFoundError, match="CKPT"):
-        viz.resolve_checkpoint(tmp_path / "nope.ckpt", tmp_path)
+        notebook.resolve_checkpoint(tmp_path / "nope.ckpt", tmp_path)
+
+
+def test_the_bootstrap_trains_into_the_given_folder_or_a_temporary_one(tmp_path, monkeypatch):
+    """Without a checkpoint the notebook trains a short run: into ``workdir``, else a new temporary
+    folder, never under the outputs folder it searched."""
+    runs = []
+    monkeypatch.setattr(notebook, "train", lambda cfg: runs.append(cfg.output_dir))
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    given = notebook.resolve_checkpoint(None, outputs, workdir=tmp_path / "mine")
+    assert given == tmp_path / "mine" / "checkpoints" / "last.ckpt" and runs[-1] == str(tmp_path / "mine")
+    temporary = notebook.resolve_checkpoint(None, outputs)
+    assert Path(runs[-1]).name.startswith("diffllm-notebook-") and temporary.parent.parent == Path(runs[-1])
+    assert list(outputs.iterdir()) == []
+    Path(runs[-1]).rmdir()

@@ -141,7 +141,7 @@ def test_ar_run_validates_checkpoints_and_reports(tiny_ar_run):
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     assert set(ckpt["state_dict"]) == {n for n, p in module.named_parameters() if p.requires_grad}
     assert ckpt["hyper_parameters"]["cfg"]["objective"]["_target_"] == "diffllm.objectives.ARObjective"
-    from diffllm.inference import load_ar_sft, load_for_inference
+    from diffllm.loading import load_ar_sft, load_for_inference
 
     reloaded = load_ar_sft(ckpt_path, module.tokenizer)
     for name, p in module.dlm.named_parameters():
@@ -170,7 +170,7 @@ def test_ar_run_validates_checkpoints_and_reports(tiny_ar_run):
 
 @pytest.mark.slow
 def test_report_with_ar_ckpt_path_has_the_three_rows(tiny_run, tiny_ar_run):
-    from diffllm.inference import load_ar_sft, load_for_inference
+    from diffllm.loading import load_ar_sft, load_for_inference, run_datamodule
 
     report = json.loads((tiny_run[0] / "report.json").read_text())
     assert report["ar_ckpt_path"] == str(tiny_ar_run[1])
@@ -186,9 +186,7 @@ def test_report_with_ar_ckpt_path_has_the_three_rows(tiny_run, tiny_ar_run):
     # the AR-SFT row is that checkpoint's causal NLL, adapters on, on the same tokens
     im = load_for_inference(tiny_run[1])
     ar_sft = load_ar_sft(tiny_ar_run[1], im.tokenizer)
-    from diffllm.evaluate import eval_datamodule
-
-    dm = eval_datamodule(im.cfg, im.tokenizer)
+    dm = run_datamodule(im.cfg, im.tokenizer)
     batch = dm.collate([dm.val_ds[i] for i in range(report["rows"])])
     nll, count = ar_nll(
         ar_sft, batch["input_ids"], batch["attention_mask"], batch["score_mask"], adapters=True

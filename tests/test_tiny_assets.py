@@ -220,6 +220,28 @@ def test_ar_base_is_a_competent_tied_llama(tokenizer):
     assert INFO["metrics"]["answer_nll"]["all"] < 0.5 * INFO["metrics"]["unigram_ce"]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")  # tiny matmuls: a second thread only spin-waits on a shared box
+def test_build_info_figures_are_what_the_shared_evaluation_code_computes(tokenizer):
+    """The committed AR figures, recomputed on all 500 val rows by the code the builder now shares
+    with evaluation (``scoring.ar_answers`` greedy decoding, ``metrics.exact_match``, the scoring
+    core's AR NLL, ``metrics.unigram_cross_entropy``), equal ``build_info.json`` to its 4 digits.
+    The figures were recorded by the builder's former code (HF ``generate``, stripped-string exact
+    match); the tiny answers hold single spaces only, so both exact-match definitions agree."""
+    from transformers import AutoModelForCausalLM
+
+    from diffllm.assets.build import answer_nll, answer_unigram_ce, exact_match_by_task, greedy_answers
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_AR_BASE).eval()
+    val, train = read_jsonl(TINY_VAL), read_jsonl(TINY_TRAIN)
+    assert all(" ".join(r["output"].split()) == r["output"] for r in val)
+    metrics = INFO["metrics"]
+    with torch.no_grad():
+        assert exact_match_by_task(val, greedy_answers(model, tokenizer, val)) == metrics["exact_match"]
+        assert answer_nll(model, tokenizer, val) == metrics["answer_nll"]
+    assert answer_unigram_ce(tokenizer, train, val) == metrics["unigram_ce"]
+
+
 # ------------------------------------------------------------------ package API
 
 

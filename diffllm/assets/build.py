@@ -25,21 +25,29 @@ import math
 import shutil
 import tempfile
 import time
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from diffllm.data.template import render, render_prompt
+from diffllm.data.collate import Collator
+from diffllm.data.datamodule import encode_row as encode_for_training
+from diffllm.data.template import get_format, render
 from diffllm.data.tiny_tasks import TASKS, generate_rows, read_jsonl, write_jsonl
+from diffllm.evaluation import answer_tokens, eval_batches
+from diffllm.evaluation import exact_match_by_task as exact_match_per_task
+from diffllm.metrics import exact_match, unigram_cross_entropy
+from diffllm.model.dlm import DiffusionLM
+from diffllm.scoring import ar_answers, score_rows
 
 TEMPLATE = "short"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
+MAX_LENGTH = 128  # the tokenizer's model_max_length; every tiny row is far shorter (<= 48 tokens)
 
 
 @dataclass
@@ -111,37 +119,23 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
-def encode_row(tokenizer, row: dict) -> tuple[list[int], list[bool]]:
-    """``<s> prompt answer </s>`` ids and the answer mask (True on answer tokens and EOS)."""
-    prompt, answer = render(row, TEMPLATE)
-    prompt_ids = tokenizer(prompt).input_ids  # starts with BOS
-    answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return prompt_ids + answer_ids, [False] * len(prompt_ids) + [True] * len(answer_ids)
+def encode_row(tokenizer, row: dict) -> dict:
+    """``<s> prompt answer </s>`` as the training pipeline encodes it (``data.datamodule.encode_row``,
+    no EOS padding): ``input_ids``, ``answer_mask`` = ``score_mask`` (answer tokens and EOS)."""
+    return encode_for_training(row, tokenizer, TEMPLATE, MAX_LENGTH)
 
 
 # ---------------------------------------------------------------------------------------- training
 
 
-def _batch(encoded: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (B, L) ids and (B, L) bool answer mask (False on padding)."""
-    length = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
-    answer = torch.zeros((len(encoded), length), dtype=torch.bool)
-    for i, (row_ids, row_mask) in enumerate(encoded):
-        ids[i, : len(row_ids)] = torch.tensor(row_ids)
-        answer[i, : len(row_mask)] = torch.tensor(row_mask)
-    return ids, answer
-
-
-def train_ar(
-    model: LlamaForCausalLM, encoded: list[tuple[list[int], list[bool]]], cfg: BuildConfig, pad_id: int
-) -> list[float]:
+def train_ar(model: LlamaForCausalLM, encoded: list[dict], cfg: BuildConfig, pad_id: int) -> list[float]:
     """Next-token CE on ``<s> prompt answer </s>``, prompt tokens weighted ``cfg.prompt_weight``.
 
     Right padding needs no attention mask under causal attention (a real token never attends to a
     later pad); pad targets get weight 0. Returns the per-step losses.
     """
     gen = torch.Generator().manual_seed(cfg.train_seed)
+    collate = Collator(pad_id)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -150,6 +144,10 @@ def train_ar(
         betas=(0.9, 0.95),
     )
 
+    # TODO(lead): replace with the project's LR schedule function (helper "config", issue 12 item 3)
+    # once it lands: the same formula as DiffusionLitModule's, with min_lr_ratio=0.1 and
+    # total=cfg.steps. transformers' get_cosine_with_min_lr_schedule_with_warmup warms up from
+    # step/warmup instead of (step+1)/warmup, so it would not rebuild the committed weights.
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10 %
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -165,7 +163,8 @@ def train_ar(
             order, cursor = torch.randperm(len(encoded), generator=gen), 0
         idx = order[cursor : cursor + cfg.batch_size].tolist()
         cursor += cfg.batch_size
-        ids, answer = _batch([encoded[i] for i in idx], pad_id)  # (B, L)
+        batch = collate([encoded[i] for i in idx])
+        ids, answer = batch["input_ids"], batch["answer_mask"]  # (B, L) right-padded, False on padding
         logits = model(input_ids=ids).logits[:, :-1]  # (B, L-1, V): position i predicts i+1
         targets, target_answer = ids[:, 1:], answer[:, 1:]
         weight = torch.where(target_answer, 1.0, cfg.prompt_weight) * (targets != pad_id)
@@ -192,73 +191,52 @@ def train_ar(
 # ---------------------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 def greedy_answers(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 12) -> list[str]:
-    """Greedy (causal, HF ``generate``) answers; prompts are batched by token length, no padding."""
-    model.eval()
-    prompts = [tokenizer(render_prompt(r, TEMPLATE)).input_ids for r in rows]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, ids in enumerate(prompts):
-        by_length[len(ids)].append(i)
-    answers: list[str] = [""] * len(rows)
-    for length, members in by_length.items():
-        for chunk in range(0, len(members), 64):
-            idx = members[chunk : chunk + 64]
-            ids = torch.tensor([prompts[i] for i in idx])
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for i, seq in zip(idx, out[:, length:]):
-                answers[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
-    return answers
+    """Greedy causal answers (``scoring.ar_answers``: the project's AR decoding, KV cache)."""
+    fmt = get_format(TEMPLATE)
+    prompt_ids = [fmt.prompt_ids(r, tokenizer) for r in rows]
+    return ar_answers(
+        model, tokenizer, prompt_ids, max_new_tokens, eos_id=tokenizer.eos_token_id, batch_size=64
+    ).texts
 
 
 def exact_match_by_task(rows: Sequence[dict], answers: Sequence[str]) -> dict[str, float]:
-    """Fraction of exact (stripped) matches per task, plus 'all'."""
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for row, answer in zip(rows, answers):
-        ok = answer == row["output"].strip()
-        hits[row["task"]].append(ok)
-        hits["all"].append(ok)
-    return {task: round(sum(v) / len(v), 4) for task, v in sorted(hits.items())}
+    """Exact match (``metrics.exact_match``, whitespace-normalised) per task, plus 'all', rounded."""
+    refs = [r["output"] for r in rows]
+    per_task = exact_match_per_task([r["task"] for r in rows], refs, model=answers)
+    out = {t["task"]: round(t["model_exact_match"], 4) for t in per_task}
+    return dict(sorted({**out, "all": round(exact_match(answers, refs), 4)}.items()))
 
 
-@torch.no_grad()
 def answer_nll(model, tokenizer, rows: Sequence[dict], batch_size: int = 64) -> dict[str, float]:
-    """Teacher-forced AR NLL of answer tokens + EOS, nats per token, per task and 'all'."""
-    model.eval()
-    total: dict[str, float] = defaultdict(float)
-    count: dict[str, int] = defaultdict(int)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        ids, answer = _batch([encode_row(tokenizer, r) for r in chunk], tokenizer.pad_token_id)
-        logits = model(input_ids=ids).logits[:, :-1]
-        ce = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, L-1)
-        mask = answer[:, 1:]
-        for row, row_ce, row_mask in zip(chunk, ce, mask):
-            for key in (row["task"], "all"):
-                total[key] += row_ce[row_mask].sum().item()
-                count[key] += int(row_mask.sum())
-    return {k: round(total[k] / count[k], 4) for k in sorted(total)}
+    """Teacher-forced AR NLL of answer tokens + EOS (``scoring``'s ``ar_base`` row), nats per token,
+    per task and 'all'."""
+    encoded = [encode_row(tokenizer, r) for r in rows]
+    # the tiny base has no [MASK] row; the AR scoring path never reads mask_id
+    base = DiffusionLM(model, mask_id=len(tokenizer))
+    scores = score_rows(
+        eval_batches(encoded, Collator(tokenizer.pad_token_id), batch_size),
+        seed=0,
+        device="cpu",
+        num_samples=1,
+        method="grid",
+        end_id=tokenizer.eos_token_id,
+        ar_base=base,
+    )
+    tasks = np.array([str(r["task"]) for r in rows])
+    out = {"all": float(scores["ar_base"].sum() / scores["tokens"].sum())}
+    for task in set(tasks):
+        sel = tasks == task
+        out[str(task)] = float(scores["ar_base"][sel].sum() / scores["tokens"][sel].sum())
+    return {k: round(v, 4) for k, v in sorted(out.items())}
 
 
-def unigram_cross_entropy(tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict]) -> float:
-    """CE (nats/token) of val answer tokens + EOS under the add-one unigram of train answers."""
-
-    def answer_tokens(rows):
-        for r in rows:
-            ids, mask = encode_row(tokenizer, r)
-            yield from (i for i, m in zip(ids, mask) if m)
-
-    counts = Counter(answer_tokens(train_rows))
-    vocab, total = len(tokenizer), sum(counts.values())
-    val = list(answer_tokens(val_rows))
-    return round(-sum(math.log((counts[i] + 1) / (total + vocab)) for i in val) / len(val), 4)
+def answer_unigram_ce(tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict]) -> float:
+    """CE (nats/token) of val answer tokens + EOS under the add-one unigram of train answers
+    (``metrics.unigram_cross_entropy``)."""
+    train = answer_tokens(encode_row(tokenizer, r) for r in train_rows)
+    val = answer_tokens(encode_row(tokenizer, r) for r in val_rows)
+    return round(unigram_cross_entropy(train, val, vocab_size=len(tokenizer)), 4)
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -283,7 +261,7 @@ def build(out: str | Path, cfg: BuildConfig | None = None) -> dict:
     print(f"[2/4] tokenizer: byte-level BPE, vocab <= {cfg.vocab_size}, trained on rendered train rows")
     tokenizer = train_tokenizer(["".join(render(r, TEMPLATE)) for r in train_rows], cfg.vocab_size)
     encoded = [encode_row(tokenizer, r) for r in train_rows]
-    lengths = [len(ids) for ids, _ in encoded]
+    lengths = [len(r["input_ids"]) for r in encoded]
     print(
         f"      vocab {len(tokenizer)}; sequence length min/mean/max {min(lengths)}/{sum(lengths) / len(lengths):.1f}/{max(lengths)}"
     )
@@ -309,13 +287,13 @@ def build(out: str | Path, cfg: BuildConfig | None = None) -> dict:
     model.save_pretrained(staging / "ar_base")
     tokenizer.save_pretrained(staging / "ar_base")
 
-    print("[4/4] evaluation on val rows (causal attention, greedy HF generate)")
+    print("[4/4] evaluation on val rows (causal attention, greedy decoding)")
     eval_rows = val_rows if cfg.eval_rows is None else val_rows[: cfg.eval_rows]
     answers = greedy_answers(model, tokenizer, eval_rows)
     metrics = {
         "exact_match": exact_match_by_task(eval_rows, answers),
         "answer_nll": answer_nll(model, tokenizer, eval_rows),
-        "unigram_ce": unigram_cross_entropy(tokenizer, train_rows, eval_rows),
+        "unigram_ce": answer_unigram_ce(tokenizer, train_rows, eval_rows),
         "final_train_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
     }
     info = {

@@ -4,7 +4,7 @@
 
 counts the (prompt tokens, answer tokens) pair of every row, as ``encode_row`` would tokenise it
 before the EOS and its padding, and writes the counts to ``alpaca_lengths.json`` beside this file.
-``sample_lengths`` draws benchmark rows from it, so a throughput figure sees Alpaca's length mix
+``diffllm.bench.histogram.sample_lengths`` draws benchmark rows from it, so a throughput figure sees Alpaca's length mix
 without the data (Alpaca is CC BY-NC) or its tokenizer (Llama 3's is gated) on the machine.
 """
 
@@ -16,11 +16,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import torch
-
+from diffllm.bench.histogram import HISTOGRAM
 from diffllm.data.template import check_row, get_format
-
-HISTOGRAM = Path(__file__).with_name("alpaca_lengths.json")
 
 
 def length_pairs(rows: Iterable[Mapping], tokenizer, template: str = "alpaca") -> Counter:
@@ -33,21 +30,6 @@ def length_pairs(rows: Iterable[Mapping], tokenizer, template: str = "alpaca") -
         a = len(tokenizer(row["output"].strip(), add_special_tokens=False)["input_ids"])
         out[(p, a)] += 1
     return out
-
-
-def load_histogram(path: str | Path = HISTOGRAM) -> tuple[list[tuple[int, int]], list[int], dict]:
-    """(pairs, counts, provenance) of a histogram written by ``main``."""
-    data = json.loads(Path(path).read_text())
-    pairs = [(int(p), int(a)) for p, a, _ in data["counts"]]
-    return pairs, [int(c) for *_, c in data["counts"]], data["provenance"]
-
-
-def sample_lengths(n: int, seed: int = 0, path: str | Path = HISTOGRAM) -> list[tuple[int, int]]:
-    """``n`` (prompt, answer) length pairs drawn with replacement, in proportion to the counts."""
-    pairs, counts, _ = load_histogram(path)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.multinomial(torch.tensor(counts, dtype=torch.float), n, replacement=True, generator=gen)
-    return [pairs[i] for i in idx.tolist()]
 
 
 def main(argv: list[str] | None = None) -> None:

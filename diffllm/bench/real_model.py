@@ -24,6 +24,10 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 
+from diffllm.config import compose, prepare_assets, to_plain
+from diffllm.lit_module import DiffusionLitModule
+from diffllm.report import build_report
+
 
 class Timer(Callback):
     """Wall seconds of every training batch (forward, backward, optimizer) and of every validation."""
@@ -47,10 +51,6 @@ class Timer(Callback):
 
 
 def measure(overrides: list[str], steps: int) -> dict[str, Any]:
-    from diffllm.config import compose, prepare_assets, to_plain
-    from diffllm.lit_module import DiffusionLitModule
-    from diffllm.report import build_report
-
     cfg = compose(["+experiment=smollm2", "output_dir=null", "report.enabled=false", *overrides])
     prepare_assets(cfg)
     full_steps = int(cfg.trainer.max_steps)

@@ -44,6 +44,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
+import torch
+
+from diffllm.ar_generate import ar_generate
+from diffllm.cli_support import InputError, check_device
+from diffllm.diffusion.sampler import SamplerConfig, generate
+from diffllm.loading import load_quietly, run_datamodule
+from diffllm.metrics import exact_match
+
 NAIVE, SCHEDULE, THRESHOLD, CACHED, AR = "naive", "schedule", "threshold", "threshold+cache", "AR + KV cache"
 METHODS = (NAIVE, SCHEDULE, THRESHOLD, CACHED, AR)
 TAU = 0.9
@@ -271,12 +280,6 @@ def measure(
     log: Callable[[str], None] = lambda s: None,
 ) -> list[Measurement]:
     """Run every method at every length on the same prompts; warm every method up once first."""
-    import torch
-
-    from diffllm.ar_generate import ar_generate
-    from diffllm.diffusion.sampler import SamplerConfig, generate
-    from diffllm.metrics import exact_match
-
     tok, dlm = model.tokenizer, model.dlm
     eos, pad = model.eos_id, tok.pad_token_id
     fast_dlm = dlm.merged_copy().eval() if merge else dlm  # the diffusion rows; AR keeps dlm (adapters off)
@@ -320,11 +323,7 @@ def measure(
 
 def load_rows(model: Any, rows: int) -> tuple[list[list[int]], list[str]]:
     """The first ``rows`` validation rows of the checkpoint's data config: prompt ids and references."""
-    from hydra.utils import instantiate
-
-    data = dict(model.cfg["data"])
-    data.update(report_dir=None, limit_train_rows=1, limit_val_rows=rows, num_workers=0)
-    dm = instantiate(data, tokenizer=model.tokenizer)
+    dm = run_datamodule(model.cfg, model.tokenizer, limit_train_rows=1, limit_val_rows=rows, num_workers=0)
     prompts = dm.sample_prompts(rows)
     return [p["prompt_ids"] for p in prompts], [p["reference"] for p in prompts]
 
@@ -391,11 +390,6 @@ def main(argv: Sequence[str] | None = None) -> str:
                 "no checkpoint: no outputs/<date>/<time>/checkpoints/last.ckpt here; run `make train` first or pass --ckpt"
             )
         ckpt = found
-
-    import datasets
-    import torch
-
-    from diffllm.generate import InputError, check_device, load_quietly
 
     try:
         check_device(args.device)

@@ -114,7 +114,7 @@ def alpaca_shaped_rows(
     n: int, vocab: int, eos_id: int, answer_pad_to: int, max_length: int, seed: int = 0
 ) -> list[dict[str, list[int]]]:
     """``n`` encoded rows with Alpaca's (prompt, answer) lengths and random ids, as ``encode_row`` lays them out."""
-    from diffllm.bench.lengths import sample_lengths
+    from diffllm.bench.histogram import sample_lengths
 
     gen = torch.Generator().manual_seed(seed)
     rows = []

@@ -6,21 +6,28 @@ For a batch with answer spans A_b, hidden sets H_b ⊂ A_b drawn at times t_b:
 
 with a weighting c and a normaliser Z chosen by ``MaskedDiffusionLoss``:
 
-    weighting      c(t)                          normalisation   Z
-    "elbo"         w(t) = -alpha'(t)/(1-alpha(t))  "answer_tokens"  sum_b |A_b|       (LLaDA SFT)
-    "uniform"      1                              "hidden_tokens"  sum_b |H_b|       (DiffuLLaMA)
-                                                  "batch_tokens"   non-pad tokens of the batch
+    weighting      c(t)                            normalisation        Z
+    "elbo"         w(t) = -alpha'(t)/(1-alpha(t))  "supervised_tokens"  sum_b |A_b|    (LLaDA SFT)
+    "uniform"      1                               "hidden_tokens"      sum_b |H_b|    (DiffuLLaMA)
+                                                   "batch_tokens"       non-pad tokens of the batch
 
-Why ("elbo", "answer_tokens") is the default: for each row, E_t E_{H|t}[ sum_{i in H} w(t) CE_i ]
-is the continuous-time negative ELBO of the answer given the prompt (MDLM, LLaDA), an upper bound on
--log p_theta(answer | prompt). Dividing by the fixed answer length keeps that expectation intact,
-so the loss estimates an upper bound on the answer NLL per token, in nats, directly comparable to
-the AR model's per-token NLL on the same answers (``val/nll_bound`` vs ``val/ar_nll``). Dividing by
-the random |H_b| instead (a ratio of random variables) or dropping w(t) gives a fine training
-signal but no longer a bound: its value cannot be compared with an NLL.
+A_b is the supervised span (``answer_mask``): the answer, its end token AND the EOS padding of
+``data.answer_pad_to`` (1,024 positions for 273 answer tokens on 64 rows of the embedded default).
+So "supervised_tokens" divides by the supervised positions, not by the answer tokens: its value
+is an ELBO per supervised position, not per answer token, and is not comparable with the AR NLL
+per answer token. The figure that is, ``val/nll_bound``, comes from ``diffllm.scoring``: the same
+ELBO estimated on the whole span and divided by the scored tokens (answer + end token) only.
+(``answer_tokens``, this normalisation's name until issue 12, is still read, with a warning.)
 
-With several rows the ratio sum_b ELBO_b / sum_b |A_b| is a token-weighted average (longer
-answers count more), as in LLaDA. In training, the sums and Z run over the optimizer step's whole
+Why ("elbo", "supervised_tokens") is the default: for each row, E_t E_{H|t}[ sum_{i in H} w(t)
+CE_i ] is the continuous-time negative ELBO of the supervised span given the prompt (MDLM, LLaDA),
+an upper bound on -log p_theta(span | prompt), the answer's NLL plus that of its padding given the
+answer, so also on the answer's NLL. Dividing by the fixed span length keeps that expectation
+intact: the loss is that bound per supervised position. Dividing by the random |H_b| instead (a ratio of random variables) or dropping w(t)
+gives a fine training signal but no longer a bound.
+
+With several rows the ratio sum_b ELBO_b / sum_b |A_b| is a position-weighted average (longer
+spans count more), as in LLaDA. In training, the sums and Z run over the optimizer step's whole
 global batch, all ranks and micro-batches included (``weighted_sum`` per micro-batch, ``count``
 summed into ``diffllm.distributed.GlobalNormaliser``): a step with accumulation k on W ranks takes
 the gradient of one batch of all its rows.
@@ -28,6 +35,7 @@ the gradient of one batch of all its rows.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -67,10 +75,13 @@ WEIGHTINGS: dict[str, Callable[[torch.Tensor, NoiseSchedule], torch.Tensor]] = {
 
 # normalisation name -> the keyword argument of MaskedDiffusionLoss.__call__ that holds Z
 NORMALISATIONS: dict[str, str] = {
-    "answer_tokens": "n_answer",
+    "supervised_tokens": "n_answer",
     "hidden_tokens": "n_hidden",
     "batch_tokens": "n_tokens",
 }
+
+# Former normalisation names, still read from old configs, checkpoints and export cards.
+RENAMED_NORMALISATIONS: dict[str, str] = {"answer_tokens": "supervised_tokens"}
 
 
 class MaskedDiffusionLoss:
@@ -80,14 +91,23 @@ class MaskedDiffusionLoss:
 
         logits (N, V), targets (N,), t_of_position (N,) = t of each position's row,
         e.g. ``t[:, None].expand_as(hidden)[hidden]`` for (B,) times and a (B, L) ``hidden`` mask;
-        n_answer / n_hidden / n_tokens: batch totals (int or 0-d tensor) of answer tokens,
-        hidden tokens and non-pad tokens. Only the one the normalisation names is used.
+        n_answer / n_hidden / n_tokens: batch totals (int or 0-d tensor) of supervised positions
+        (``answer_mask``: answer, end token and EOS padding), hidden tokens and non-pad tokens. Only the one the normalisation names is used.
 
     A zero normaliser (e.g. no token hidden at tiny t with "hidden_tokens") is treated as 1, so the
     loss is 0 rather than NaN.
     """
 
-    def __init__(self, weighting: str = "elbo", normalisation: str = "answer_tokens") -> None:
+    def __init__(self, weighting: str = "elbo", normalisation: str = "supervised_tokens") -> None:
+        if normalisation in RENAMED_NORMALISATIONS:
+            new = RENAMED_NORMALISATIONS[normalisation]
+            warnings.warn(
+                f"loss normalisation {normalisation!r} is now called {new!r} (it divides by the supervised "
+                f"positions, EOS padding included, not by the answer tokens); reading it as {new!r}",
+                FutureWarning,
+                stacklevel=2,
+            )
+            normalisation = new
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {sorted(WEIGHTINGS)}")
         if normalisation not in NORMALISATIONS:

@@ -44,7 +44,10 @@ nothing at steps where its block is already full, so a row's answer is the one i
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -126,6 +129,28 @@ class SamplerConfig:
             raise ValueError(f"top_p must be in (0, 1] or null, got {self.top_p}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {self.cfg_scale}")
+
+    def with_overrides(self, overrides: Mapping[str, Any] | None) -> SamplerConfig:
+        """This config with the fields in ``overrides`` replaced, validated (``sampler.*`` on a
+        command line, or keyword overrides from Python); ``self`` when there is none.
+
+        Setting ``threshold`` without ``steps`` drops ``self.steps``: a threshold sampler takes no
+        step count, so ``sampler.threshold=0.9`` works on a checkpoint whose config fixes the steps.
+        Raises ``ValueError`` naming unknown keys or the inconsistent setting.
+        """
+        overrides = dict(overrides or {})
+        if not overrides:
+            return self
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown sampler setting(s) {unknown}; the sampler keys are {sorted(fields)}")
+        if overrides.get("threshold") is not None and "steps" not in overrides:
+            overrides["steps"] = None
+        try:
+            return dataclasses.replace(self, **overrides)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"sampler settings {overrides}: {err}") from None
 
     @property
     def resolved_block_length(self) -> int:
