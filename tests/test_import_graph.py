@@ -5,7 +5,7 @@ another."""
 from __future__ import annotations
 
 import ast
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -67,7 +67,7 @@ def is_cli(name: str, modules: dict[str, Path] = MODULES) -> bool:
     return name.endswith("__main__") or '__name__ == "__main__"' in modules[name].read_text()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _parse(path: Path) -> ast.Module:
     return ast.parse(path.read_text())
 
