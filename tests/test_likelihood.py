@@ -357,8 +357,10 @@ def test_ar_nll_equals_hf_causal_lm_loss(attn_implementation, variant):
         ]
         converted_before = dlm(input_ids, attention_mask)
         # the converted model really differs from the AR one (bidirectional, and LoRA if any)
-        ar_hidden = reference.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        assert not torch.allclose(dlm.hidden_states(input_ids, attention_mask), ar_hidden, atol=1e-3)
+        ar_hidden_states = reference.model(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        assert not torch.allclose(dlm.hidden_states(input_ids, attention_mask), ar_hidden_states, atol=1e-3)
 
     nll, count = ar_nll(dlm, input_ids, attention_mask, answer_mask)
     assert count.tolist() == [6, 3, 4]

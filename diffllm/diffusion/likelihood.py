@@ -230,8 +230,8 @@ def causal_token_ce(
     if targets[:, 0].any():
         raise ValueError("position 0 has no AR prediction; the answer must follow at least one prompt token")
     with nullcontext() if adapters else adapters_disabled(dlm.model):
-        hidden = dlm.hidden_states(input_ids, attention_mask, attention="causal")  # (B, L, H)
-        logits = dlm.lm_head(hidden[source_positions(targets, shift=True)])  # (N, V)
+        hidden_states = dlm.hidden_states(input_ids, attention_mask, attention="causal")  # (B, L, H)
+        logits = dlm.lm_head(hidden_states[source_positions(targets, shift=True)])  # (N, V)
     return F.cross_entropy(logits.float(), input_ids[targets], reduction="none")
 
 

@@ -221,7 +221,7 @@ def _device(module: nn.Module) -> torch.device:
 class _Denoiser:
     """Runs the model and hands back the hidden states that predict the current block.
 
-    ``hidden[:, j]`` (rows 0..B-1 conditional, B..2B-1 unconditional under CFG) predicts canvas
+    ``hidden_states[:, j]`` (rows 0..B-1 conditional, B..2B-1 unconditional under CFG) predicts canvas
     position ``lo + j``. With the prefix cache the first call of a block runs the whole canvas and
     keeps the KV of positions < ``lo - shift``; later calls run only ``[lo - shift, L)`` on it.
     """
@@ -232,7 +232,7 @@ class _Denoiser:
         self.dlm = dlm
         self.canvas = canvas  # (B, P + G) True on the answer canvas (model.attention=prefix_lm hides it from the prompt)
         self.shift = int(dlm.shift)
-        self.cfg = config.cfg_scale > 0
+        self.guided = config.cfg_scale > 0  # classifier-free guidance: a second, unconditional pass
         self.use_cache = config.cache == "prefix"
         self.prompt_mask = prompt_mask.bool()  # (B, P)
         self.cache = None
@@ -246,7 +246,7 @@ class _Denoiser:
         self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, lo: int, hi: int
     ) -> torch.Tensor:
         canvas = self.canvas[:, : x.shape[1]]
-        if self.cfg:  # unconditional copy: the prompt's real tokens become [MASK]
+        if self.guided:  # unconditional copy: the prompt's real tokens become [MASK]
             uncond = x.clone()
             prompt = uncond[:, : self.prompt_mask.shape[1]]
             prompt[self.prompt_mask] = self.dlm.mask_id
@@ -262,20 +262,22 @@ class _Denoiser:
                 self.start = 0
             kwargs.update(cache=self.cache, use_cache=True)
         start = self.start
-        hidden = self.dlm.hidden_states(
+        hidden_states = self.dlm.hidden_states(
             x[:, start:], attention_mask, position_ids=position_ids[:, start:], **kwargs
         )  # (B or 2B, L - start, H); the mask covers cache + new tokens
         if self.use_cache:  # keep only the prefix before the block (the source of its first token)
             self.start = lo - self.shift
             self.cache.crop(self.start - self.cache.get_seq_length())
-        return hidden[:, lo - self.shift - start : hi - self.shift - start]
+        return hidden_states[:, lo - self.shift - start : hi - self.shift - start]
 
-    def logits(self, hidden: torch.Tensor, row: int, cols: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    def logits(
+        self, hidden_states: torch.Tensor, row: int, cols: torch.Tensor, cfg_scale: float
+    ) -> torch.Tensor:
         """(n, V) float32 logits of one row at block columns ``cols``, CFG applied, [MASK] banned."""
-        logits = self.dlm.lm_head(hidden[row, cols]).float()
-        if self.cfg:
-            batch = hidden.shape[0] // 2
-            uncond = self.dlm.lm_head(hidden[batch + row, cols]).float()
+        logits = self.dlm.lm_head(hidden_states[row, cols]).float()
+        if self.guided:
+            batch = hidden_states.shape[0] // 2
+            uncond = self.dlm.lm_head(hidden_states[batch + row, cols]).float()
             logits = uncond + (cfg_scale + 1.0) * (logits - uncond)
         logits[:, self.dlm.mask_id] = float("-inf")
         return logits
@@ -339,14 +341,14 @@ def generate(
                 if not active.any() and (config.stop_early or steps_per_block is None):
                     break
                 end = hi if config.future_blocks == "hidden" else x.shape[1]
-                hidden = denoise(x[:, :end], attention_mask[:, :end], position_ids[:, :end], lo, hi)
+                hidden_states = denoise(x[:, :end], attention_mask[:, :end], position_ids[:, :end], lo, hi)
                 steps_taken += 1
                 last = steps_per_block is not None and step == steps_per_block - 1
                 for row in range(batch):
                     if not active[row]:
                         continue  # no draw from this row's generator: it would not step alone
                     cols = masked[row].nonzero().squeeze(-1)  # (n,) block columns still masked
-                    logits = denoise.logits(hidden, row, cols, config.cfg_scale)  # (n, V)
+                    logits = denoise.logits(hidden_states, row, cols, config.cfg_scale)  # (n, V)
                     confidence, tokens = strategy(logits, sampling, generators[row])  # (n,), (n,)
                     confidence = confidence - config.eos_penalty * (tokens == eos_id).double()
                     if schedule is None:

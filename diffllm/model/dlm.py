@@ -172,28 +172,28 @@ class DiffusionLM(nn.Module):
         extra_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, L, V) aligned logits: [:, i] is the prediction for token i."""
-        hidden = self.hidden_states(
+        hidden_states = self.hidden_states(
             input_ids, attention_mask, canvas, attention=attention, extra_mask=extra_mask
         )
-        return align(self.lm_head(hidden), self.shift)
+        return align(self.lm_head(hidden_states), self.shift)
 
     def logits_at(
         self,
         input_ids: torch.Tensor,
         targets: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        hidden: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
         canvas: torch.Tensor | None = None,
         *,
         attention: str | None = None,
         extra_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(N, V) predictions for the N True positions of ``targets`` (B, L), in row-major order."""
-        if hidden is None:
-            hidden = self.hidden_states(
+        if hidden_states is None:
+            hidden_states = self.hidden_states(
                 input_ids, attention_mask, canvas, attention=attention, extra_mask=extra_mask
             )
-        return self.lm_head(hidden[source_positions(targets, self.shift)])
+        return self.lm_head(hidden_states[source_positions(targets, self.shift)])
 
 
 @contextmanager
