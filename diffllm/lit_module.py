@@ -160,9 +160,8 @@ class DiffusionLitModule(L.LightningModule):
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         run_seed = int(self.cfg.get("seed", 0))
-        gen = torch.Generator(device=batch["input_ids"].device).manual_seed(
-            validation_seed(run_seed, batch_idx)
-        )
+        seed = validation_seed(run_seed, batch_idx)
+        gen = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
         loss, stats = self.objective.loss(self, batch, generator=gen)
         self.val_loss.update(loss, weight=stats["n_answer"])
         scores = validation_scores(
