@@ -6,7 +6,8 @@
 
 On the same answers (the run's validation split by default, or ``data_path``):
 
-* likelihood (``diffllm.scoring``, the same core as validation and the end-of-run report): the
+* likelihood and generation through ``diffllm.evaluation.compare`` (as the end-of-run report; on
+  the scoring core that validation uses too): the
   diffusion answer NLL upper bound (ELBO, linear schedule, the run's ``val_likelihood`` estimator)
   vs the base AR model's NLL (adapters off, causal attention), also without the end token, and,
   with ``ar_ckpt_path``, an AR-SFT checkpoint's NLL (objective=ar: the baseline at equal budget);
@@ -23,8 +24,9 @@ folder (``<run>/`` for ``<run>/checkpoints/x.ckpt``, ``<folder>/eval`` for an ex
 
 Validation is reproduced exactly: by default the scored rows are the ones training validated on (the
 first ``trainer.limit_val_batches`` batches of the validation loader), batched the same way
-(``data.eval_batch_size``), each batch masked with the same seed (``likelihood.validation_seed``,
-as ``DiffusionLitModule.validation_step``) and the same ``val_likelihood`` settings. So for the
+(``data.eval_batch_size``), each batch masked with the same seed (``validation_seed``, as
+``DiffusionLitModule.validation_step``) and the same ``val_likelihood`` settings
+(``evaluation.likelihood_settings``). So for the
 checkpoint that training validated last, ``nll_bound`` / ``ar_nll`` equal its ``val/nll_bound`` /
 ``val/ar_nll``. Changing ``batch_size`` or ``rows`` changes the masks drawn, not the expectation.
 """
