@@ -369,7 +369,7 @@ below come from that command (`build_info.json` holds them machine-readably).
 
 ## AR base on {info["eval_rows"]} val rows (causal attention)
 
-Greedy exact match (HF `generate`) and teacher-forced answer NLL (answer tokens + EOS, nats/token):
+Greedy exact match (`scoring.ar_answers`; `metrics.exact_match`, whitespace-normalised) and teacher-forced answer NLL (answer tokens + EOS, nats/token):
 
 | task | exact match | answer NLL |
 |---|---|---|
