@@ -232,7 +232,7 @@ def _old_style_model_node(node: dict, prefix_lm: bool) -> dict:
 
 @pytest.mark.parametrize(("prefix_lm", "mode"), [(True, "prefix_lm"), (False, "bidirectional")])
 def test_old_checkpoint_with_prefix_lm_key_loads_as_its_mode(tiny_run, tmp_path, prefix_lm, mode):
-    from diffllm.inference import load_for_inference
+    from diffllm.loading import load_for_inference
 
     ckpt = torch.load(tiny_run[1], map_location="cpu", weights_only=False)
     cfg = ckpt["hyper_parameters"]["cfg"]

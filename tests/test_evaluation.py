@@ -155,9 +155,7 @@ def test_validation_loss_is_reproducible_while_annealing():
     class HalfwayThroughAnnealing(DiffusionLitModule):
         global_step = 100  # of anneal=linear's 200: each future key visible with probability 0.5
 
-    cfg = compose(["anneal=linear", "output_dir=null"])
-    if "prefix_lm" in cfg.model:  # before annealing composed with the prefix-LM mask (issue 12, item 4)
-        cfg.model.prefix_lm = False
+    cfg = compose(["anneal=linear", "output_dir=null"])  # with the default prefix-LM attention
     module = HalfwayThroughAnnealing(to_plain(cfg)).eval()
     assert module.annealing.progress(module.global_step) == 0.5
     rows = read_jsonl(TINY_VAL)[:4]
