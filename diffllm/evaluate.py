@@ -57,6 +57,7 @@ from diffllm.model.dlm import DiffusionLM
 from diffllm.model.load import ModelLoadError, build_diffusion_model
 from diffllm.objectives import ARObjective
 from diffllm.report import MODEL_COLUMNS, _answer_tokens, _pm, format_report, generation_figures, provenance
+from diffllm.schema import ValLikelihoodNode, check_node, check_positive, check_sampler_overrides
 from diffllm.scoring import Answers
 
 log = logging.getLogger("diffllm.evaluate")
@@ -426,6 +427,7 @@ def evaluate(
     ar_baseline: bool = True,
     ar_ckpt_path: str | Path | None = None,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint or exported folder; writes the report files and returns ``eval.json``'s content.
 
@@ -435,7 +437,13 @@ def evaluate(
     steps_grid: step counts for the quality-vs-steps sweep (None: G/8, G/4, G/2, G).
     """
     started = time.perf_counter()
-    im = load_for_inference(ckpt_path, device=device)
+    # the arguments against the schema, before anything is read
+    check_positive({"rows": rows, "gen_rows": gen_rows, "batch_size": batch_size, "gen_batch_size": gen_batch_size})
+    check_sampler_overrides(dict(sampler or {}))
+    lk_given = {k: v for k, v in dict(likelihood or {}).items() if v is not None}
+    if lk_given:
+        check_node(ValLikelihoodNode, lk_given)
+    im = load_for_inference(ckpt_path, device=device, trust_remote_code=trust_remote_code)
     cfg, tok = im.cfg, im.tokenizer
     seed = int(cfg.get("seed", 0) if seed is None else seed)
     lk = {
@@ -455,7 +463,11 @@ def evaluate(
     scored = dm.val_ds.select(range(rows))
 
     ar_model = ar_baseline_model(im, device) if ar_baseline else None
-    ar_sft = load_ar_sft(ar_ckpt_path, tok, device=device) if ar_ckpt_path is not None else None
+    ar_sft = (
+        load_ar_sft(ar_ckpt_path, tok, device=device, trust_remote_code=trust_remote_code)
+        if ar_ckpt_path is not None
+        else None
+    )
     models = {"diffusion": im.dlm, "ar_base": ar_model, "ar_sft": ar_sft}
     scores = scoring.score_rows(
         tqdm(
@@ -584,6 +596,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ar_baseline=cfg.ar_baseline,
         ar_ckpt_path=cfg.ar_ckpt_path,
         progress=cfg.progress,
+        trust_remote_code=bool(cfg.trust_remote_code),
     )
     print("\n" + format_report(result), flush=True)
     cols = [k for k in ("diffusion", "ar_sft", "ar") if f"{k}_bleu" in result]

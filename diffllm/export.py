@@ -44,6 +44,7 @@ from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.inference import InferenceModel, load_for_inference
 from diffllm.model.attention import attention_of, set_bidirectional
 from diffllm.model.dlm import DiffusionLM
+from diffllm.schema import check_card
 from diffllm.model.load import (
     ModelLoadError,
     build_diffusion_model,
@@ -172,9 +173,10 @@ def export(
     *,
     device: str = "cpu",
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Path]:
     """A training checkpoint -> ``out/adapter`` and/or ``out/merged``; returns {kind: folder}."""
-    im = load_for_inference(ckpt_path, device=device)
+    im = load_for_inference(ckpt_path, device=device, trust_remote_code=trust_remote_code)
     return export_model(im, out, formats, source=str(ckpt_path), overwrite=overwrite)
 
 
@@ -200,7 +202,11 @@ def read_card(folder: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def load_exported(
-    folder: str | Path, device: str | torch.device = "cpu", base_model: str | None = None
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    base_model: str | None = None,
+    *,
+    trust_remote_code: bool = False,
 ) -> InferenceModel:
     """An exported folder (``adapter/``, ``merged/`` or their parent) -> ``InferenceModel`` in eval mode.
 
@@ -208,13 +214,18 @@ def load_exported(
     copy of the same weights).
     """
     folder, card = read_card(folder)
+    # the card is data: checked against the schema before anything is built; its own
+    # trust_remote_code is refused unless the user passed it
+    check_card(card, folder / CARD, trust_remote_code=trust_remote_code)
     model_cfg = dict(card["model"])
+    model_cfg["trust_remote_code"] = trust_remote_code
     if card["kind"] == "merged":
         from transformers import AutoModelForCausalLM
 
         tokenizer = load_tokenizer(str(folder))
         model = AutoModelForCausalLM.from_pretrained(
             folder,
+            trust_remote_code=trust_remote_code,
             dtype=resolve_dtype(model_cfg.get("dtype", "float32")),
             attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
         )
@@ -244,7 +255,12 @@ def load_exported(
 def run(cfg: DictConfig) -> dict[str, Path]:
     """The CLI body (``conf/export.yaml``)."""
     written = export(
-        cfg.ckpt_path, cfg.out, tuple(cfg.formats), device=cfg.device, overwrite=bool(cfg.overwrite)
+        cfg.ckpt_path,
+        cfg.out,
+        tuple(cfg.formats),
+        device=cfg.device,
+        overwrite=bool(cfg.overwrite),
+        trust_remote_code=bool(cfg.trust_remote_code),
     )
     for kind, folder in written.items():
         print(f"{kind:8s} {folder}", flush=True)

@@ -33,6 +33,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from diffllm.config import CONF_DIR
+from diffllm.schema import ConfigError, check_positive, check_sampler_overrides
 
 if TYPE_CHECKING:
     from diffllm.diffusion.sampler import SamplerConfig
@@ -336,12 +337,17 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         )
     requests = _requests(cfg)
     overrides = _sampler_overrides(cfg)
-    if int(cfg.batch_size) < 1:
-        raise InputError(f"batch_size={cfg.batch_size}; it must be >= 1")
+    try:  # the command line against the schema, before anything is read
+        check_positive({"batch_size": cfg.batch_size})
+        check_sampler_overrides(overrides)
+    except ConfigError as err:
+        raise InputError(str(err)) from None
     check_device(str(cfg.device))
 
     try:
-        model = load_quietly(ckpt, str(cfg.device))
+        model = load_quietly(ckpt, str(cfg.device), trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    except ConfigError as err:  # a file refused as data (diffllm.schema.check_untrusted)
+        raise InputError(str(err)) from None
     except Exception as err:  # an unreadable / foreign file is bad input, not a crash
         raise InputError(
             f"ckpt_path={str(ckpt)!r} could not be loaded ({type(err).__name__}: {err}); "
@@ -369,7 +375,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     return results
 
 
-def load_quietly(path: Path, device: str) -> InferenceModel:
+def load_quietly(path: Path, device: str, *, trust_remote_code: bool = False) -> InferenceModel:
     """``load_for_inference`` without the expected noise: the frozen base weights are rebuilt, not
     read from the checkpoint (Lightning lists every one of them), and the weight-loading bar."""
     import warnings
@@ -384,7 +390,7 @@ def load_quietly(path: Path, device: str) -> InferenceModel:
             "ignore", message="Found keys that are in the model state dict but not in the checkpoint"
         )
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        return load_for_inference(path, device=device)
+        return load_for_inference(path, device=device, trust_remote_code=trust_remote_code)
 
 
 def _describe(config: SamplerConfig) -> str:

@@ -46,9 +46,17 @@ class InferenceModel:
 
 
 def load_for_inference(
-    path: str | Path, device: str | torch.device = "cpu", *, allow_ar_sft: bool = False
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    allow_ar_sft: bool = False,
+    trust_remote_code: bool = False,
 ) -> InferenceModel:
     """A checkpoint (``.ckpt``) or an exported folder -> ``InferenceModel`` in eval mode on ``device``.
+
+    The file is data: its config is checked against the schema before anything is built
+    (``diffllm.schema.check_untrusted`` / ``check_card``); a ``model.trust_remote_code: true`` in it
+    is refused unless the caller passes ``trust_remote_code=True`` (the user's command line).
 
     An AR-SFT checkpoint (``objective=ar``) is refused unless ``allow_ar_sft``: it is a causal model,
     the baseline that ``load_ar_sft`` loads, not a diffusion model for the sampler.
@@ -57,7 +65,7 @@ def load_for_inference(
     if path.is_dir():
         from diffllm.export import load_exported
 
-        return load_exported(path, device=device)
+        return load_exported(path, device=device, trust_remote_code=trust_remote_code)
     if not path.exists():
         raise FileNotFoundError(
             f"ckpt_path={str(path)!r} does not exist; pass a .ckpt from a run folder "
@@ -67,7 +75,7 @@ def load_for_inference(
     from diffllm.lit_module import DiffusionLitModule
 
     register_resolvers()
-    module = DiffusionLitModule.load_from_checkpoint(path, map_location=device)
+    module = DiffusionLitModule.load_from_checkpoint(path, map_location=device, trust_remote_code=trust_remote_code)
     module.eval()
     cfg = module.cfg
     from diffllm.objectives import ARObjective
@@ -87,7 +95,11 @@ def load_for_inference(
 
 
 def load_ar_sft(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, device: str | torch.device = "cpu"
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | torch.device = "cpu",
+    *,
+    trust_remote_code: bool = False,
 ) -> DiffusionLM:
     """The model of an AR-SFT checkpoint (a run with ``objective=ar``), checked to score the same
     token ids as ``tokenizer`` (the diffusion model's): same vocabulary, [MASK] included."""
@@ -99,7 +111,7 @@ def load_ar_sft(
             f"ar_ckpt_path={str(path)!r} is a folder; pass the .ckpt of an objective=ar run "
             "(outputs/<date>/<time>/checkpoints/last.ckpt)"
         )
-    im = load_for_inference(path, device=device, allow_ar_sft=True)
+    im = load_for_inference(path, device=device, allow_ar_sft=True, trust_remote_code=trust_remote_code)
     objective = objective_of(im.cfg)
     if not isinstance(objective, ARObjective):
         raise ValueError(

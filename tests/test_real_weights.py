@@ -60,7 +60,7 @@ def smollm2_module(smollm2_dir, tmp_path_factory):
 
     cfg = compose(["+experiment=smollm2", f"output_dir={tmp_path_factory.mktemp('smollm2')}"])
     torch.manual_seed(0)
-    return DiffusionLitModule(to_plain(cfg))
+    return DiffusionLitModule.from_run_config(cfg)
 
 
 def _rows(path, n):

@@ -55,7 +55,7 @@ def measure(overrides: list[str], steps: int) -> dict[str, Any]:
     prepare_assets(cfg)
     full_steps = int(cfg.trainer.max_steps)
     L.seed_everything(cfg.seed)
-    module = DiffusionLitModule(to_plain(cfg))
+    module = DiffusionLitModule.from_run_config(cfg)
     datamodule = instantiate(cfg.data, tokenizer=module.tokenizer, report_dir=None)
     timer = Timer()
     trainer = instantiate(
