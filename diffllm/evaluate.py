@@ -438,7 +438,9 @@ def evaluate(
     """
     started = time.perf_counter()
     # the arguments against the schema, before anything is read
-    check_positive({"rows": rows, "gen_rows": gen_rows, "batch_size": batch_size, "gen_batch_size": gen_batch_size})
+    check_positive(
+        {"rows": rows, "gen_rows": gen_rows, "batch_size": batch_size, "gen_batch_size": gen_batch_size}
+    )
     check_sampler_overrides(dict(sampler or {}))
     lk_given = {k: v for k, v in dict(likelihood or {}).items() if v is not None}
     if lk_given:

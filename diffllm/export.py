@@ -44,7 +44,6 @@ from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.inference import InferenceModel, load_for_inference
 from diffllm.model.attention import attention_of, set_bidirectional
 from diffllm.model.dlm import DiffusionLM
-from diffllm.schema import check_card
 from diffllm.model.load import (
     ModelLoadError,
     build_diffusion_model,
@@ -52,6 +51,7 @@ from diffllm.model.load import (
     resolve_dtype,
     trainable_line,
 )
+from diffllm.schema import check_card
 
 log = logging.getLogger("diffllm.export")
 

@@ -345,7 +345,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     check_device(str(cfg.device))
 
     try:
-        model = load_quietly(ckpt, str(cfg.device), trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+        model = load_quietly(
+            ckpt, str(cfg.device), trust_remote_code=bool(cfg.get("trust_remote_code", False))
+        )
     except ConfigError as err:  # a file refused as data (diffllm.schema.check_untrusted)
         raise InputError(str(err)) from None
     except Exception as err:  # an unreadable / foreign file is bad input, not a crash

@@ -75,7 +75,9 @@ def load_for_inference(
     from diffllm.lit_module import DiffusionLitModule
 
     register_resolvers()
-    module = DiffusionLitModule.load_from_checkpoint(path, map_location=device, trust_remote_code=trust_remote_code)
+    module = DiffusionLitModule.load_from_checkpoint(
+        path, map_location=device, trust_remote_code=trust_remote_code
+    )
     module.eval()
     cfg = module.cfg
     from diffllm.objectives import ARObjective

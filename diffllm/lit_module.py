@@ -30,7 +30,14 @@ from diffllm.diffusion.sampler import generate
 from diffllm.distributed import GlobalNormaliser, draw_keys, nominal_batch_size
 from diffllm.model.load import build_diffusion_model, trainable_line
 from diffllm.objectives import objective_of
-from diffllm.schema import MODULE_ARGS, OptimizerNode, ValLikelihoodNode, module_args, read_hparams, upgrade_model
+from diffllm.schema import (
+    MODULE_ARGS,
+    OptimizerNode,
+    ValLikelihoodNode,
+    module_args,
+    read_hparams,
+    upgrade_model,
+)
 from diffllm.scoring import EVAL_SCHEDULE, TOKENS_OF, score_batch
 
 # scoring-core row -> validation metric (per token, nats)
@@ -156,9 +163,15 @@ class DiffusionLitModule(L.LightningModule):
         checked against the schema (``diffllm.schema.check_untrusted``: no ``_target_`` outside the
         project's registry, no ``trust_remote_code`` the caller did not pass) before anything is
         built. Old checkpoints (one ``cfg`` hyperparameter) are read into today's arguments."""
-        args = module_args(read_hparams(checkpoint_path), checkpoint_path, trust_remote_code=trust_remote_code)
+        args = module_args(
+            read_hparams(checkpoint_path), checkpoint_path, trust_remote_code=trust_remote_code
+        )
         return super().load_from_checkpoint(
-            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **{**args, **kwargs}
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            **{**args, **kwargs},
         )
 
     @property
@@ -295,7 +308,9 @@ class DiffusionLitModule(L.LightningModule):
         )
         warmup = opt_cfg.warmup_steps
         total = max(int(self.trainer.estimated_stepping_batches), warmup + 1)
-        lr_lambda = partial(lr_factor, warmup_steps=warmup, total_steps=total, min_lr_ratio=opt_cfg.min_lr_ratio)
+        lr_lambda = partial(
+            lr_factor, warmup_steps=warmup, total_steps=total, min_lr_ratio=opt_cfg.min_lr_ratio
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -312,7 +327,9 @@ class DiffusionLitModule(L.LightningModule):
             "trainable": trainable_line(self.dlm.model),
             "tokens_seen": int(self.tokens_seen),
             # the validation length evaluate reproduces (a Trainer setting, not a module argument)
-            "limit_val_batches": self.trainer.limit_val_batches if self._trainer is not None else self.limit_val_batches,
+            "limit_val_batches": self.trainer.limit_val_batches
+            if self._trainer is not None
+            else self.limit_val_batches,
         }
 
     @override
@@ -330,4 +347,6 @@ class DiffusionLitModule(L.LightningModule):
         extra = checkpoint.get("diffllm", {})
         self.tokens_seen.fill_(int(extra.get("tokens_seen", 0)))
         legacy = checkpoint.get("hyper_parameters", {}).get("cfg") or {}  # a checkpoint of the cfg= era
-        self.limit_val_batches = extra.get("limit_val_batches", (legacy.get("trainer") or {}).get("limit_val_batches"))
+        self.limit_val_batches = extra.get(
+            "limit_val_batches", (legacy.get("trainer") or {}).get("limit_val_batches")
+        )

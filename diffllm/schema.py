@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -76,17 +76,19 @@ class ModelNode:
     shift: bool = True
     # causal | bidirectional | prefix_lm | block_causal (legacy files: prefix_lm: true/false)
     attention: str = "prefix_lm"
-    block_size: Optional[int] = None  # block_causal only
+    block_size: int | None = None  # block_causal only
     mask_token: MaskTokenNode = field(default_factory=MaskTokenNode)
     train_mask_row: bool = False
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     from_scratch: bool = False
     # the architecture (a transformers config dict), for a dry run on the meta device
-    config: Optional[dict[str, Any]] = None
+    config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        _require(self.attention in ATTENTION_MODES, "model.attention", self.attention, " | ".join(ATTENTION_MODES))
+        _require(
+            self.attention in ATTENTION_MODES, "model.attention", self.attention, " | ".join(ATTENTION_MODES)
+        )
         _require(self.dtype in DTYPES, "model.dtype", self.dtype, " | ".join(DTYPES))
         _require(
             self.attn_implementation in ATTN_IMPLEMENTATIONS,
@@ -131,39 +133,54 @@ class DataNode:
     _target_: str = "diffllm.data.datamodule.AlpacaDataModule"
     path: str = "tatsu-lab/alpaca"
     split: str = "train"
-    val_path: Optional[str] = None
+    val_path: str | None = None
     val_size: float = 0.02  # a fraction (< 1) or a row count (>= 1)
     template: str = "alpaca"
     max_length: int = 512
-    answer_pad_to: Optional[int] = None
+    answer_pad_to: int | None = None
     batch_size: int = 16
     group_by_length: bool = False
-    eval_batch_size: Optional[int] = None
+    eval_batch_size: int | None = None
     num_workers: int = 0
     seed: int = 0
-    limit_train_rows: Optional[int] = None
-    limit_val_rows: Optional[int] = None
+    limit_train_rows: int | None = None
+    limit_val_rows: int | None = None
     num_sample_prompts: int = 4
     strict: bool = False
-    report_dir: Optional[str] = None
-    pad_to_multiple_of: Optional[int] = None
+    report_dir: str | None = None
+    pad_to_multiple_of: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_length >= 1, "data.max_length", self.max_length, "an integer >= 1")
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
-        for key in ("eval_batch_size", "answer_pad_to", "limit_train_rows", "limit_val_rows", "pad_to_multiple_of"):
+        for key in (
+            "eval_batch_size",
+            "answer_pad_to",
+            "limit_train_rows",
+            "limit_val_rows",
+            "pad_to_multiple_of",
+        ):
             value = getattr(self, key)
             _require(value is None or value >= 1, f"data.{key}", value, "an integer >= 1 or null")
-        _require(self.val_size > 0, "data.val_size", self.val_size, "a fraction in (0, 1) or a row count >= 1")
+        _require(
+            self.val_size > 0, "data.val_size", self.val_size, "a fraction in (0, 1) or a row count >= 1"
+        )
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
-        _require(self.num_sample_prompts >= 0, "data.num_sample_prompts", self.num_sample_prompts, "an integer >= 0")
+        _require(
+            self.num_sample_prompts >= 0,
+            "data.num_sample_prompts",
+            self.num_sample_prompts,
+            "an integer >= 0",
+        )
         from diffllm.data.template import TEMPLATES, TemplateError, get_format
 
         try:
             get_format(self.template)
         except TemplateError:
             raise _bad(
-                "data.template", self.template, f"chat | {' | '.join(TEMPLATES)} | a format string with {{instruction}}"
+                "data.template",
+                self.template,
+                f"chat | {' | '.join(TEMPLATES)} | a format string with {{instruction}}",
             ) from None
 
 
@@ -188,7 +205,9 @@ class OptimizerNode:
             "two numbers in [0, 1)",
         )
         _require(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", self.min_lr_ratio, "0 <= min_lr_ratio <= 1")
+        _require(
+            0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", self.min_lr_ratio, "0 <= min_lr_ratio <= 1"
+        )
 
 
 # -- sampler -----------------------------------------------------------------------------------------
@@ -203,13 +222,13 @@ class SamplerNode:
 
     _target_: str = "diffllm.diffusion.sampler.SamplerConfig"
     gen_length: int = 64
-    steps: Optional[int] = None
-    block_length: Optional[int] = None
+    steps: int | None = None
+    block_length: int | None = None
     strategy: str = "low_confidence"
     temperature: float = 0.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    threshold: Optional[float] = None
+    top_k: int | None = None
+    top_p: float | None = None
+    threshold: float | None = None
     cache: str = "none"
     cfg_scale: float = 0.0
     eos_penalty: float = 0.0
@@ -236,10 +255,17 @@ def check_sampler(node: Any, prefix: str = "sampler") -> None:
     )
     _require(node.strategy in STRATEGIES, f"{prefix}.strategy", node.strategy, " | ".join(STRATEGIES))
     _require(node.cache in CACHE_MODES, f"{prefix}.cache", node.cache, " | ".join(CACHE_MODES))
-    _require(node.future_blocks in FUTURE_MODES, f"{prefix}.future_blocks", node.future_blocks, " | ".join(FUTURE_MODES))
+    _require(
+        node.future_blocks in FUTURE_MODES,
+        f"{prefix}.future_blocks",
+        node.future_blocks,
+        " | ".join(FUTURE_MODES),
+    )
     _require(node.temperature >= 0, f"{prefix}.temperature", node.temperature, "a number >= 0 (0 = greedy)")
     _require(node.top_k is None or node.top_k >= 0, f"{prefix}.top_k", node.top_k, "an integer >= 0 or null")
-    _require(node.top_p is None or 0 < node.top_p <= 1, f"{prefix}.top_p", node.top_p, "0 < top_p <= 1 or null")
+    _require(
+        node.top_p is None or 0 < node.top_p <= 1, f"{prefix}.top_p", node.top_p, "0 < top_p <= 1 or null"
+    )
     _require(node.cfg_scale >= 0, f"{prefix}.cfg_scale", node.cfg_scale, "a number >= 0")
     if node.threshold is not None:
         _require(0 < node.threshold <= 1, f"{prefix}.threshold", node.threshold, "0 < threshold <= 1 or null")
@@ -327,7 +353,10 @@ class LossNode:
 
         _require(self.weighting in WEIGHTINGS, "loss.weighting", self.weighting, " | ".join(WEIGHTINGS))
         _require(
-            self.normalisation in NORMALISATIONS, "loss.normalisation", self.normalisation, " | ".join(NORMALISATIONS)
+            self.normalisation in NORMALISATIONS,
+            "loss.normalisation",
+            self.normalisation,
+            " | ".join(NORMALISATIONS),
         )
 
 
@@ -351,7 +380,9 @@ class ValLikelihoodNode:
 
     def __post_init__(self) -> None:
         _require(self.num_samples >= 1, "val_likelihood.num_samples", self.num_samples, "an integer >= 1")
-        _require(self.method in ("grid", "stratified"), "val_likelihood.method", self.method, "grid | stratified")
+        _require(
+            self.method in ("grid", "stratified"), "val_likelihood.method", self.method, "grid | stratified"
+        )
 
 
 @dataclass
@@ -361,11 +392,16 @@ class ReportNode:
     enabled: bool = True
     num_rows: int = 64
     likelihood_samples: int = 8
-    ar_ckpt_path: Optional[str] = None
+    ar_ckpt_path: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.num_rows >= 1, "report.num_rows", self.num_rows, "an integer >= 1")
-        _require(self.likelihood_samples >= 1, "report.likelihood_samples", self.likelihood_samples, "an integer >= 1")
+        _require(
+            self.likelihood_samples >= 1,
+            "report.likelihood_samples",
+            self.likelihood_samples,
+            "an integer >= 1",
+        )
 
 
 @dataclass
@@ -375,7 +411,7 @@ class ModuleNode:
     _target_: str = "diffllm.lit_module.DiffusionLitModule"
     _recursive_: bool = False
     model: ModelNode = MISSING
-    lora: Optional[LoraNode] = None
+    lora: LoraNode | None = None
     data: DataNode = field(default_factory=DataNode)
     objective: TargetNode = field(default_factory=lambda: TargetNode("diffllm.objectives.DiffusionObjective"))
     schedule: Any = field(default_factory=lambda: {"_target_": ScheduleNode._target_})  # SCHEDULE_NODES
@@ -400,7 +436,7 @@ class TrainNode:
     """
 
     model: ModelNode = MISSING
-    lora: Optional[LoraNode] = None
+    lora: LoraNode | None = None
     data: DataNode = field(default_factory=DataNode)
     objective: TargetNode = field(default_factory=lambda: TargetNode("diffllm.objectives.DiffusionObjective"))
     schedule: Any = field(default_factory=lambda: {"_target_": ScheduleNode._target_})  # SCHEDULE_NODES
@@ -413,24 +449,32 @@ class TrainNode:
     report: ReportNode = field(default_factory=ReportNode)
     module: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
-    callbacks: Optional[dict[str, Any]] = None
-    logger: Optional[dict[str, Any]] = None
+    callbacks: dict[str, Any] | None = None
+    logger: dict[str, Any] | None = None
     seed: int = 0
     dry_run: bool = False
-    ckpt_path: Optional[str] = None
-    output_dir: Optional[str] = None
-    optimized_metric: Optional[str] = None
+    ckpt_path: str | None = None
+    output_dir: str | None = None
+    optimized_metric: str | None = None
 
 
 def check_trainer(trainer: dict[str, Any]) -> None:
     """The step counts of the ``trainer`` node (its other keys are Lightning's to check)."""
     steps = trainer.get("max_steps", -1)
     _require(
-        isinstance(steps, int) and (steps >= 1 or steps == -1), "trainer.max_steps", steps, "an integer >= 1 (or -1)"
+        isinstance(steps, int) and (steps >= 1 or steps == -1),
+        "trainer.max_steps",
+        steps,
+        "an integer >= 1 (or -1)",
     )
     for key in ("val_every_n_steps", "accumulate_grad_batches"):
         value = trainer.get(key)
-        _require(value is None or (isinstance(value, int) and value >= 1), f"trainer.{key}", value, "an integer >= 1")
+        _require(
+            value is None or (isinstance(value, int) and value >= 1),
+            f"trainer.{key}",
+            value,
+            "an integer >= 1",
+        )
 
 
 # -- legacy files ------------------------------------------------------------------------------------
@@ -466,7 +510,9 @@ def plain_for_check(cfg: Any) -> dict[str, Any]:
     cfg = OmegaConf.create(raw)
     for node in (cfg.get("model"), (cfg.get("module") or {}).get("model")):
         # the cache folder ${smollm2:} would build is not needed to check ranges
-        if isinstance(node, DictConfig) and "${smollm2:" in str(OmegaConf.to_container(node).get("pretrained")):
+        if isinstance(node, DictConfig) and "${smollm2:" in str(
+            OmegaConf.to_container(node).get("pretrained")
+        ):
             node.pretrained = "<smollm2>"
     if OmegaConf.is_interpolation(cfg, "output_dir"):
         try:
@@ -515,9 +561,16 @@ def check_lengths(model: ModelNode | dict[str, Any], data: Any, sampler: Any) ->
     if limit is None:
         return
     max_length = data["max_length"] if isinstance(data, dict) else data.max_length
-    _require(max_length <= limit, "data.max_length", max_length, f"1 .. {limit} (the model's max_position_embeddings)")
+    _require(
+        max_length <= limit,
+        "data.max_length",
+        max_length,
+        f"1 .. {limit} (the model's max_position_embeddings)",
+    )
     gen = sampler["gen_length"] if isinstance(sampler, dict) else sampler.gen_length
-    _require(gen < limit, "sampler.gen_length", gen, f"1 .. {limit - 1} (the model's positions, prompt included)")
+    _require(
+        gen < limit, "sampler.gen_length", gen, f"1 .. {limit - 1} (the model's positions, prompt included)"
+    )
 
 
 # -- untrusted files ---------------------------------------------------------------------------------
@@ -596,7 +649,9 @@ def check_untrusted(
     command-line choice), and values outside the schema's ranges.
     """
     if not isinstance(cfg, dict):
-        raise ConfigError(f"refused {source}: its config is a {type(cfg).__name__}, not a mapping of plain values")
+        raise ConfigError(
+            f"refused {source}: its config is a {type(cfg).__name__}, not a mapping of plain values"
+        )
     _plain_only(cfg, str(source))
     check_targets(cfg, str(source))
     out = dict(cfg)
@@ -715,7 +770,9 @@ def check_card(card: dict[str, Any], source: str | Path, *, trust_remote_code: b
                 f"refused {source}: model.trust_remote_code={model['trust_remote_code']!r} would run code "
                 "shipped with the model; pass trust_remote_code=true on the command line if you trust it"
             )
-        check_node(ModelNode, {**upgrade_model(model), "pretrained": str(model.get("pretrained") or "")}, str(source))
+        check_node(
+            ModelNode, {**upgrade_model(model), "pretrained": str(model.get("pretrained") or "")}, str(source)
+        )
     if isinstance(card.get("lora"), dict):
         check_node(LoraNode, card["lora"], str(source))
     if isinstance(card.get("sampler"), dict):

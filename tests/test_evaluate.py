@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from diffllm.config import CONF_DIR
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.evaluate import (
     by_task,

@@ -83,7 +83,6 @@ def test_flops_per_token_of_the_tiny_default_is_4n_plus_adapters():
     from diffllm.lit_module import DiffusionLitModule
 
     cfg = compose(["output_dir=/tmp/x"])
-    from diffllm.config import to_plain
 
     module = DiffusionLitModule.from_run_config(cfg)
     c = module.dlm.base.config  # d 128, 4 layers, 4 heads x 32, 2 KV heads, MLP 344, tied embeddings

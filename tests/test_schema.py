@@ -32,7 +32,18 @@ from diffllm.schema import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-GROUPS = ("objective", "model", "lora", "schedule", "time_sampler", "loss", "anneal", "sampler", "data", "optimizer")
+GROUPS = (
+    "objective",
+    "model",
+    "lora",
+    "schedule",
+    "time_sampler",
+    "loss",
+    "anneal",
+    "sampler",
+    "data",
+    "optimizer",
+)
 
 
 def options(group: str) -> list[str]:
@@ -103,7 +114,11 @@ BAD = [
     ("data.max_length=0", "data.max_length=0", ">= 1"),
     ("data.max_length=100000", "data.max_length=100000", "max_position_embeddings"),
     ("sampler.threshold=2 sampler.steps=null", "sampler.threshold=2", "0 < threshold <= 1"),
-    ("sampler.threshold=0.5 sampler.steps=null sampler.strategy=entropy", "sampler.strategy='entropy'", "margin"),
+    (
+        "sampler.threshold=0.5 sampler.steps=null sampler.strategy=entropy",
+        "sampler.strategy='entropy'",
+        "margin",
+    ),
     ("sampler.steps=0", "sampler.steps=0", ">= 1"),
     ("trainer.max_steps=0", "trainer.max_steps=0", ">= 1"),
     ("++model.attention=sideways", "model.attention='sideways'", "block_causal"),
@@ -242,10 +257,26 @@ def test_registry_is_the_conf_groups_targets():
 
 CRAFTED = [
     ("schedule", {"_target_": "os.system", "_args_": ["touch {sentinel}"]}, "schedule._target_='os.system'"),
-    ("anneal", {"_target_": "builtins.exec", "_args_": ["open('{sentinel}', 'w')"]}, "anneal._target_='builtins.exec'"),
-    ("loss", {"_target_": "diffllm.train.train"}, "loss._target_='diffllm.train.train'"),  # not in the registry
-    ("schedule", {"_target_": "diffllm.diffusion.time.UniformTimeSampler"}, "schedule._target_="),  # another group's
-    ("data", {"_target_": "diffllm.data.datamodule.AlpacaDataModule", "path": "${oc.env:HOME}"}, "data.path='${oc.env:HOME}'"),
+    (
+        "anneal",
+        {"_target_": "builtins.exec", "_args_": ["open('{sentinel}', 'w')"]},
+        "anneal._target_='builtins.exec'",
+    ),
+    (
+        "loss",
+        {"_target_": "diffllm.train.train"},
+        "loss._target_='diffllm.train.train'",
+    ),  # not in the registry
+    (
+        "schedule",
+        {"_target_": "diffllm.diffusion.time.UniformTimeSampler"},
+        "schedule._target_=",
+    ),  # another group's
+    (
+        "data",
+        {"_target_": "diffllm.data.datamodule.AlpacaDataModule", "path": "${oc.env:HOME}"},
+        "data.path='${oc.env:HOME}'",
+    ),
 ]
 
 
@@ -258,7 +289,9 @@ def ckpt_dict(tiny_run):
     return torch.load(tiny_run[1], map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("key,node,named", CRAFTED, ids=[c[2].split("=")[0] + "=" + c[1]["_target_"] for c in CRAFTED])
+@pytest.mark.parametrize(
+    "key,node,named", CRAFTED, ids=[c[2].split("=")[0] + "=" + c[1]["_target_"] for c in CRAFTED]
+)
 def test_crafted_checkpoint_is_refused_without_side_effect(key, node, named, ckpt_dict, tmp_path):
     from diffllm.inference import load_for_inference
 
@@ -286,7 +319,9 @@ def test_trust_remote_code_from_a_file_is_refused_unless_passed(ckpt_dict, tmp_p
     torch.save({**ckpt_dict, "hyper_parameters": crafted}, tmp_path / "remote.ckpt")
     from diffllm.inference import load_for_inference
 
-    with pytest.raises(ConfigError, match="model.trust_remote_code=True .* trust_remote_code=true on the command line"):
+    with pytest.raises(
+        ConfigError, match="model.trust_remote_code=True .* trust_remote_code=true on the command line"
+    ):
         load_for_inference(tmp_path / "remote.ckpt")
     # passed by the user: honoured (the tiny model ships no code, so it loads)
     args = module_args(crafted, "remote.ckpt", trust_remote_code=True)
@@ -331,8 +366,14 @@ def _card(ckpt_dict) -> dict:
 @pytest.mark.parametrize(
     "edit,named",
     [
-        (lambda c, s: c["run_config"].update(schedule=_craft(CRAFTED[0][1], s)), "schedule._target_='os.system'"),
-        (lambda c, s: c["run_config"].update(anneal=_craft(CRAFTED[1][1], s)), "anneal._target_='builtins.exec'"),
+        (
+            lambda c, s: c["run_config"].update(schedule=_craft(CRAFTED[0][1], s)),
+            "schedule._target_='os.system'",
+        ),
+        (
+            lambda c, s: c["run_config"].update(anneal=_craft(CRAFTED[1][1], s)),
+            "anneal._target_='builtins.exec'",
+        ),
         (lambda c, s: c["model"].update(trust_remote_code=True), "model.trust_remote_code=True"),
         (lambda c, s: c["sampler"].update(threshold=3.0, steps=None), "sampler.threshold=3.0"),
     ],
@@ -376,3 +417,13 @@ def test_old_cfg_checkpoint_still_loads(tiny_run, ckpt_dict, tmp_path):
     for key, value in new.state_dict().items():
         assert torch.equal(legacy.state_dict()[key], value), key
     assert math.isclose(legacy.optim.lr, run_config["optimizer"]["lr"])
+
+
+def test_sampler_config_refuses_a_threshold_it_cannot_compare():
+    from diffllm.diffusion.sampler import SamplerConfig
+
+    with pytest.raises(ConfigError, match="strategy='entropy' cannot take sampler.threshold=0.5"):
+        SamplerConfig(gen_length=4, threshold=0.5, strategy="entropy")
+    with pytest.raises(ConfigError, match="sampler.threshold=1.5 is out of range"):
+        SamplerConfig(gen_length=4, threshold=1.5)
+    assert SamplerConfig(gen_length=4, threshold=1.0, strategy="margin").threshold == 1.0

@@ -47,9 +47,10 @@ class Timer(Callback):
 
 
 def measure(overrides: list[str], steps: int) -> dict[str, Any]:
-    from diffllm.config import compose, prepare_assets, to_plain
+    from diffllm.config import compose, prepare_assets
     from diffllm.lit_module import DiffusionLitModule
     from diffllm.report import build_report
+    from diffllm.validation_samples import ValidationSamples
 
     cfg = compose(["+experiment=smollm2", "output_dir=null", "report.enabled=false", *overrides])
     prepare_assets(cfg)
@@ -63,7 +64,7 @@ def measure(overrides: list[str], steps: int) -> dict[str, Any]:
         max_steps=steps,
         val_every_n_steps=steps,
         logger=False,
-        callbacks=[timer],
+        callbacks=[timer, ValidationSamples()],  # validation as a run does it: with the sampler
         enable_checkpointing=False,
         enable_progress_bar=False,
     )

@@ -126,6 +126,11 @@ class SamplerConfig:
             raise ValueError(f"top_p must be in (0, 1] or null, got {self.top_p}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {self.cfg_scale}")
+        # the schema's ranges (diffllm.schema.SamplerNode): 0 < threshold <= 1, and only with a
+        # strategy whose confidence is a probability
+        from diffllm.schema import check_sampler
+
+        check_sampler(self)
 
     @property
     def resolved_block_length(self) -> int:
