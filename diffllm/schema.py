@@ -74,8 +74,9 @@ class ModelNode:
     attn_implementation: str = "sdpa"
     dtype: str = "float32"
     shift: bool = True
-    # causal | bidirectional | prefix_lm | block_causal (legacy files: prefix_lm: true/false)
-    attention: str = "prefix_lm"
+    # causal | bidirectional | prefix_lm | block_causal (legacy files: prefix_lm: true/false); a node
+    # without either key has always been built bidirectional (the loader's default)
+    attention: str = "bidirectional"
     block_size: int | None = None  # block_causal only
     mask_token: MaskTokenNode = field(default_factory=MaskTokenNode)
     train_mask_row: bool = False
@@ -484,6 +485,7 @@ def upgrade_model(node: dict[str, Any]) -> dict[str, Any]:
     if "prefix_lm" in node:
         legacy = node.pop("prefix_lm")
         node.setdefault("attention", "prefix_lm" if legacy else "bidirectional")
+    node.setdefault("attention", ModelNode.attention)
     return node
 
 

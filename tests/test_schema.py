@@ -101,6 +101,7 @@ def test_legacy_prefix_lm_maps_to_attention():
     assert upgrade_model({"prefix_lm": False})["attention"] == "bidirectional"
     assert "prefix_lm" not in upgrade_model({"prefix_lm": False})
     assert upgrade_model({"attention": "causal"}) == {"attention": "causal"}
+    assert upgrade_model({})["attention"] == "bidirectional"  # what the loader built without the key
 
 
 # -- ranges: one line naming key, value and range, before the model or data load --------------------
