@@ -501,6 +501,8 @@ def check_node(schema: type, values: dict[str, Any], source: str | Path | None =
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+        if " not in '" in msg:  # an unknown key: a typo, or a key the schema must learn
+            msg += " (the keys and their ranges: diffllm/schema.py)"
         raise ConfigError(f"refused {source}: {key}: {msg}" if source else f"{key}: {msg}") from None
     except ConfigError as err:
         raise ConfigError(f"refused {source}: {err}" if source else str(err)) from None

@@ -124,6 +124,7 @@ BAD = [
     ("trainer.max_steps=0", "trainer.max_steps=0", ">= 1"),
     ("++model.attention=sideways", "model.attention='sideways'", "block_causal"),
     ("lora.r=abc", "lora.r", "abc"),
+    ("+data.foo=1", "data.foo", "diffllm/schema.py"),  # an unknown key: a typo, named
 ]
 
 
