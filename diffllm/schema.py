@@ -482,9 +482,16 @@ def check_trainer(trainer: dict[str, Any]) -> None:
 def upgrade_model(node: dict[str, Any]) -> dict[str, Any]:
     """A model node of an older file: ``prefix_lm: true|false`` -> ``attention: prefix_lm|bidirectional``."""
     node = dict(node)
-    if "prefix_lm" in node:
+    if "prefix_lm" in node:  # diffllm.model.attention.attention_mode: the mapping, its FutureWarning
+        from diffllm.model.attention import attention_mode
+
         legacy = node.pop("prefix_lm")
-        node.setdefault("attention", "prefix_lm" if legacy else "bidirectional")
+        try:
+            node["attention"] = attention_mode(
+                node.get("attention"), None if legacy is None else bool(legacy)
+            )
+        except ValueError as err:
+            raise ConfigError(str(err).splitlines()[0]) from None
     node.setdefault("attention", ModelNode.attention)
     return node
 
