@@ -556,12 +556,11 @@ def check_schedule(node: Any, source: str | None = None) -> None:
 def max_positions(model: ModelNode | dict[str, Any]) -> int | None:
     """The model's position limit from its config only (``model.config`` or ``config.json``), or None."""
     get = model.get if isinstance(model, dict) else lambda k, d=None: getattr(model, k, d)
-    arch = get("config")
+    path = Path(str(get("pretrained") or "")) / "config.json"
+    # the folder that will be loaded is the truth; model.config (the dry run's architecture) else
+    arch = json.loads(path.read_text()) if path.is_file() else get("config")
     if not arch:
-        path = Path(str(get("pretrained") or "")) / "config.json"
-        if not path.is_file():
-            return None
-        arch = json.loads(path.read_text())
+        return None
     value = arch.get("max_position_embeddings") or arch.get("n_positions")
     return int(value) if value else None
 

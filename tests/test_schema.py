@@ -154,6 +154,8 @@ def test_max_length_is_read_from_config_json_only(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 128}))
     assert max_positions({"pretrained": str(tmp_path), "config": None}) == 128  # no weights in the folder
     assert max_positions({"pretrained": "x", "config": {"max_position_embeddings": 7}}) == 7
+    # a folder that exists wins over the dry run's architecture: it is what gets loaded
+    assert max_positions({"pretrained": str(tmp_path), "config": {"max_position_embeddings": 7}}) == 128
     assert max_positions({"pretrained": str(tmp_path / "nowhere"), "config": None}) is None
 
 
