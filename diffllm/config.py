@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# ``diffllm/conf`` is a link to the top-level ``conf/`` in a checkout (editable install) and a copy of
-# it inside a wheel (package data), so every CLI finds its configs from any directory either way.
-CONF_DIR = (Path(__file__).resolve().parent / "conf").resolve()
+from diffllm.paths import CONF_DIR
+
+__all__ = ["CONF_DIR", "compose", "prepare_assets", "register_resolvers", "to_plain"]
 
 
 def asset_path(name: str) -> str:

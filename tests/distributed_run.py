@@ -27,12 +27,12 @@ STEPS = 2
 
 def build_module(overrides: list[str] | None = None, cls: type | None = None):
     """The embedded default, LoRA dropout 0 (its masks are not keyed per row), seeded init."""
-    from diffllm.config import compose, to_plain
+    from diffllm.config import compose
     from diffllm.lit_module import DiffusionLitModule
 
     cfg = compose(["lora.lora_dropout=0", "output_dir=unused"] + (overrides or []))
     torch.manual_seed(0)
-    return (cls or DiffusionLitModule)(to_plain(cfg))
+    return (cls or DiffusionLitModule).from_run_config(cfg)
 
 
 def global_batches(

@@ -195,12 +195,12 @@ def test_validation_inside_annealing_is_reproducible(tmp_path):
     validation generator), and the draw matters (after annealing the loss differs)."""
     from hydra.utils import instantiate
 
-    from diffllm.config import compose, to_plain
+    from diffllm.config import compose
     from diffllm.lit_module import DiffusionLitModule
 
     overrides = ["anneal=linear", "anneal.steps=10", "data.limit_val_rows=8", "data.eval_batch_size=4"]
     cfg = compose(overrides + ["val_likelihood.num_samples=1", f"output_dir={tmp_path}"])
-    module = DiffusionLitModule(to_plain(cfg)).eval()
+    module = DiffusionLitModule.from_run_config(cfg).eval()
     dm = instantiate(cfg.data, tokenizer=module.tokenizer)
     dm.setup("validate")
     batches = list(dm.val_dataloader())
@@ -235,9 +235,10 @@ def test_old_checkpoint_with_prefix_lm_key_loads_as_its_mode(tiny_run, tmp_path,
     from diffllm.loading import load_for_inference
 
     ckpt = torch.load(tiny_run[1], map_location="cpu", weights_only=False)
-    cfg = ckpt["hyper_parameters"]["cfg"]
+    cfg = dict(ckpt["hyper_parameters"])  # the module's arguments; old checkpoints held them as `cfg`
     assert cfg["model"]["attention"] == "prefix_lm"
     cfg["model"] = _old_style_model_node(cfg["model"], prefix_lm)
+    ckpt["hyper_parameters"] = {"cfg": cfg}
     old = tmp_path / "old.ckpt"
     torch.save(ckpt, old)
     with pytest.warns(FutureWarning, match=f"model.prefix_lm={prefix_lm} is deprecated"):

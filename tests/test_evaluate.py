@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from diffllm.config import CONF_DIR
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.evaluate import (
     default_out_dir,
@@ -199,6 +198,8 @@ def test_evaluate_yaml_lists_every_sampler_field():
 
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(CONF_DIR / "evaluate.yaml")
+    from diffllm.config import compose
+
+    cfg = compose(["ckpt_path=x"], config_name="evaluate")  # the node: conf/cli/sampler_keep.yaml
     assert set(cfg.sampler) == {f.name for f in fields(SamplerConfig)}
     assert all(OmegaConf.is_missing(cfg.sampler, k) for k in cfg.sampler)

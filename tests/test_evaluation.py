@@ -147,7 +147,7 @@ def test_validation_loss_is_reproducible_while_annealing():
     """The annealing mask of a validation batch is drawn from the validation generator, so the
     global RNG state (whatever training left) does not change ``val/loss``."""
     from diffllm.assets import TINY_VAL
-    from diffllm.config import compose, to_plain
+    from diffllm.config import compose
     from diffllm.data.datamodule import encode_row
     from diffllm.data.tiny_tasks import read_jsonl
     from diffllm.lit_module import DiffusionLitModule
@@ -156,7 +156,7 @@ def test_validation_loss_is_reproducible_while_annealing():
         global_step = 100  # of anneal=linear's 200: each future key visible with probability 0.5
 
     cfg = compose(["anneal=linear", "output_dir=null"])  # with the default prefix-LM attention
-    module = HalfwayThroughAnnealing(to_plain(cfg)).eval()
+    module = HalfwayThroughAnnealing.from_run_config(cfg).eval()
     assert module.annealing.progress(module.global_step) == 0.5
     rows = read_jsonl(TINY_VAL)[:4]
     encoded = [encode_row(r, module.tokenizer, cfg.data.template, 64, cfg.data.answer_pad_to) for r in rows]

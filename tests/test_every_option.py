@@ -28,7 +28,10 @@ DEFAULTS = {
     if isinstance(d, dict)
     for k, v in d.items()
 }
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra"))
+# (cli/: nodes of the generate / evaluate command lines, not options of a training run)
+GROUPS = sorted(
+    p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra", "cli")
+)
 CASES = (
     [[]]
     + [
@@ -117,6 +120,7 @@ def offline(overrides: list[str], stand_ins) -> list[str]:
         extra += [
             f"data.path={asset_path('tiny/train.jsonl')}",
             f"data.val_path={asset_path('tiny/val.jsonl')}",
+            "data.max_length=128",  # within the stand-in models' positions (the schema checks it)
         ]
     return extra
 

@@ -247,7 +247,9 @@ def test_cli_sampler_node_keeps_the_checkpoint_value_for_missing_keys():
 
 
 def test_generate_yaml_lists_every_sampler_field():
-    cfg = yaml.safe_load((CONF_DIR / "generate.yaml").read_text())
+    cfg = yaml.safe_load((CONF_DIR / "cli" / "sampler_keep.yaml").read_text())  # generate's and evaluate's
+    assert "cli/sampler_keep@sampler" in yaml.safe_load((CONF_DIR / "generate.yaml").read_text())["defaults"]
+    cfg = {"sampler": cfg}
     assert list(cfg["sampler"]) == [f.name for f in dataclasses.fields(SamplerConfig)]
     assert set(cfg["sampler"].values()) == {"???"}  # ??? = keep the checkpoint's value
 

@@ -83,9 +83,8 @@ def test_flops_per_token_of_the_tiny_default_is_4n_plus_adapters():
     from diffllm.lit_module import DiffusionLitModule
 
     cfg = compose(["output_dir=/tmp/x"])
-    from diffllm.config import to_plain
 
-    module = DiffusionLitModule(to_plain(cfg))
+    module = DiffusionLitModule.from_run_config(cfg)
     c = module.dlm.base.config  # d 128, 4 layers, 4 heads x 32, 2 KV heads, MLP 344, tied embeddings
     d, kv, layers, r = c.hidden_size, c.num_key_value_heads * c.head_dim, c.num_hidden_layers, cfg.lora.r
     block = d * d * 2 + d * kv * 2 + 3 * d * c.intermediate_size + 2 * d  # q,o + k,v + MLP + 2 norms

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from diffllm.config import CONF_DIR, compose
-from diffllm.lit_module import DiffusionLitModule
+from diffllm.validation_samples import write_table
 
 ROWS = [
     {"step": 3, "prompt": "### Instruction:\nCopy: a | b\n", "generated": "a | b", "reference": "a | b"},
@@ -56,10 +56,8 @@ def test_samples_table_goes_to_csv_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     csv_logger, tb_logger = loggers_of("many", tmp_path)
-    fake = SimpleNamespace(loggers=[csv_logger, tb_logger], global_step=3)  # what the method reads
-    DiffusionLitModule._log_samples_table(fake, ROWS)
-    fake.global_step = 6
-    DiffusionLitModule._log_samples_table(fake, [{**r, "step": 6} for r in ROWS])
+    write_table([csv_logger, tb_logger], ROWS, step=3)
+    write_table([csv_logger, tb_logger], [{**r, "step": 6} for r in ROWS], step=6)
     tb_logger.experiment.flush()
 
     with open(tmp_path / "logs" / "val_samples.csv", newline="") as f:
@@ -78,7 +76,7 @@ def test_samples_table_goes_to_csv_and_tensorboard(tmp_path):
 def test_samples_table_goes_to_a_wandb_style_logger():
     calls = []
     wandb_like = SimpleNamespace(log_text=lambda **kw: calls.append(kw))
-    DiffusionLitModule._log_samples_table(SimpleNamespace(loggers=[wandb_like], global_step=0), ROWS)
+    write_table([wandb_like], ROWS, step=0)
     (call,) = calls
     assert call["key"] == "val/samples" and call["columns"] == ["step", "prompt", "generated", "reference"]
     assert call["data"][1] == [3, ROWS[1]["prompt"], "6", "5"]

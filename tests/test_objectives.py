@@ -140,7 +140,7 @@ def test_ar_run_validates_checkpoints_and_reports(tiny_ar_run):
     # loadable like a diffusion checkpoint: the trainable weights and the config
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     assert set(ckpt["state_dict"]) == {n for n, p in module.named_parameters() if p.requires_grad}
-    assert ckpt["hyper_parameters"]["cfg"]["objective"]["_target_"] == "diffllm.objectives.ARObjective"
+    assert ckpt["hyper_parameters"]["objective"]["_target_"] == "diffllm.objectives.ARObjective"
     from diffllm.loading import load_ar_sft, load_for_inference
 
     reloaded = load_ar_sft(ckpt_path, module.tokenizer)

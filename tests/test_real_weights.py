@@ -55,12 +55,12 @@ def smollm2_tok(smollm2_dir):
 @pytest.fixture(scope="session")
 def smollm2_module(smollm2_dir, tmp_path_factory):
     """The +experiment=smollm2 LightningModule (LoRA r=8 on q/k/v/o, trained [MASK] row)."""
-    from diffllm.config import compose, to_plain
+    from diffllm.config import compose
     from diffllm.lit_module import DiffusionLitModule
 
     cfg = compose(["+experiment=smollm2", f"output_dir={tmp_path_factory.mktemp('smollm2')}"])
     torch.manual_seed(0)
-    return DiffusionLitModule(to_plain(cfg))
+    return DiffusionLitModule.from_run_config(cfg)
 
 
 def _rows(path, n):

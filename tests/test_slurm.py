@@ -73,6 +73,6 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
         assert yaml.safe_load((job / "config.yaml").read_text())["lora"]["r"] == r
         ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         assert ckpt["global_step"] == 2
-        assert ckpt["hyper_parameters"]["cfg"]["lora"]["r"] == r
+        assert ckpt["hyper_parameters"]["lora"]["r"] == r
     # each job ran in a submitit process of its own, which left its result file
     assert len(list(Path(tmp_path, ".submitit").glob("*/*_result.pkl"))) == 2

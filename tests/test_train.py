@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffllm.config import CONF_DIR, compose
+from diffllm.schema import MODULE_ARGS
 from diffllm.train import train
 from tests.conftest import TINY_RUN as TINY
 
@@ -58,7 +59,8 @@ def test_tiny_run_trains_checkpoints_and_resumes(tmp_path, capsys):
     module = objs["module"]
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert set(ckpt["state_dict"]) == trainable
-    assert ckpt["hyper_parameters"]["cfg"]["lora"]["r"] == 8
+    assert ckpt["hyper_parameters"]["lora"]["r"] == 8  # the module's arguments, plain
+    assert set(ckpt["hyper_parameters"]) == set(MODULE_ARGS)
     assert ckpt["global_step"] == 6
 
     # resume: continues from step 6 to 9 with the restored adapter weights

@@ -24,9 +24,10 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 
-from diffllm.config import compose, prepare_assets, to_plain
+from diffllm.config import compose, prepare_assets
 from diffllm.lit_module import DiffusionLitModule
 from diffllm.report import build_report
+from diffllm.validation_samples import ValidationSamples
 
 
 class Timer(Callback):
@@ -55,7 +56,7 @@ def measure(overrides: list[str], steps: int) -> dict[str, Any]:
     prepare_assets(cfg)
     full_steps = int(cfg.trainer.max_steps)
     L.seed_everything(cfg.seed)
-    module = DiffusionLitModule(to_plain(cfg))
+    module = DiffusionLitModule.from_run_config(cfg)
     datamodule = instantiate(cfg.data, tokenizer=module.tokenizer, report_dir=None)
     timer = Timer()
     trainer = instantiate(
@@ -63,7 +64,7 @@ def measure(overrides: list[str], steps: int) -> dict[str, Any]:
         max_steps=steps,
         val_every_n_steps=steps,
         logger=False,
-        callbacks=[timer],
+        callbacks=[timer, ValidationSamples()],  # validation as a run does it: with the sampler
         enable_checkpointing=False,
         enable_progress_bar=False,
     )

@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> str:
             cfg["trainer"]["accumulate_grad_batches"] = (
                 args.accumulate or cfg["trainer"]["accumulate_grad_batches"]
             )
-            module = DiffusionLitModule(cfg)
+            module = DiffusionLitModule.from_run_config(cfg)
             tok = module.tokenizer
             data = cfg["data"]
             n_rows = max(v.micro_batch or data["batch_size"] for v in variants)
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> str:
             what += ", random weights, Alpaca length histogram"
         else:
             cfg = compose_run([])
-            module = DiffusionLitModule(cfg)
+            module = DiffusionLitModule.from_run_config(cfg)
             tok = module.tokenizer
             from hydra.utils import instantiate
 

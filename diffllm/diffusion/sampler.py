@@ -55,9 +55,7 @@ from transformers import DynamicCache
 
 from diffllm.diffusion.strategies import STRATEGIES, TokenSampling, choose_positions
 from diffllm.diffusion.trajectory import Trajectory, TrajectoryStep
-
-CACHE_MODES = ("none", "prefix")
-FUTURE_MODES = ("visible", "hidden")
+from diffllm.schema import CACHE_MODES, FUTURE_MODES, check_sampler
 
 
 @dataclass
@@ -129,6 +127,9 @@ class SamplerConfig:
             raise ValueError(f"top_p must be in (0, 1] or null, got {self.top_p}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {self.cfg_scale}")
+        # the schema's ranges (diffllm.schema.SamplerNode): 0 < threshold <= 1, and only with a
+        # strategy whose confidence is a probability
+        check_sampler(self)
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> SamplerConfig:
         """This config with the fields in ``overrides`` replaced, validated (``sampler.*`` on a

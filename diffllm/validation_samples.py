@@ -1,0 +1,88 @@
+"""The validation-samples callback (``callbacks.samples``): the sampler's answers on fixed prompts.
+
+After every validation (not the sanity check), on rank 0: decode the datamodule's
+``sample_prompts()`` (the first ``data.num_sample_prompts`` validation rows, the same at every
+validation) with the module's objective and sampler, log ``val/exact_match`` and ``val/rougeL``,
+and write a table of (step, prompt, generated, reference) to every logger in the form it takes:
+a CSV file (``val_samples.csv`` in the logger's folder), TensorBoard text, a W&B table.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from diffllm.metrics import exact_match, rouge_l
+
+
+class ValidationSamples(Callback):
+    """Sampler answers, exact match and ROUGE-L on the datamodule's fixed validation prompts."""
+
+    def __init__(self) -> None:
+        self.prompts: list[dict[str, Any]] = []
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "sample_prompts") and not self.prompts:
+            self.prompts = dm.sample_prompts()
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self.prompts:
+            return
+        if trainer.is_global_zero:
+            self.log_samples(trainer, pl_module)
+
+    def log_samples(self, trainer: L.Trainer, pl_module: Any) -> list[dict[str, Any]]:
+        """Decode, log the metrics on ``pl_module`` and the table to the loggers; returns the rows."""
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            prompt_ids = [p["prompt_ids"] for p in self.prompts]
+            preds = pl_module.objective.answers(
+                pl_module.dlm,
+                pl_module.tokenizer,
+                prompt_ids,
+                pl_module.sampler_config,
+                eos_id=pl_module.eos_id,
+                seed=pl_module.seed,
+                batch_size=len(prompt_ids),
+            ).texts
+        pl_module.train(was_training)
+        refs = [p["reference"] for p in self.prompts]
+        pl_module.log("val/exact_match", exact_match(preds, refs), rank_zero_only=True)
+        pl_module.log("val/rougeL", rouge_l(preds, refs), rank_zero_only=True)
+        rows = [
+            {"step": trainer.global_step, "prompt": p["prompt"], "generated": g, "reference": r}
+            for p, g, r in zip(self.prompts, preds, refs)
+        ]
+        write_table(trainer.loggers, rows, trainer.global_step)
+        return rows
+
+
+def write_table(loggers: list[Any], rows: list[dict[str, Any]], step: int) -> None:
+    """The table to every logger in the form it takes: CSV file, TensorBoard text, W&B table."""
+    for logger in loggers:
+        if hasattr(logger, "log_text"):  # W&B
+            logger.log_text(key="val/samples", columns=list(rows[0]), data=[list(r.values()) for r in rows])
+        elif hasattr(getattr(logger, "experiment", None), "add_text"):  # TensorBoard
+            md = "| prompt | generated | reference |\n|---|---|---|\n" + "\n".join(
+                f"| {r['prompt']!r} | {r['generated']!r} | {r['reference']!r} |" for r in rows
+            )
+            logger.experiment.add_text("val/samples", md, step)
+        elif getattr(logger, "log_dir", None):  # CSV (and anything with a folder)
+            path = Path(logger.log_dir) / "val_samples.csv"
+            new = not path.exists()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                if new:
+                    w.writeheader()
+                w.writerows(rows)
