@@ -197,3 +197,18 @@ def test_max_length_too_small_names_the_key_and_the_minimum(tmp_path, tokenizer)
     dm = _dm(tokenizer, path, tmp_path, max_length=minimum, val_path=path)
     dm.setup()  # the minimum keeps the rows with the shortest prompt
     assert len(dm.train_ds) == 4 and all(sum(m) == 1 for m in dm.train_ds["answer_mask"][:])
+
+
+@pytest.mark.slow
+def test_train_with_max_length_4_stops_in_one_line_and_keeps_the_list(tmp_path):
+    """The issue's `data.max_length=4` ("num_samples=0" before): a DataError, which `diffllm.train`
+    prints as one `error:` line with exit status 1; the rejection list is in the run folder."""
+    from diffllm.config import compose
+    from diffllm.train import train
+
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"^data.max_length=4 leaves no room .* at least \d+ ") as err:
+        train(compose(["data.max_length=4", f"output_dir={out}", "trainer.enable_progress_bar=false"]))
+    assert "\n" not in str(err.value)
+    listed = (out / "rejected_rows.jsonl").read_text().splitlines()
+    assert len(listed) == 8000 and json.loads(listed[0])["line"] == 1  # every train row, once

@@ -3,6 +3,8 @@ a mistyped local model path is named as such (no hub advice)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from diffllm.data.prompt_fit import PromptTooLongError, context_limit, fit_prompts
@@ -88,3 +90,29 @@ def test_mistyped_local_model_path_names_the_nearest_folder(tiny_model_dir, tmp_
     assert "login" not in msg and "hub" not in msg
     with pytest.raises(ModelLoadError, match=r"no such folder: .*holds no folder named like 'zzz'"):
         load_tokenizer(str(tmp_path / "zzz" / "model"))
+
+
+def test_evaluate_refuses_or_counts_prompts_past_the_models_positions(tiny_run, tmp_path):
+    """The tiny model has 128 positions; with a 64-position canvas a 70-token prompt fits
+    data.max_length=96 but not the sampler's context."""
+    from diffllm.evaluate import evaluate
+
+    rows = [
+        {"instruction": "Repeat these words: " + "cat " * 70, "input": "", "output": "cat"},
+        {"instruction": "What is 2 + 3?", "input": "", "output": "5"},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(
+        data_path=path,
+        sampler={"steps": 4, "gen_length": 64},
+        steps_grid=[4],
+        ar_baseline=False,
+        progress=False,
+    )
+    with pytest.raises(
+        PromptTooLongError, match=r"validation row 0 is \d+ tokens.*128 positions leave room for 64"
+    ):
+        evaluate(tiny_run[1], out_dir=tmp_path / "a", **kw)
+    r = evaluate(tiny_run[1], out_dir=tmp_path / "b", prompt_overflow="truncate_left", **kw)
+    assert r["gen_rows"] == 2 and r["prompts_truncated"] == 1

@@ -207,8 +207,8 @@ class AlpacaDataModule(L.LightningDataModule):
         if len(ds) == 0:
             self.write_rejections()
             raise DataError(
-                f"{self._key(split)}={path}: no usable row among {len(rejected)} ({describe(rejected)})"
-                f"{self._listed()}. Fix the rows: each needs string 'instruction' and 'output' fields"
+                f"{self._key(split)}={path}: no usable row among {len(rejected)}: {describe(rejected)}"
+                f"{self._listed()}. Fix the rows: each needs non-empty string 'instruction' and 'output' fields"
             )
         return ds
 

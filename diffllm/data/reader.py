@@ -324,6 +324,6 @@ def count_reasons(rejected: list[Rejection]) -> dict[str, int]:
 def describe(rejected: list[Rejection], limit: int = 3) -> str:
     """One line: counts per reason and the first few places (``file:line reason``)."""
     counts = ", ".join(f"{n} {reason}" for reason, n in count_reasons(rejected).items())
-    shown = "; ".join(f"{r.where()} {r.detail}" for r in rejected[:limit])
-    more = f"; ... {len(rejected) - limit} more" if len(rejected) > limit else ""
-    return f"{counts} (first: {shown}{more})"
+    shown = " | ".join(f"{r.where()} {r.detail}" for r in rejected[:limit])
+    more = f" | ... {len(rejected) - limit} more" if len(rejected) > limit else ""
+    return f"{counts}; first: {shown}{more}"
