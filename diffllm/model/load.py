@@ -50,10 +50,10 @@ def missing_folder_help(pretrained: str) -> ModelLoadError | None:
     """For a local path that does not exist: one line with the nearest existing sibling, if any."""
     if not looks_like_local_path(pretrained):
         return None
-    path = Path(pretrained).expanduser()
+    path = Path(pretrained).expanduser().absolute()
     if path.exists():
         return None
-    parent, missing = path.absolute(), []  # walk up to the deepest folder that exists
+    parent, missing = path, []  # walk up to the deepest folder that exists
     while not parent.exists():
         missing.append(parent.name)
         parent = parent.parent
