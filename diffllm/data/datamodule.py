@@ -185,6 +185,7 @@ class AlpacaDataModule(L.LightningDataModule):
         self.train_ds: datasets.Dataset | None = None
         self.val_ds: datasets.Dataset | None = None
         self.val_raw: datasets.Dataset | None = None
+        self._prepared: tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset] | None = None
 
     # -- raw rows -------------------------------------------------------------------------------
     def _key(self, split: str) -> str:
@@ -326,13 +327,15 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Tokenise once per node (Lightning calls this on local rank 0 only): it fills the
-        ``datasets`` cache, from which every rank's ``setup`` then loads the same files."""
-        self._build()
+        ``datasets`` cache, from which every rank's ``setup`` then loads the same files. The same
+        process's ``setup`` reuses this build, so each rejected row is logged once."""
+        self._prepared = self._build()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_ds is not None:
             return
-        self.train_ds, self.val_ds, self.val_raw = self._build()
+        prepared, self._prepared = self._prepared, None
+        self.train_ds, self.val_ds, self.val_raw = prepared or self._build()
         log.info("data: %s; train %d, val %d", self.report.summary(), len(self.train_ds), len(self.val_ds))
         self.write_rejections()
 

@@ -136,9 +136,12 @@ def _array_rows(text: str, name: str) -> Iterator[tuple[int, Any, str] | Rejecti
     decoder = json.JSONDecoder()
     ws = " \t\r\n"
     pos, n = text.index("[") + 1, len(text)
+    counted = [0, 1]  # (position, its line): lines are counted forward only, once per character
 
     def line_of(p: int) -> int:
-        return text.count("\n", 0, p) + 1
+        counted[1] += text.count("\n", counted[0], p)
+        counted[0] = p
+        return counted[1]
 
     def skip(p: int) -> int:
         while p < n and text[p] in ws:
