@@ -116,3 +116,25 @@ def test_evaluate_refuses_or_counts_prompts_past_the_models_positions(tiny_run, 
         evaluate(tiny_run[1], out_dir=tmp_path / "a", **kw)
     r = evaluate(tiny_run[1], out_dir=tmp_path / "b", prompt_overflow="truncate_left", **kw)
     assert r["gen_rows"] == 2 and r["prompts_truncated"] == 1
+
+
+def test_report_cuts_and_counts_prompts_past_the_positions(tiny_ar_run):
+    """The end-of-run report: a 120-position canvas leaves 8 of the tiny model's 128 positions, so
+    every validation prompt is cut from the left and counted (or refused with ``error``)."""
+    import dataclasses
+
+    from diffllm.report import build_report, format_report
+
+    module, datamodule = tiny_ar_run[3]["module"], tiny_ar_run[3]["datamodule"]
+    saved = module.sampler_config
+    module.sampler_config = dataclasses.replace(saved, gen_length=120, steps=None, block_length=None)
+    try:
+        longer = sum(len(p["prompt_ids"]) > 8 for p in datamodule.sample_prompts(2))
+        kw = dict(num_rows=2, likelihood_samples=1)
+        with pytest.raises(PromptTooLongError, match="report.prompt_overflow=truncate_left"):
+            build_report(module, datamodule, prompt_overflow="error", **kw)
+        report = build_report(module, datamodule, **kw)
+    finally:
+        module.sampler_config = saved
+    assert longer == 2 and report["prompts_truncated"] == 2
+    assert "generation, 2 prompts (2 cut from the left)" in format_report(report)
