@@ -7,10 +7,11 @@ import json
 
 import pytest
 
+from diffllm.cli_support import InputError
 from diffllm.data.prompt_fit import PromptTooLongError, context_limit, fit_prompts
 from diffllm.diffusion.sampler import SamplerConfig
-from diffllm.generate import InputError, generate_answers
-from diffllm.inference import InferenceModel
+from diffllm.inference import generate_answers
+from diffllm.loading import InferenceModel
 from diffllm.model.dlm import DiffusionLM
 from diffllm.model.load import ModelLoadError, build_diffusion_model, load_tokenizer, looks_like_local_path
 from tests.conftest import tiny_llama
