@@ -83,7 +83,9 @@ def test_hub_ids_are_not_paths(name):
 
 
 def test_mistyped_local_model_path_names_the_nearest_folder(tiny_model_dir, tmp_path):
-    typo = tiny_model_dir.rstrip("/")[:-2] + "xx"  # .../tiny_llama0 -> .../tiny_llamxx
+    folder = tiny_model_dir.rstrip("/")
+    cut = folder.rindex("ll") + 1
+    typo = folder[:cut] + folder[cut + 1 :]  # .../tiny_llama0 -> .../tiny_lama0
     with pytest.raises(ModelLoadError) as err:
         build_diffusion_model(typo, None)
     msg = str(err.value)
