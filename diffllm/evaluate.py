@@ -51,6 +51,7 @@ from tqdm import tqdm
 from diffllm import scoring
 from diffllm.cli_support import set_keys
 from diffllm.config import CONF_DIR, register_resolvers
+from diffllm.data.prompt_fit import fit_prompt_rows
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.evaluation import EVAL_SCHEDULE, compare, exact_match_by_task, likelihood_settings
 from diffllm.loading import (
@@ -348,13 +349,16 @@ def evaluate(
     ar_ckpt_path: str | Path | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    prompt_overflow: str = "error",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint or exported folder; writes the report files and returns ``eval.json``'s content.
 
     rows: rows scored for likelihood (None: the rows training validated on, or all of ``data_path``);
     gen_rows: rows generated (None: as many as scored); likelihood: ``num_samples`` / ``method``
     replacing the run's ``val_likelihood``; sampler: fields replacing the checkpoint's sampler;
-    steps_grid: step counts for the quality-vs-steps sweep (None: G/8, G/4, G/2, G).
+    steps_grid: step counts for the quality-vs-steps sweep (None: G/8, G/4, G/2, G);
+    prompt_overflow: ``error`` or ``truncate_left`` for prompts longer than the model's positions
+    minus ``gen_length`` (``diffllm.data.prompt_fit``).
     """
     started = time.perf_counter()
     # the arguments against the schema, before anything is read
@@ -385,7 +389,13 @@ def evaluate(
         if ar_ckpt_path is not None
         else None
     )
-    prompts = dm.sample_prompts(rows if gen_rows is None else int(gen_rows))
+    prompts, truncated = fit_prompt_rows(
+        dm.sample_prompts(rows if gen_rows is None else int(gen_rows)),
+        config.gen_length,
+        im.dlm,
+        prompt_overflow,
+        bos_id=tok.bos_token_id,
+    )
     refs = [p["reference"] for p in prompts]
     figures, scores, answers = compare(
         scored=dm.val_ds.select(range(rows)),
@@ -432,6 +442,7 @@ def evaluate(
     result: dict[str, Any] = {
         "source": str(ckpt_path),
         "ar_ckpt_path": None if ar_ckpt_path is None else str(ar_ckpt_path),
+        "prompts_truncated": truncated,
         "data": f"file {data_path}" if data_path is not None else "validation split of the run",
         "rows": rows,
         "gen_rows": len(prompts),
@@ -485,6 +496,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ar_ckpt_path=cfg.ar_ckpt_path,
         progress=cfg.progress,
         trust_remote_code=bool(cfg.trust_remote_code),
+        prompt_overflow=cfg.prompt_overflow,
     )
     print("\n" + format_report(result), flush=True)
     cols = [k for k in ("diffusion", "ar_sft", "ar") if f"{k}_bleu" in result]

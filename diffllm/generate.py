@@ -219,6 +219,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         trajectory=record,
         ar=bool(cfg.ar),
         batch_size=int(cfg.batch_size),
+        prompt_overflow=str(cfg.prompt_overflow),
     )
     references = [r.reference for r in requests]
     width = shutil.get_terminal_size((160, 24)).columns

@@ -16,6 +16,7 @@ from typing import Any
 
 from diffllm.ar_generate import ar_generate
 from diffllm.cli_support import InputError
+from diffllm.data.prompt_fit import PromptTooLongError, context_limit, fit_prompts
 from diffllm.data.template import get_format
 from diffllm.diffusion.sampler import generate
 from diffllm.loading import InferenceModel
@@ -31,6 +32,7 @@ def generate_answers(
     ar: bool = False,
     *,
     batch_size: int = 16,
+    prompt_overflow: str = "error",
 ) -> list[dict[str, Any]]:
     """Answer every instruction with the diffusion sampler (and the original AR model if ``ar``).
 
@@ -45,7 +47,9 @@ def generate_answers(
       ``gen_length`` new tokens.
 
     Rows never interact in the sampler, so answers do not depend on ``batch_size``; ``seed`` seeds
-    every row's generator (it matters only with temperature > 0).
+    every row's generator (it matters only with temperature > 0). A prompt that leaves no room for
+    the ``gen_length`` canvas within the model's positions is refused (``InputError``), or with
+    ``prompt_overflow="truncate_left"`` cut from the left (``prompt_truncated`` is then True).
     """
     if isinstance(instructions, str):
         instructions = [instructions]
@@ -72,6 +76,19 @@ def generate_answers(
     rows = [{"instruction": t, "input": i or ""} for t, i in zip(instructions, inputs)]
     prompts = [fmt.prompt_text(r, tok) for r in rows]
     prompt_ids = [fmt.prompt_ids(r, tok) for r in rows]
+    try:
+        fitted, _ = fit_prompts(
+            prompt_ids,
+            config.gen_length,
+            context_limit(model.dlm),
+            prompt_overflow,
+            bos_id=tok.bos_token_id,
+            names=[f"instruction {i} ({t[:30]!r})" for i, t in enumerate(instructions)],
+        )
+    except PromptTooLongError as err:
+        raise InputError(str(err)) from None
+    cut = [len(a) != len(b) for a, b in zip(fitted, prompt_ids)]
+    prompt_ids = fitted
 
     results: list[dict[str, Any]] = []
     for start in range(0, len(prompts), batch_size):
@@ -104,6 +121,7 @@ def generate_answers(
                 "instruction": instructions[k],
                 "input": inputs[k] or "",
                 "prompt": prompts[k],
+                "prompt_truncated": cut[k],
                 "answer": tok.decode(answer_ids, skip_special_tokens=True).strip(),
                 "answer_ids": answer_ids,
                 "canvas": out.canvas[j].tolist(),

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from diffllm.data.prompt_fit import fit_prompt_rows
 from diffllm.evaluation import EVAL_SCHEDULE, compare, likelihood_settings
 from diffllm.model.dlm import DiffusionLM
 
@@ -77,13 +78,16 @@ def build_report(
     likelihood_samples: int = 8,
     seed: int = 0,
     ar_sft: DiffusionLM | None = None,
+    prompt_overflow: str = "truncate_left",
 ) -> dict[str, Any]:
     """Likelihoods and generation quality of ``module`` (a DiffusionLitModule) on ``num_rows`` val rows.
 
     Rows (``diffllm.scoring``): the module's own model (the diffusion bound, or the AR-SFT NLL for an
     objective=ar run), the unadapted base with and without the end token, and ``ar_sft`` (an AR-SFT
     model on the same tokenizer, e.g. ``report.ar_ckpt_path``) when given. Batches of
-    ``data.eval_batch_size`` rows, batch i seeded ``validation_seed(seed, i)``.
+    ``data.eval_batch_size`` rows, batch i seeded ``validation_seed(seed, i)``. Prompts longer than
+    the model's positions minus ``gen_length`` are cut from the left and counted
+    (``prompts_truncated``), or refused with ``prompt_overflow="error"`` (``diffllm.data.prompt_fit``).
     """
     module.eval()
     datamodule.setup()
@@ -94,12 +98,20 @@ def build_report(
     own = {objective.role: dlm}  # the bound (diffusion) or the AR-SFT NLL (objective=ar)
     if ar_sft is not None and objective.role != "ar_sft":
         own["ar_sft"] = ar_sft
+    prompts, truncated = fit_prompt_rows(
+        datamodule.sample_prompts(n),
+        module.sampler_config.gen_length,
+        dlm,
+        prompt_overflow,
+        key="report.prompt_overflow",
+        bos_id=module.tokenizer.bos_token_id,
+    )
     figures, _, _ = compare(
         scored=datamodule.val_ds.select(range(n)),
         train=datamodule.train_ds,
         collate=datamodule.collate,
         batch_size=bs,
-        prompts=datamodule.sample_prompts(n),
+        prompts=prompts,
         tokenizer=module.tokenizer,
         eos_id=module.eos_id,
         config=module.sampler_config,
@@ -112,6 +124,7 @@ def build_report(
     )
     return {
         "rows": n,
+        "prompts_truncated": truncated,
         "objective": objective.label,
         "likelihood": {**likelihood, "seed": seed, "batch_size": bs, "schedule": repr(EVAL_SCHEDULE)},
         **figures,
@@ -155,7 +168,9 @@ def format_report(r: dict[str, Any]) -> str:
     cols = [(key, name) for key, name in MODEL_COLUMNS if f"{key}_exact_match" in r]
     lines += [
         "",
-        f"generation, {r.get('gen_rows', r['rows'])} prompts" + "".join(f"{n:>18s}" for _, n in cols),
+        f"generation, {r.get('gen_rows', r['rows'])} prompts"
+        + (f" ({r['prompts_truncated']} cut from the left)" if r.get("prompts_truncated") else "")
+        + "".join(f"{n:>18s}" for _, n in cols),
     ]
     for metric, label, digits in (
         ("exact_match", "exact match", 3),

@@ -27,6 +27,7 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from diffllm.data.prompt_fit import PROMPT_OVERFLOW
 from diffllm.data.template import TEMPLATES, TemplateError, get_format
 from diffllm.diffusion.loss import NORMALISATIONS, RENAMED_NORMALISATIONS, WEIGHTINGS
 from diffllm.diffusion.strategies import STRATEGIES
@@ -398,9 +399,17 @@ class ReportNode:
     num_rows: int = 64
     likelihood_samples: int = 8
     ar_ckpt_path: str | None = None
+    # prompts longer than the model's positions minus gen_length (diffllm.data.prompt_fit)
+    prompt_overflow: str = "truncate_left"
 
     def __post_init__(self) -> None:
         _require(self.num_rows >= 1, "report.num_rows", self.num_rows, "an integer >= 1")
+        _require(
+            self.prompt_overflow in PROMPT_OVERFLOW,
+            "report.prompt_overflow",
+            self.prompt_overflow,
+            " | ".join(PROMPT_OVERFLOW),
+        )
         _require(
             self.likelihood_samples >= 1,
             "report.likelihood_samples",

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from diffllm.config import CONF_DIR, prepare_assets, register_resolvers, to_plain
+from diffllm.data.reader import DataError
 from diffllm.loading import load_ar_sft
 from diffllm.model.load import ModelLoadError, build_diffusion_model, build_from_config, trainable_line
 from diffllm.report import build_report, format_report, provenance, write_report
@@ -81,6 +82,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             likelihood_samples=cfg.report.likelihood_samples,
             seed=cfg.seed,
             ar_sft=ar_sft,
+            prompt_overflow=cfg.report.prompt_overflow,
         )
         report["ar_ckpt_path"] = cfg.report.ar_ckpt_path
         report["provenance"] = provenance(
@@ -98,7 +100,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)
-    except (ModelLoadError, ConfigError) as err:
+    except (ModelLoadError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     value = metrics.get(cfg.get("optimized_metric") or "")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffllm.data.datamodule import AlpacaDataModule, Collator, encode_row
-from diffllm.data.template import MalformedRowError, render
+from diffllm.data.reader import DataError
+from diffllm.data.template import render
 from diffllm.diffusion.forward import forward_process
 
 ROW_NO_INPUT = {"instruction": "sort the list", "input": "", "output": "cat dog red"}
@@ -98,12 +99,12 @@ def test_malformed_rows_are_counted_reported_and_strict_raises(tmp_path, tokeniz
     )
     dm.setup()
     assert dm.report.rows == 22 and len(dm.report.rejected) == 2
-    assert {r["index"] for r in dm.report.rejected} == {7, 21}
+    assert [r.line for r in dm.report.rejected] == [8, 22]  # the file's lines, 1-based
     assert len(dm.train_ds) + len(dm.val_ds) == 20
     lines = (tmp_path / "rejected_rows.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and "must be a string" in json.loads(lines[0])["reason"]
+    assert len(lines) == 2 and "must be a string" in json.loads(lines[0])["detail"]
     strict = AlpacaDataModule(tokenizer, path=path, val_size=4, template="short", strict=True)
-    with pytest.raises(MalformedRowError, match="row 7"):
+    with pytest.raises(DataError, match=r"d\.jsonl:8"):
         strict.setup()
 
 
@@ -126,12 +127,14 @@ def test_split_is_reproducible_and_batches_are_well_formed(tmp_path, tokenizer):
 def test_prompt_without_room_is_reported(tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "d.jsonl", [ROW_INPUT] * 6)
     dm = AlpacaDataModule(tokenizer, path=path, val_size=2, template="alpaca", max_length=8)
-    dm.setup()
-    assert dm.report.no_answer_room == 6 and len(dm.train_ds) == 0
-    assert all("max_length=8" in r["reason"] for r in dm.report.rejected)
+    with pytest.raises(
+        DataError, match="data.max_length=8 leaves no room for an answer in any of the 4 train rows"
+    ):
+        dm.setup()
+    assert dm.report.no_answer_room == 4 and len(dm.report.rejected) == 4
 
 
 def test_unloadable_data_names_the_fix(tokenizer):
     dm = AlpacaDataModule(tokenizer, path="no-such-org/no-such-data")
-    with pytest.raises(RuntimeError, match="data.path"):
+    with pytest.raises(DataError, match="data.path"):
         dm.setup()

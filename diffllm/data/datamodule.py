@@ -8,16 +8,19 @@ a length bucket, LLaDA-style; ``score_mask`` then stays on ``answer_ids + [END]`
 likelihoods are reported per). Tokenisation runs
 through ``datasets.map`` (batched, cached by fingerprint); batches are padded per batch.
 
-Rows that are not Alpaca rows are never silently dropped: they are counted, logged with their
-index and reason, written to ``rejected_rows.jsonl`` in the run folder, and ``strict=True`` turns
-them into an error.
+Rows are read by ``diffllm.data.reader`` (parsed, never coerced). Rows that cannot be trained on
+(malformed, empty output, no room for the answer within ``max_length``) are never silently
+dropped: each is counted once, logged with its file, original line and reason, written with its
+text to ``rejected_rows.jsonl`` in the run folder, and ``strict=True`` turns them into an error.
+A file with no usable row, or a ``max_length`` that leaves no row room for an answer, is a
+``DataError`` (one line naming the key and the fix).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +34,16 @@ from transformers import PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from diffllm.data.collate import Collator
-from diffllm.data.template import MalformedRowError, check_row, end_of_answer_id, get_format
+from diffllm.data.reader import (
+    SOURCE_FILE,
+    SOURCE_LINE,
+    DataError,
+    Rejection,
+    count_reasons,
+    describe,
+    read_rows,
+)
+from diffllm.data.template import check_row, end_of_answer_id, get_format
 
 log = logging.getLogger(__name__)
 
@@ -104,35 +116,37 @@ def encode_rows(
 
 @dataclass
 class DataReport:
-    """What happened to the raw rows: nothing is dropped without being counted here."""
+    """What happened to the raw rows: nothing is dropped without being counted here.
+
+    ``rows`` counts every row read (usable or not); each rejected row appears once in ``rejected``
+    (file, original line, reason, text), whatever the stage that rejected it.
+    """
 
     rows: int = 0
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    too_long: int = 0  # answer cut to fit max_length (the EOS may be lost)
-    no_answer_room: int = 0  # prompt alone fills max_length: kept out of training, listed in rejected
+    rejected: list[Rejection] = field(default_factory=list)
+    too_long: int = 0  # answer cut to fit max_length (the EOS may be lost); no-room rows not included
+
+    @property
+    def no_answer_room(self) -> int:
+        return sum(r.reason == "no_answer_room" for r in self.rejected)
+
+    def counts(self) -> dict[str, int]:
+        return count_reasons(self.rejected)
 
     def summary(self) -> str:
+        why = ", ".join(f"{n} {reason}" for reason, n in self.counts().items())
         return (
-            f"{self.rows} rows: {len(self.rejected)} rejected (malformed or no room for the answer), "
+            f"{self.rows} rows: {len(self.rejected)} rejected ({why or 'none'}), "
             f"{self.too_long} with the answer truncated to max_length"
         )
 
 
 def load_rows(path: str, split: str = "train") -> datasets.Dataset:
-    """A local JSON/JSONL file (or folder of them) with Alpaca keys, or a hub dataset id."""
-    try:
-        if os.path.exists(path):
-            files = sorted(str(p) for p in Path(path).glob("*.json*")) if os.path.isdir(path) else [path]
-            if not files:
-                raise FileNotFoundError(f"no .json/.jsonl file in {path}")
-            return datasets.load_dataset("json", data_files=files, split="train")
-        return datasets.load_dataset(path, split=split)
-    except Exception as err:  # datasets raises many types; all mean the same thing to the user
-        raise RuntimeError(
-            f"could not load data {path!r} ({type(err).__name__}: {err}).\n  Fix: point data.path at a local "
-            ".json/.jsonl file with keys instruction/input/output, or give a hub dataset id on a machine "
-            "with hub access (e.g. data.path=tatsu-lab/alpaca)."
-        ) from err
+    """The usable rows of a local JSON/JSONL file (or folder of them) or a hub dataset id.
+
+    Rejections are dropped here; the datamodule (``read_rows``) reports them.
+    """
+    return read_rows(path, split)[0]
 
 
 class AlpacaDataModule(L.LightningDataModule):
@@ -171,35 +185,50 @@ class AlpacaDataModule(L.LightningDataModule):
         self.train_ds: datasets.Dataset | None = None
         self.val_ds: datasets.Dataset | None = None
         self.val_raw: datasets.Dataset | None = None
+        self._prepared: tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset] | None = None
 
     # -- raw rows -------------------------------------------------------------------------------
-    def _validate(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
-        """Keep well-formed rows; count, log and record the others with their index and reason."""
-        bad: list[dict[str, Any]] = []
-        keep: list[int] = []
-        i = 0
-        for columns in ds.iter(batch_size=1000):  # column batches: 10x faster than row iteration
-            for values in zip(*columns.values()):
-                row = dict(zip(columns, values))
-                try:
-                    check_row(row)
-                    keep.append(i)
-                except MalformedRowError as err:
-                    bad.append({"split": name, "index": i, "reason": str(err), "row": row})
-                i += 1
-        self.report.rows += len(ds)
-        if bad:
-            self.report.rejected.extend(bad)
-            shown = "; ".join(f"row {b['index']}: {b['reason']}" for b in bad[:5])
-            msg = f"{len(bad)} malformed row(s) in {name} data ({shown}{' ...' if len(bad) > 5 else ''})"
-            if self.hparams.strict:
-                raise MalformedRowError(
-                    msg + ". Fix the rows or set data.strict=false to skip and report them."
-                )
-            log.warning("%s; skipped, listed in rejected_rows.jsonl", msg)
-        return ds.select(keep) if bad else ds
+    def _key(self, split: str) -> str:
+        return "data.val_path" if split == "val" and self.hparams.val_path else "data.path"
 
-    def _encode(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
+    def _read(self, path: str, split: str) -> datasets.Dataset:
+        """The usable rows of ``path``; every other row is counted and recorded with its line."""
+        ds, rejected = read_rows(path, self.hparams.split)
+        self.report.rows += len(ds) + len(rejected)
+        self.report.rejected.extend(dataclasses.replace(r, split=split) for r in rejected)
+        if rejected:
+            log.warning(
+                "%s=%s: %d row(s) rejected: %s; %s",
+                self._key(split),
+                path,
+                len(rejected),
+                describe(rejected),
+                "strict" if self.hparams.strict else "skipped, listed in rejected_rows.jsonl",
+            )
+        if len(ds) == 0:
+            self.write_rejections()
+            raise DataError(
+                f"{self._key(split)}={path}: no usable row among {len(rejected)}: {describe(rejected)}"
+                f"{self._listed()}. Fix the rows: each needs non-empty string 'instruction' and 'output' fields"
+            )
+        return ds
+
+    def _listed(self) -> str:
+        path = self.rejections_path()
+        return f"; all rejected rows are listed in {path}" if path and self.report.rejected else ""
+
+    def _refuse_if_strict(self) -> None:
+        """``data.strict=true``: any rejected row is an error (after the list is written)."""
+        if self.hparams.strict and self.report.rejected:
+            self.write_rejections()
+            raise DataError(
+                f"data.strict=true and {len(self.report.rejected)} row(s) rejected: "
+                f"{describe(self.report.rejected)}{self._listed()}. Fix the rows, or set data.strict=false "
+                "to skip and count them"
+            )
+
+    def _encode(self, ds: datasets.Dataset, name: str) -> tuple[datasets.Dataset, list[int]]:
+        """(tokenised rows, indices of ``ds`` kept): rows without room for the answer are rejected."""
         hp = self.hparams
         # Only what changes the tokens goes into the map call (and so into its cache fingerprint):
         # the rows, the tokenizer, the template, max_length and answer_pad_to. Not the run folder.
@@ -214,60 +243,101 @@ class AlpacaDataModule(L.LightningDataModule):
                 "answer_pad_to": hp.answer_pad_to,
             },
             desc=f"tokenising {name}",
-            remove_columns=ds.column_names,
+            remove_columns=[c for c in ds.column_names if c not in (SOURCE_FILE, SOURCE_LINE)],
         )
-        self.report.too_long += sum(out["truncated"][:])
-        # the prompt alone fills max_length: no answer token left (an int column, no list decoding)
-        no_room = [i for i, (n, p) in enumerate(zip(out["length"][:], out["prompt_len"][:])) if n <= p]
-        if no_room:
-            self.report.no_answer_room += len(no_room)
-            for i in no_room[:1000]:
-                self.report.rejected.append(
-                    {"split": name, "index": i, "reason": f"prompt alone fills max_length={hp.max_length}"}
+        lengths, prompt_lens = out["length"][:], out["prompt_len"][:]
+        # the prompt alone fills max_length: no answer token left (int columns, no list decoding)
+        no_room = [i for i, (n, p) in enumerate(zip(lengths, prompt_lens)) if n <= p]
+        truncated = out["truncated"][:]
+        self.report.too_long += sum(t and n > p for t, n, p in zip(truncated, lengths, prompt_lens))
+        if not no_room:
+            return out, list(range(len(out)))
+        for i, row in zip(no_room, ds.select(no_room)):
+            text = json.dumps({k: row[k] for k in ds.column_names if k not in (SOURCE_FILE, SOURCE_LINE)})
+            self.report.rejected.append(
+                Rejection(
+                    row[SOURCE_FILE],
+                    row[SOURCE_LINE],
+                    "no_answer_room",
+                    f"the prompt is {prompt_lens[i]} tokens, data.max_length={hp.max_length}",
+                    text,
+                    name,
                 )
-            log.warning(
-                "%d %s row(s) have no room for the answer within max_length=%d; kept out. "
-                "Raise data.max_length to keep them.",
-                len(no_room),
-                name,
-                hp.max_length,
             )
-            keep = sorted(set(range(len(out))) - set(no_room))
-            out = out.select(keep)
-        return out
+        log.warning(
+            "%d %s row(s) have no room for the answer within data.max_length=%d (first: %s:%d); %s",
+            len(no_room),
+            name,
+            hp.max_length,
+            ds[no_room[0]][SOURCE_FILE],
+            ds[no_room[0]][SOURCE_LINE],
+            "strict"
+            if hp.strict
+            else "kept out, listed in rejected_rows.jsonl. Raise data.max_length to keep them",
+        )
+        if len(no_room) == len(out):
+            self.write_rejections()
+            shortest, longest = min(prompt_lens), max(prompt_lens)
+            raise DataError(
+                f"data.max_length={hp.max_length} leaves no room for an answer in any of the {len(out)} "
+                f"{name} rows: the shortest prompt is {shortest} tokens (data.template={hp.template}), so "
+                f"data.max_length must be at least {shortest + 1} (the prompt and one answer token); "
+                f"{longest + 2} gives every prompt room for an answer token and the end token"
+            )
+        no_room_set = set(no_room)
+        keep = [i for i in range(len(out)) if i not in no_room_set]
+        return out.select(keep), keep
 
     def _build(self) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset]:
         """(train, val) tokenised and the raw val rows; resets and fills ``self.report``."""
         hp = self.hparams
         self.report = DataReport()
-        raw = self._validate(load_rows(hp.path, hp.split), "train")
+        raw = self._read(hp.path, "train")
         if hp.val_path:
-            train_raw, val_raw = raw, self._validate(load_rows(hp.val_path, hp.split), "val")
+            train_raw, val_raw = raw, self._read(hp.val_path, "val")
         else:
             parts = raw.train_test_split(test_size=hp.val_size, seed=hp.seed, shuffle=True)
             train_raw, val_raw = parts["train"], parts["test"]
+        self._refuse_if_strict()
         if hp.limit_train_rows:
             train_raw = train_raw.select(range(min(hp.limit_train_rows, len(train_raw))))
         if hp.limit_val_rows:
             val_raw = val_raw.select(range(min(hp.limit_val_rows, len(val_raw))))
-        return self._encode(train_raw, "train"), self._encode(val_raw, "val"), val_raw
+        train_ds, _ = self._encode(train_raw, "train")
+        val_ds, val_kept = self._encode(val_raw, "val")
+        self._refuse_if_strict()
+        if len(val_kept) < len(val_raw):  # the sample prompts are rows that validation scores
+            val_raw = val_raw.select(val_kept)
+        return train_ds, val_ds, val_raw
+
+    def rejections_path(self) -> Path | None:
+        """``<run folder>/rejected_rows.jsonl`` (None without ``report_dir``)."""
+        return Path(self.hparams.report_dir) / "rejected_rows.jsonl" if self.hparams.report_dir else None
+
+    def write_rejections(self) -> Path | None:
+        """Write every rejected row (file, line, reason, detail, text, split) as one JSON line."""
+        path = self.rejections_path()
+        if path is None or not self.report.rejected:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for r in self.report.rejected:
+                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+        return path
 
     def prepare_data(self) -> None:
         """Tokenise once per node (Lightning calls this on local rank 0 only): it fills the
-        ``datasets`` cache, from which every rank's ``setup`` then loads the same files."""
-        self._build()
+        ``datasets`` cache, from which every rank's ``setup`` then loads the same files. The same
+        process's ``setup`` reuses this build, so each rejected row is logged once."""
+        self._prepared = self._build()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_ds is not None:
             return
-        hp = self.hparams
-        self.train_ds, self.val_ds, self.val_raw = self._build()
+        prepared, self._prepared = self._prepared, None
+        self.train_ds, self.val_ds, self.val_raw = prepared or self._build()
         log.info("data: %s; train %d, val %d", self.report.summary(), len(self.train_ds), len(self.val_ds))
-        if hp.report_dir and self.report.rejected:
-            Path(hp.report_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(hp.report_dir) / "rejected_rows.jsonl", "w") as f:
-                for r in self.report.rejected:
-                    f.write(json.dumps(r, default=str) + "\n")
+        self.write_rejections()
 
     # -- fixed validation prompts for the sampler -----------------------------------------------
     def sample_prompts(self, n: int | None = None) -> list[dict[str, Any]]:

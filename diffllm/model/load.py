@@ -11,10 +11,13 @@ that is how the dry run counts LLaMA 3.2 1B's parameters without downloading a b
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +37,40 @@ class ModelLoadError(RuntimeError):
     """The model or tokenizer could not be loaded; the message says what to do."""
 
 
+# a hub id: "name" or "org/name" (letters, digits, - _ .), never starting with "/", "." or "~"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_like_local_path(pretrained: str) -> bool:
+    """True for what can only be a folder (``/x``, ``./x``, ``~/x``, ``a/b/c``), not a hub id."""
+    return pretrained.startswith(("/", ".", "~")) or (os.sep in pretrained and not _HUB_ID.match(pretrained))
+
+
+def missing_folder_help(pretrained: str) -> ModelLoadError | None:
+    """For a local path that does not exist: one line with the nearest existing sibling, if any."""
+    if not looks_like_local_path(pretrained):
+        return None
+    path = Path(pretrained).expanduser().absolute()
+    if path.exists():
+        return None
+    parent, missing = path, []  # walk up to the deepest folder that exists
+    while not parent.exists():
+        missing.append(parent.name)
+        parent = parent.parent
+    names = [p.name for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+    close = difflib.get_close_matches(missing[-1], names, n=1, cutoff=0.6)
+    hint = (
+        f"did you mean {parent / close[0]}?"
+        if close
+        else f"{parent} holds no folder named like {missing[-1]!r}"
+    )
+    return ModelLoadError(f"model.pretrained={pretrained!r}: no such folder: {path}; {hint}")
+
+
 def _hub_help(pretrained: str, err: Exception) -> ModelLoadError:
+    missing = missing_folder_help(str(pretrained))
+    if missing is not None:
+        return missing
     local = os.path.isdir(pretrained)
     where = "the local folder" if local else "the Hugging Face Hub"
     hint = (
@@ -61,6 +97,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def load_tokenizer(pretrained: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     """The tokenizer of ``pretrained`` with a pad token (EOS when it has none: Llama 3 has none)."""
+    missing = missing_folder_help(str(pretrained))
+    if missing is not None:  # before transformers tries the hub with a path
+        raise missing
     try:
         tok = AutoTokenizer.from_pretrained(pretrained, **kwargs)
     except (OSError, ValueError) as err:
