@@ -4,6 +4,8 @@
         --tasks diffllm_tiny_mc,diffllm_tiny_gen --limit 60
     python -m diffllm.harness --model hf --model_args pretrained=diffllm/assets/tiny/ar_base,add_bos_token=true \\
         --tasks diffllm_tiny_mc --limit 60                           # the AR model, same tasks
+    python -m diffllm.harness --model hf --model_args pretrained=<ar_sft run>/checkpoints/last.ckpt,add_bos_token=true \\
+        --tasks diffllm_tiny_mc --limit 60                           # AR-SFT: merged into <ckpt>.hf/ first
     diffllm-harness ...                                               # the same, as a console script
 
 It imports ``diffllm.eval.lm_eval_adapter`` (which registers ``diffllm_mdlm``), adds
@@ -32,10 +34,37 @@ def harness_argv(argv: Sequence[str], tasks_dir: str) -> list[str]:
         command = "run"
     if command == "run" and not any(a == "--model" or a.startswith("--model=") for a in args):
         args = ["--model", MODEL_NAME, *args]
+    if command == "run" and _model_of(args) in ("hf", "hf-auto", "huggingface"):
+        args = _ar_sft_as_folder(args)
     # lm-eval reads one --include_path folder: a user's own folder replaces the project's tasks
     if not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
         args += ["--include_path", tasks_dir]
     return [command, *args]
+
+
+def _model_of(args: list[str]) -> str | None:
+    for i, a in enumerate(args):
+        if a == "--model" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--model="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _ar_sft_as_folder(args: list[str]) -> list[str]:
+    """``pretrained=<run>/checkpoints/x.ckpt`` (an AR-SFT checkpoint) -> the merged HF folder next to it."""
+    from diffllm.eval.hf_folder import ar_sft_folder
+
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--model_args" and i + 1 < len(out):
+            parts = out[i + 1].split(",")
+            for j, part in enumerate(parts):
+                key, _, value = part.partition("=")
+                if key.strip() == "pretrained" and value.endswith(".ckpt"):
+                    parts[j] = f"pretrained={ar_sft_folder(value)}"
+            out[i + 1] = ",".join(parts)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:

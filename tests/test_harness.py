@@ -209,3 +209,25 @@ def test_task_documents():
         assert doc["query"].startswith("### Instruction:\n") and doc["query"].endswith("### Response:\n")
     gen = task_utils.load_gen()["test"]
     assert gen[0]["answer"] == docs[0]["choices"][docs[0]["gold"]]
+
+
+def test_ar_sft_checkpoint_as_hf_folder_scores_its_nll(im, tiny_ar_run, tmp_path):
+    """The merged AR-SFT folder under lm-eval's ``hf`` equals the project's AR-SFT NLL (LoRA on, causal)."""
+    from diffllm.eval.hf_folder import ar_sft_folder
+    from diffllm.harness import harness_argv
+    from diffllm.inference import load_ar_sft
+
+    folder = ar_sft_folder(tiny_ar_run[1], tmp_path / "ar_sft")
+    hf = get_model("hf")(pretrained=str(folder), add_bos_token=True, device="cpu", batch_size=1)
+    doc = task_utils.load_mc()["test"][5]
+    ll = hf.loglikelihood([request("loglikelihood", doc["query"], doc["choices"][0])])[0][0]
+    ctx, cont = encode_pair(im.tokenizer, doc["query"], doc["choices"][0])
+    ids = torch.tensor([ctx + cont])
+    answer = torch.tensor([[False] * len(ctx) + [True] * len(cont)])
+    nll, _ = ar_nll(load_ar_sft(tiny_ar_run[1], im.tokenizer), ids, None, answer, adapters=True)
+    assert ll == pytest.approx(-float(nll[0]), abs=1e-4)
+    with pytest.raises(ValueError, match="diffusion checkpoint"):
+        ar_sft_folder(im.source, tmp_path / "wrong")
+    # the harness turns an AR-SFT .ckpt given to --model hf into that folder
+    argv = harness_argv(["--model", "hf", "--model_args", f"pretrained={tiny_ar_run[1]},dtype=float32"], "/t")
+    assert argv[4] == f"pretrained={tiny_ar_run[1].with_suffix('.hf')},dtype=float32"
