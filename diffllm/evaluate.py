@@ -62,6 +62,7 @@ from diffllm.loading import (
 )
 from diffllm.metrics import bleu
 from diffllm.model.load import ModelLoadError
+from diffllm.quality import quality_tables
 from diffllm.report import MODEL_COLUMNS, format_report, plus_minus, provenance
 from diffllm.scoring import Answers
 from diffllm.viz import plot_nll_by_length, plot_quality_vs_steps, save_figure
@@ -300,6 +301,7 @@ def format_markdown(r: Mapping[str, Any]) -> str:
         for g in r["steps_grid"]
     ]
     lines += [f"\n(steps={s['steps']} skipped: {s['reason']})" for s in r["steps_skipped"]]
+    lines += quality_tables(r, markdown=True)
     lines += ["", *(f"![{name}]({Path(path).name})" for name, path in r["plots"].items()), ""]
     lines += ["## Examples", "", "| prompt | reference | " + " | ".join(n for _, n in cols) + " |"]
     lines += ["|---|---|" + "---|" * len(cols)]
@@ -346,6 +348,8 @@ def evaluate(
     ar_baseline: bool = True,
     ar_ckpt_path: str | Path | None = None,
     progress: bool = True,
+    order_nll: bool = True,
+    quality_cfg: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint or exported folder; writes the report files and returns ``eval.json``'s content.
 
@@ -390,6 +394,8 @@ def evaluate(
         ar_base=ar_model,
         ar_sft=ar_sft,
         progress=lambda it: tqdm(it, desc="likelihood", total=math.ceil(rows / bs), disable=not progress),
+        order_nll=order_nll,
+        quality=quality_cfg,
     )
     if ar_model is None:  # the headline keys stay, as not-a-number
         figures.update(
@@ -470,6 +476,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ar_baseline=cfg.ar_baseline,
         ar_ckpt_path=cfg.ar_ckpt_path,
         progress=cfg.progress,
+        order_nll=cfg.order_nll,
+        quality_cfg=OmegaConf.to_container(cfg.quality),
     )
     print("\n" + format_report(result), flush=True)
     cols = [k for k in ("diffusion", "ar_sft", "ar") if f"{k}_bleu" in result]

@@ -31,7 +31,8 @@ from diffllm.evaluation import validation_scores
 from diffllm.metrics import exact_match, rouge_l
 from diffllm.model.load import build_diffusion_model, trainable_line
 from diffllm.objectives import objective_of
-from diffllm.scoring import TOKENS_OF
+from diffllm.quality import head, reference_free
+from diffllm.scoring import TOKENS_OF, Answers, ar_answers
 
 # scoring-core row -> validation metric (per token, nats)
 VAL_METRICS = {
@@ -218,7 +219,7 @@ class DiffusionLitModule(L.LightningModule):
         self.eval()
         with torch.no_grad():
             prompt_ids = [p["prompt_ids"] for p in self.sample_prompts]
-            preds = self.objective.answers(
+            answers = self.objective.answers(
                 self.dlm,
                 self.tokenizer,
                 prompt_ids,
@@ -226,7 +227,11 @@ class DiffusionLitModule(L.LightningModule):
                 eos_id=self.eos_id,
                 seed=int(self.cfg.get("seed", 0)),
                 batch_size=len(prompt_ids),
-            ).texts
+            )
+            preds = answers.texts
+            quality = self.cfg.get("val_quality") or {}
+            if quality.get("enabled") and self.objective.role == "diffusion":
+                self._log_answer_quality(prompt_ids, answers, int(quality["rows"]))
         self.train(was_training)
         refs = [p["reference"] for p in self.sample_prompts]
         self.log("val/exact_match", exact_match(preds, refs), rank_zero_only=True)
@@ -236,6 +241,26 @@ class DiffusionLitModule(L.LightningModule):
             for p, g, r in zip(self.sample_prompts, preds, refs)
         ]
         self._log_samples_table(rows)
+
+    def _log_answer_quality(self, prompt_ids: list[list[int]], answers: Answers, rows: int) -> None:
+        """Reference-free quality of the first ``rows`` samples (``diffllm.quality``): AR-scored NLL,
+        agreement with the AR base's greedy answers (one more AR decode), EOS rate, repetition, length."""
+        rows = min(rows, len(prompt_ids))
+        prompts = prompt_ids[:rows]
+        greedy = ar_answers(
+            self.dlm,
+            self.tokenizer,
+            prompts,
+            self.sampler_config.gen_length,
+            eos_id=self.eos_id,
+            batch_size=rows,
+        )
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        figures = reference_free(
+            head(answers, rows), prompts, end_id=self.eos_id, pad_id=pad, ar_model=self.dlm, ar_greedy=greedy
+        )
+        for key in ("ar_scored_nll", "ar_agreement", "eos_rate", "repetition", "answer_length"):
+            self.log(f"val/{key}", float(figures[key]), rank_zero_only=True)
 
     def _log_samples_table(self, rows: list[dict[str, Any]]) -> None:
         """Write the table to every logger in the form it takes: CSV file, TensorBoard text, W&B table."""

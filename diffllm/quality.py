@@ -189,3 +189,122 @@ def quality_vs_compute(
             row["ar_scored_nll"], row["ar_scored_nll_se"] = ratio_mean_se(sums, counts)
         rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------------- in a report
+
+
+def head(answers: Answers, n: int) -> Answers:
+    """The first ``n`` answers (the row cap of the quality figures)."""
+    return dataclasses.replace(
+        answers,
+        texts=answers.texts[:n],
+        lengths=answers.lengths[:n],
+        ended=answers.ended[:n],
+        tokens=None if answers.tokens is None else answers.tokens[:n],
+    )
+
+
+def answer_quality(
+    answers: dict[str, Answers],
+    prompt_ids: Sequence[list[int]],
+    *,
+    ar_model: DiffusionLM | None,
+    end_id: int,
+    pad_id: int,
+    rows: int,
+    batch_size: int = 16,
+) -> dict[str, dict[str, float]]:
+    """``reference_free`` of every model's answers on the first ``rows`` prompts; ``answers["ar"]`` (the
+    AR base's greedy answers, when given) is the agreement reference and is scored too."""
+    rows = min(rows, len(prompt_ids))
+    greedy = head(answers["ar"], rows) if "ar" in answers else None
+    return {
+        model: reference_free(
+            head(a, rows),
+            prompt_ids[:rows],
+            end_id=end_id,
+            pad_id=pad_id,
+            ar_model=ar_model,
+            ar_greedy=greedy,
+            batch_size=batch_size,
+        )
+        for model, a in answers.items()
+        if a.tokens is not None
+    }
+
+
+QUALITY_ROWS = (
+    ("ar_scored_nll", "AR-scored NLL (nats/token)", 3),
+    ("ar_agreement", "agreement with AR greedy", 3),
+    ("answer_length", "answer tokens (mean)", 2),
+    ("eos_rate", "EOS rate", 3),
+    ("repetition", "repeated bigrams", 3),
+)
+DECOMPOSITION_ROWS = (
+    ("nll_bound", "diffusion ELBO bound (all orders)"),
+    ("l2r_nll", "diffusion, left to right (one order)"),
+    ("ar_sft_nll", "AR-SFT"),
+    ("ar_nll", "AR base"),
+    ("order_cost", "bound - L2R: cost of averaging over orders"),
+    ("conversion_loss", "L2R - AR base: lost by the conversion"),
+    ("conversion_loss_sft", "L2R - AR-SFT"),
+)
+
+
+def _pm(r: dict[str, Any], key: str, digits: int = 3) -> str:
+    value, se = r.get(key), r.get(f"{key}_se")
+    if value is None or not math.isfinite(value):
+        return "—"
+    if se is None or not math.isfinite(se):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ± {se:.{digits}f}"
+
+
+def quality_tables(r: dict[str, Any], markdown: bool = False) -> list[str]:
+    """The decomposition, reference-free and quality-vs-compute tables of a report (those present)."""
+    lines: list[str] = []
+
+    def table(header: list[str], rows: list[list[str]]) -> None:
+        if markdown:
+            lines.extend(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)])
+            lines.extend("| " + " | ".join(row) + " |" for row in rows)
+        else:
+            lines.append("  " + f"{header[0]:44s}" + "".join(f"{h:>18s}" for h in header[1:]))
+            lines.extend("  " + f"{row[0]:44s}" + "".join(f"{c:>18s}" for c in row[1:]) for row in rows)
+
+    if "l2r_nll" in r:
+        lines += ["", "the gap decomposed (nats/token, ± SE over rows; differences paired)"]
+        table(["figure", "value"], [[label, _pm(r, key)] for key, label in DECOMPOSITION_ROWS if key in r])
+    rf = r.get("reference_free") or {}
+    if rf:
+        names = {"diffusion": "diffusion", "ar_sft": "AR-SFT", "ar": "AR base"}
+        models = [m for m in names if m in rf]
+        lines += [
+            "",
+            f"reference-free answer quality, {r.get('quality_rows', '?')} prompts (scored by the AR base)",
+        ]
+        table(
+            ["metric", *(names[m] for m in models)],
+            [[label, *(_pm(rf[m], key, digits) for m in models)] for key, label, digits in QUALITY_ROWS],
+        )
+    qc = r.get("quality_vs_compute") or []
+    if qc:
+        lines += ["", f"diffusion quality vs compute, {r.get('quality_rows', '?')} prompts (schedule mode)"]
+        table(
+            ["tokens per step", "steps", "forward passes", "exact match", "AR-scored NLL", "seconds"],
+            [
+                [str(q["tokens_per_step"]), str(q["steps"]), "—", "skipped", "—", "—"]
+                if "skipped" in q
+                else [
+                    str(q["tokens_per_step"]),
+                    str(q["steps"]),
+                    str(q["nfe"]),
+                    _pm(q, "exact_match"),
+                    _pm(q, "ar_scored_nll"),
+                    f"{q['seconds']:.2f}",
+                ]
+                for q in qc
+            ],
+        )
+    return lines

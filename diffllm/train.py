@@ -80,6 +80,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             likelihood_samples=cfg.report.likelihood_samples,
             seed=cfg.seed,
             ar_sft=ar_sft,
+            order_nll=cfg.report.order_nll,
+            quality=OmegaConf.to_container(cfg.report.quality),
         )
         report["ar_ckpt_path"] = cfg.report.ar_ckpt_path
         report["provenance"] = provenance(

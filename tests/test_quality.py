@@ -102,3 +102,31 @@ def test_reference_free_figures():
     sums, counts = ar_scored_nll(dlm, prompts, [[5, 6, 5, 2], [7, 7], [2]], pad_id=0)
     assert out["ar_scored_nll"] == pytest.approx(sums.sum() / counts.sum())
     assert list(itertools.chain(counts)) == [4, 2, 1]
+
+
+@pytest.mark.slow
+def test_evaluate_decomposes_the_gap_and_sweeps_compute(tiny_run, tmp_path):
+    from diffllm.evaluate import evaluate
+
+    r = evaluate(
+        tiny_run[1],
+        out_dir=tmp_path,
+        rows=8,
+        gen_rows=6,
+        steps_grid=[8],  # the tiny run's gen_length
+        progress=False,
+        quality_cfg={"enabled": True, "rows": 6, "tokens_per_step": [1, 2, 4, 8]},
+    )
+    # bound - AR = (bound - L2R) + (L2R - AR), each a ratio of paired sums over the same tokens
+    assert r["order_cost"] + r["conversion_loss"] == pytest.approx(r["gap"], abs=1e-9)
+    assert r["l2r_nll"] == pytest.approx(r["nll_bound"] - r["order_cost"], abs=1e-9)
+    qc = r["quality_vs_compute"]
+    assert [(q["tokens_per_step"], q["steps"]) for q in qc] == [(1, 8), (2, 4), (4, 2), (8, 1)]
+    # one token per step is the sweep's steps=8 run on the same prompts and seed
+    assert qc[0]["exact_match"] == r["steps_grid"][0]["exact_match"]
+    assert qc[-1]["nfe"] == 1 and 1 < qc[0]["nfe"] <= 8
+    rf = r["reference_free"]
+    assert rf["ar"]["ar_agreement"] == 1.0  # the AR greedy answers agree with themselves
+    assert rf["diffusion"]["ar_scored_nll"] > rf["ar"]["ar_scored_nll"]  # AR greedy is the AR's likeliest
+    md = (tmp_path / "eval.md").read_text()
+    assert "the gap decomposed" in md and "reference-free answer quality, 6 prompts" in md

@@ -3,7 +3,9 @@
 ``diffllm_tiny_mc`` (multiple choice): the prompt of a tiny task row (``short`` template) and four
 answers: the row's own and the outputs of the next three rows of the same task (file order,
 cyclic, distinct); the gold answer stands at position ``i % 4`` of doc ``i``. ``diffllm_tiny_gen``
-(generation): the same prompts, the row's output as the target. Few-shot examples come from the
+(generation): the same prompts, the row's output as the target. ``*_chat``: the same documents with
+the user turn of the ``chat`` template as the text, for models trained through a chat template
+(``+experiment=smollm2``): run them with ``--apply_chat_template``. Few-shot examples come from the
 first 64 training rows (``first_n``), so every model sees the same ones.
 
 Offline: the rows are the package's ``assets/tiny/{train,val}.jsonl``, no hub.
@@ -36,8 +38,14 @@ def prompt_text(row: dict) -> str:
     return get_format("short").prompt_text(row)
 
 
+def user_text(row: dict) -> str:
+    """The user turn of the ``chat`` template (``--apply_chat_template``): instruction (+ blank line + input)."""
+    instruction, inp = row["instruction"].strip(), (row.get("input") or "").strip()
+    return f"{instruction}\n\n{inp}" if inp else instruction
+
+
 def mc_docs(rows: list[dict]) -> list[dict]:
-    """{query, choices, gold, task} per row; raises if a task has too few distinct answers."""
+    """{query, user, choices, gold, task} per row; raises if a task has too few distinct answers."""
     by_task: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
         by_task[row["task"]].append(i)
@@ -56,12 +64,23 @@ def mc_docs(rows: list[dict]) -> list[dict]:
             raise ValueError(f"task {row['task']!r} has fewer than {NUM_CHOICES} distinct answers")
         gold = i % NUM_CHOICES
         choices = others[:gold] + [row["output"]] + others[gold:]
-        docs.append({"query": prompt_text(row), "choices": choices, "gold": gold, "task": row["task"]})
+        docs.append(
+            {
+                "query": prompt_text(row),
+                "user": user_text(row),
+                "choices": choices,
+                "gold": gold,
+                "task": row["task"],
+            }
+        )
     return docs
 
 
 def gen_docs(rows: list[dict]) -> list[dict]:
-    return [{"query": prompt_text(r), "answer": r["output"], "task": r["task"]} for r in rows]
+    return [
+        {"query": prompt_text(r), "user": user_text(r), "answer": r["output"], "task": r["task"]}
+        for r in rows
+    ]
 
 
 def load_mc(**kwargs) -> datasets.DatasetDict:
