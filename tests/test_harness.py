@@ -24,7 +24,7 @@ from diffllm.diffusion.sampler import generate  # noqa: E402
 from diffllm.diffusion.schedule import LinearSchedule  # noqa: E402
 from diffllm.eval.lm_eval_adapter import MODEL_NAME, ROLLING_REFUSAL, TASKS_DIR, DiffusionHarnessLM  # noqa: E402
 from diffllm.eval.tasks import utils as task_utils  # noqa: E402
-from diffllm.inference import load_for_inference  # noqa: E402
+from diffllm.loading import load_for_inference  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -215,7 +215,7 @@ def test_ar_sft_checkpoint_as_hf_folder_scores_its_nll(im, tiny_ar_run, tmp_path
     """The merged AR-SFT folder under lm-eval's ``hf`` equals the project's AR-SFT NLL (LoRA on, causal)."""
     from diffllm.eval.hf_folder import ar_sft_folder
     from diffllm.harness import harness_argv
-    from diffllm.inference import load_ar_sft
+    from diffllm.loading import load_ar_sft
 
     folder = ar_sft_folder(tiny_ar_run[1], tmp_path / "ar_sft")
     hf = get_model("hf")(pretrained=str(folder), add_bos_token=True, device="cpu", batch_size=1)
@@ -237,8 +237,8 @@ def test_loglikelihood_is_the_elbo_on_the_real_model(tmp_path):
     """SmolLM2-135M-Instruct converted (+experiment=smollm2, untrained adapters): the same equality."""
     from diffllm.assets.smollm2 import RegistryUnreachable, ensure_smollm2
     from diffllm.config import compose, to_plain
-    from diffllm.inference import InferenceModel
     from diffllm.lit_module import DiffusionLitModule
+    from diffllm.loading import InferenceModel
 
     try:
         ensure_smollm2(quiet=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffllm.inference import load_for_inference
+from diffllm.loading import load_for_inference
 from diffllm.model.attention import set_bidirectional
 
 

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from diffllm.diffusion.likelihood import elbo_nll
 from diffllm.diffusion.sampler import SamplerConfig, generate
-from diffllm.inference import InferenceModel, load_for_inference
+from diffllm.loading import InferenceModel, load_for_inference
 from diffllm.scoring import EVAL_SCHEDULE
 
 log = logging.getLogger(__name__)
