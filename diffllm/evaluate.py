@@ -63,6 +63,7 @@ from diffllm.loading import (
 )
 from diffllm.metrics import bleu
 from diffllm.model.load import ModelLoadError
+from diffllm.quality import quality_tables
 from diffllm.report import MODEL_COLUMNS, format_report, plus_minus, provenance
 from diffllm.schema import ValLikelihoodNode, check_node, check_positive, check_sampler_overrides
 from diffllm.scoring import Answers
@@ -302,6 +303,7 @@ def format_markdown(r: Mapping[str, Any]) -> str:
         for g in r["steps_grid"]
     ]
     lines += [f"\n(steps={s['steps']} skipped: {s['reason']})" for s in r["steps_skipped"]]
+    lines += quality_tables(r, markdown=True)
     lines += ["", *(f"![{name}]({Path(path).name})" for name, path in r["plots"].items()), ""]
     lines += ["## Examples", "", "| prompt | reference | " + " | ".join(n for _, n in cols) + " |"]
     lines += ["|---|---|" + "---|" * len(cols)]
@@ -350,6 +352,8 @@ def evaluate(
     progress: bool = True,
     trust_remote_code: bool = False,
     prompt_overflow: str = "error",
+    order_nll: bool = True,
+    quality_cfg: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint or exported folder; writes the report files and returns ``eval.json``'s content.
 
@@ -414,6 +418,8 @@ def evaluate(
         ar_base=ar_model,
         ar_sft=ar_sft,
         progress=lambda it: tqdm(it, desc="likelihood", total=math.ceil(rows / bs), disable=not progress),
+        order_nll=order_nll,
+        quality=quality_cfg,
     )
     if ar_model is None:  # the headline keys stay, as not-a-number
         figures.update(
@@ -473,12 +479,91 @@ def evaluate(
     return result
 
 
+# ----------------------------------------------------------------------------------- a multirun folder
+
+
+def multirun_jobs(folder: str | Path) -> list[Path]:
+    """``<job>/checkpoints/last.ckpt`` of every job folder directly under ``folder`` (a Hydra multirun
+    folder: ``multirun/<date>/<time>/``), sorted by job folder name."""
+    return sorted(Path(folder).glob("*/checkpoints/last.ckpt"))
+
+
+# (key in eval.json, column); reference-free keys are read from reference_free["diffusion"]
+COMPARISON = (
+    ("nll_bound", "NLL bound"),
+    ("l2r_nll", "L2R NLL"),
+    ("ar_sft_nll", "AR-SFT NLL"),
+    ("ar_nll", "AR NLL"),
+    ("gap", "bound − AR"),
+    ("diffusion_exact_match", "exact match"),
+    ("diffusion_rougeL", "ROUGE-L"),
+    ("ar_scored_nll", "AR-scored NLL"),
+)
+
+
+def format_comparison(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """One markdown table: a row per job (``job name -> eval.json content``), each figure ± SE."""
+    columns = [
+        (k, name)
+        for k, name in COMPARISON
+        if any(k in r or k in (r.get("reference_free") or {}).get("diffusion", {}) for r in results.values())
+    ]
+    lines = [
+        "| job | " + " | ".join(name for _, name in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for job, r in results.items():
+        figures = {**r, **(r.get("reference_free") or {}).get("diffusion", {})}
+        lines.append(f"| {job} | " + " | ".join(plus_minus(figures, k) for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_multirun(folder: str | Path, **kwargs: Any) -> tuple[dict[str, dict[str, Any]], Path]:
+    """``evaluate`` every job of a multirun folder (each writes its own report into its job folder);
+    writes ``comparison.md`` into ``folder``; returns ({job: result}, that file)."""
+    jobs = multirun_jobs(folder)
+    if not jobs:
+        raise FileNotFoundError(
+            f"{str(folder)!r} holds no <job>/checkpoints/last.ckpt; pass a multirun folder "
+            "(multirun/<date>/<time>), a .ckpt or an exported folder"
+        )
+    results = {}
+    for ckpt in jobs:
+        log.info("job %s", ckpt.parent.parent.name)
+        results[ckpt.parent.parent.name] = evaluate(ckpt, **kwargs)
+    path = Path(folder) / "comparison.md"
+    path.write_text(f"# {len(jobs)} jobs of {folder}\n\n" + format_comparison(results) + "\n")
+    return results, path
+
+
 # ----------------------------------------------------------------------------------- the CLI
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The CLI body (``conf/evaluate.yaml``); ``sampler.*`` keys left at ??? keep the checkpoint's value."""
     overrides = set_keys(cfg.sampler)
+    path = Path(cfg.ckpt_path)
+    if path.is_dir() and multirun_jobs(path):  # a multirun folder: every job, then one table
+        results, table = evaluate_multirun(
+            path,
+            data_path=cfg.data_path,
+            rows=cfg.rows,
+            gen_rows=cfg.gen_rows,
+            device=cfg.device,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            gen_batch_size=cfg.gen_batch_size,
+            likelihood=OmegaConf.to_container(cfg.likelihood),
+            sampler=overrides,
+            steps_grid=None if cfg.steps_grid is None else list(cfg.steps_grid),
+            ar_baseline=cfg.ar_baseline,
+            ar_ckpt_path=cfg.ar_ckpt_path,
+            progress=cfg.progress,
+            order_nll=cfg.order_nll,
+            quality_cfg=OmegaConf.to_container(cfg.quality),
+        )
+        print("\n" + format_comparison(results) + f"\n\n  comparison.md      {table}", flush=True)
+        return {"jobs": results, "comparison": str(table)}
     result = evaluate(
         cfg.ckpt_path,
         data_path=cfg.data_path,
@@ -497,6 +582,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         progress=cfg.progress,
         trust_remote_code=bool(cfg.trust_remote_code),
         prompt_overflow=cfg.prompt_overflow,
+        order_nll=cfg.order_nll,
+        quality_cfg=OmegaConf.to_container(cfg.quality),
     )
     print("\n" + format_report(result), flush=True)
     cols = [k for k in ("diffusion", "ar_sft", "ar") if f"{k}_bleu" in result]

@@ -26,6 +26,7 @@ from diffllm.diffusion.likelihood import validation_seed
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.metrics import exact_match, unigram_cross_entropy
 from diffllm.model.dlm import DiffusionLM
+from diffllm.quality import answer_quality, quality_vs_compute
 from diffllm.scoring import (
     EVAL_SCHEDULE,
     Answers,
@@ -177,6 +178,8 @@ def compare(
     ar_base: DiffusionLM | None = None,
     ar_sft: DiffusionLM | None = None,
     progress: Any = None,
+    order_nll: bool = False,
+    quality: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Answers]]:
     """The models given, on the same rows: (figures, per-row scores, answers per model).
 
@@ -186,6 +189,10 @@ def compare(
     the sampler with ``config``; ``ar_sft``: greedy, adapters on; ``ar_base``: greedy, adapters
     off, [MASK] suppressed; at most ``config.gen_length`` new tokens). ``progress`` wraps the
     batch iterator (e.g. ``tqdm``). Answer keys: ``diffusion``, ``ar_sft``, ``ar`` (the base).
+    ``order_nll``: the diffusion model's left-to-right NLL too (the gap decomposed, ``diffusion.order``);
+    ``quality`` (``enabled``, ``rows``, ``tokens_per_step``): reference-free answer quality of every
+    model's answers and the diffusion sampler's quality vs compute on the first ``rows`` prompts,
+    both scored by ``ar_base`` (``diffllm.quality``).
     """
     models = {"diffusion": diffusion, "ar_base": ar_base, "ar_sft": ar_sft}
     models = {k: m for k, m in models.items() if m is not None}
@@ -195,6 +202,7 @@ def compare(
         seed=seed,
         device=device,
         end_id=eos_id,
+        order=order_nll,
         **likelihood_settings(likelihood),
         **models,
     )
@@ -219,10 +227,38 @@ def compare(
                 batch_size=gen_batch_size,
                 adapters=adapters,
             )
+    extra: dict[str, Any] = {}
+    if quality and quality.get("enabled") and ar_base is not None:
+        rows = min(int(quality["rows"]), len(prompt_ids))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+        extra["quality_rows"] = rows
+        extra["reference_free"] = answer_quality(
+            answers,
+            prompt_ids,
+            ar_model=ar_base,
+            end_id=eos_id,
+            pad_id=pad,
+            rows=rows,
+            batch_size=gen_batch_size,
+        )
+        if diffusion is not None:
+            extra["quality_vs_compute"] = quality_vs_compute(
+                diffusion,
+                tokenizer,
+                prompt_ids[:rows],
+                refs[:rows],
+                config,
+                eos_id=eos_id,
+                seed=seed,
+                batch_size=gen_batch_size,
+                tokens_per_step=list(quality["tokens_per_step"]),
+                ar_model=ar_base,
+            )
     figures = {
         **likelihood_figures(scores),
         "unigram_ce": unigram,
         **generation_figures(answers, refs),
+        **extra,
         "examples": [
             {"prompt": p["prompt"], "reference": r, **{m: a.texts[i] for m, a in answers.items()}}
             for i, (p, r) in enumerate(list(zip(prompts, refs))[:NUM_EXAMPLES])

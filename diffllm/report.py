@@ -25,6 +25,7 @@ import torch
 from diffllm.data.prompt_fit import fit_prompt_rows
 from diffllm.evaluation import EVAL_SCHEDULE, compare, likelihood_settings
 from diffllm.model.dlm import DiffusionLM
+from diffllm.quality import quality_tables
 
 
 def provenance(device: torch.device | str, wall_seconds: float, tokens_seen: int | None) -> dict[str, Any]:
@@ -79,6 +80,8 @@ def build_report(
     seed: int = 0,
     ar_sft: DiffusionLM | None = None,
     prompt_overflow: str = "truncate_left",
+    order_nll: bool = False,
+    quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Likelihoods and generation quality of ``module`` (a DiffusionLitModule) on ``num_rows`` val rows.
 
@@ -120,6 +123,8 @@ def build_report(
         likelihood=likelihood,
         gen_batch_size=n,
         ar_base=dlm,
+        order_nll=order_nll and objective.role == "diffusion",
+        quality=quality,
         **own,
     )
     return {
@@ -196,7 +201,7 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(
                 f"  {f'EM {name} - {ref_name}':26s}{plus_minus(r, key):>18s}   (paired over prompts)"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + quality_tables(r))
 
 
 def write_report(r: dict[str, Any], out_dir: str | Path) -> Path:

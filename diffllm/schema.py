@@ -392,6 +392,24 @@ class ValLikelihoodNode:
 
 
 @dataclass
+class QualityNode:
+    """Reference-free answer quality and the quality-vs-compute table (``diffllm.quality``)."""
+
+    enabled: bool = True
+    rows: int = 16
+    tokens_per_step: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+
+    def __post_init__(self) -> None:
+        _require(self.rows >= 1, "quality.rows", self.rows, "an integer >= 1")
+        _require(
+            all(int(k) >= 1 for k in self.tokens_per_step),
+            "quality.tokens_per_step",
+            self.tokens_per_step,
+            "integers >= 1",
+        )
+
+
+@dataclass
 class ReportNode:
     """The end-of-run report (``diffllm.report``)."""
 
@@ -401,6 +419,10 @@ class ReportNode:
     ar_ckpt_path: str | None = None
     # prompts longer than the model's positions minus gen_length (diffllm.data.prompt_fit)
     prompt_overflow: str = "truncate_left"
+    # the gap decomposed: the diffusion model's left-to-right NLL (diffllm.diffusion.order)
+    order_nll: bool = True
+    # reference-free quality and quality vs compute (diffllm.quality): enabled, rows, tokens_per_step
+    quality: QualityNode = field(default_factory=lambda: QualityNode())
 
     def __post_init__(self) -> None:
         _require(self.num_rows >= 1, "report.num_rows", self.num_rows, "an integer >= 1")

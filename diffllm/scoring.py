@@ -16,7 +16,10 @@ Per row (``score_batch``), in nats summed over the row's scored tokens:
     diffusion        the diffusion NLL bound (ELBO) of the converted model;
     ar_base          the unadapted base model (LoRA off, causal), on exactly the same tokens;
     ar_base_no_end   the same without the end token (a base model was not trained to stop there);
-    ar_sft           an AR-SFT model (objective=ar: LoRA on, causal) on the same tokens.
+    ar_sft           an AR-SFT model (objective=ar: LoRA on, causal) on the same tokens;
+    diffusion_l2r    (``order=True``) the diffusion model's left-to-right NLL: the answer revealed one
+                     token at a time in order (``diffusion.order``), one forward pass per answer token.
+                     bound - L2R is the cost of averaging over orders, L2R - AR what the conversion lost.
 
 Standard errors (rows are the sampling unit: the tokens of one answer are not independent, so a
 per-token SE would be too small):
@@ -44,6 +47,7 @@ from torchmetrics.functional.text.rouge import rouge_score
 
 from diffllm.ar_generate import ar_generate
 from diffllm.diffusion.likelihood import causal_token_ce, elbo_nll, validation_seed
+from diffllm.diffusion.order import order_nll
 from diffllm.diffusion.sampler import SamplerConfig, generate
 from diffllm.diffusion.schedule import LinearSchedule
 from diffllm.metrics import exact_match, normalise
@@ -58,8 +62,18 @@ TOKENS_OF = {
     "ar_base": "tokens",
     "ar_base_no_end": "tokens_no_end",
     "ar_sft": "tokens",
+    "diffusion_l2r": "tokens",
 }
 
+
+# (name, minuend, subtrahend): per-token gaps paired over rows; the order_cost + conversion_loss = gap
+GAPS = (
+    ("gap", "diffusion", "ar_base"),
+    ("gap_sft", "diffusion", "ar_sft"),
+    ("order_cost", "diffusion", "diffusion_l2r"),  # the cost of averaging over unmasking orders
+    ("conversion_loss", "diffusion_l2r", "ar_base"),  # what the conversion lost, left to right
+    ("conversion_loss_sft", "diffusion_l2r", "ar_sft"),
+)
 
 # ----------------------------------------------------------------------------------- likelihoods
 
@@ -86,6 +100,7 @@ def score_batch(
     diffusion: DiffusionLM | None = None,
     ar_base: DiffusionLM | None = None,
     ar_sft: DiffusionLM | None = None,
+    order: bool = False,
 ) -> dict[str, torch.Tensor]:
     """(B,) per-row NLL sums of the models given (keys as in the module docstring) and token counts.
 
@@ -109,6 +124,10 @@ def score_batch(
             seed=seed,
             score_mask=scored,
         )
+        if order:  # summed over the whole canvas (answer + any EOS padding), like the bound
+            out["diffusion_l2r"] = order_nll(diffusion, input_ids, attention_mask, answer_mask).to(
+                input_ids.device
+            )
     if ar_base is not None:
         ce = torch.zeros(scored.shape, device=input_ids.device)
         ce[scored] = causal_token_ce(ar_base, input_ids, attention_mask, scored, adapters=False)
@@ -148,13 +167,14 @@ def ratio_mean_se(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
 
 
 def likelihood_figures(scores: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Per-token figures with SEs: ``nll_bound``, ``ar_nll``, ``ar_nll_no_end``, ``ar_sft_nll`` (those
-    scored), ``gap`` (bound - AR base) and ``gap_sft`` (bound - AR-SFT) paired over rows, perplexities."""
+    """Per-token figures with SEs: ``nll_bound``, ``ar_nll``, ``ar_nll_no_end``, ``ar_sft_nll``, ``l2r_nll``
+    (those scored), the gaps of ``GAPS`` paired over rows, perplexities."""
     names = {
         "diffusion": "nll_bound",
         "ar_base": "ar_nll",
         "ar_base_no_end": "ar_nll_no_end",
         "ar_sft": "ar_sft_nll",
+        "diffusion_l2r": "l2r_nll",
     }
     out: dict[str, Any] = {
         "answer_tokens": int(scores["tokens"].sum()),
@@ -163,9 +183,9 @@ def likelihood_figures(scores: Mapping[str, np.ndarray]) -> dict[str, Any]:
     for key, name in names.items():
         if key in scores:
             out[name], out[f"{name}_se"] = ratio_mean_se(scores[key], scores[TOKENS_OF[key]])
-    for gap, other in (("gap", "ar_base"), ("gap_sft", "ar_sft")):
-        if "diffusion" in scores and other in scores:
-            out[gap], out[f"{gap}_se"] = ratio_mean_se(scores["diffusion"] - scores[other], scores["tokens"])
+    for gap, one, other in GAPS:
+        if one in scores and other in scores:
+            out[gap], out[f"{gap}_se"] = ratio_mean_se(scores[one] - scores[other], scores["tokens"])
     for name, ppl in (("nll_bound", "ppl_bound"), ("ar_nll", "ar_ppl"), ("ar_sft_nll", "ar_sft_ppl")):
         if name in out:
             out[ppl] = math.exp(out[name]) if math.isfinite(out[name]) else float("nan")
@@ -184,6 +204,7 @@ class Answers:
     ended: list[bool]  # the end token was produced within the budget
     seconds: float
     nfe: int
+    tokens: list[list[int]] | None = None  # the answers' token ids before the end token
 
 
 def diffusion_answers(
@@ -202,6 +223,7 @@ def diffusion_answers(
     """
     eos = eos_id
     texts, lengths, ended, nfe, t0 = [], [], [], 0, time.perf_counter()
+    tokens: list[list[int]] = []
     for start in range(0, len(prompt_ids), batch_size):
         out = generate(
             dlm,
@@ -214,8 +236,9 @@ def diffusion_answers(
         texts += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
         lengths += [len(t) for t in out.tokens]
         ended += [bool((row == eos).any()) for row in out.canvas]
+        tokens += out.tokens
         nfe += out.nfe
-    return Answers(texts, lengths, ended, time.perf_counter() - t0, nfe)
+    return Answers(texts, lengths, ended, time.perf_counter() - t0, nfe, tokens)
 
 
 def ar_answers(
@@ -231,6 +254,7 @@ def ar_answers(
     """Greedy causal answers with a KV cache ([MASK] suppressed): the base model (``adapters=False``) or
     an AR-SFT model (``adapters=True``)."""
     texts, lengths, ended, nfe, t0 = [], [], [], 0, time.perf_counter()
+    tokens: list[list[int]] = []
     for start in range(0, len(prompt_ids), batch_size):
         out = ar_generate(
             dlm,
@@ -243,8 +267,9 @@ def ar_answers(
         texts += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
         lengths += [len(t) for t in out.tokens]
         ended += list(out.ended)
+        tokens += out.tokens
         nfe += out.nfe
-    return Answers(texts, lengths, ended, time.perf_counter() - t0, nfe)
+    return Answers(texts, lengths, ended, time.perf_counter() - t0, nfe, tokens)
 
 
 def binomial_se(p: float, n: int) -> float:

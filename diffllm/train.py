@@ -83,6 +83,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             seed=cfg.seed,
             ar_sft=ar_sft,
             prompt_overflow=cfg.report.prompt_overflow,
+            order_nll=cfg.report.order_nll,
+            quality=OmegaConf.to_container(cfg.report.quality),
         )
         report["ar_ckpt_path"] = cfg.report.ar_ckpt_path
         report["provenance"] = provenance(

@@ -5,6 +5,10 @@ After every validation (not the sanity check), on rank 0: decode the datamodule'
 validation) with the module's objective and sampler, log ``val/exact_match`` and ``val/rougeL``,
 and write a table of (step, prompt, generated, reference) to every logger in the form it takes:
 a CSV file (``val_samples.csv`` in the logger's folder), TensorBoard text, a W&B table.
+
+With ``quality_rows > 0`` (a diffusion run) it also logs the reference-free quality of the first
+``quality_rows`` answers (``diffllm.quality``): ``val/ar_scored_nll``, ``val/ar_agreement``,
+``val/eos_rate``, ``val/repetition``, ``val/answer_length``, at the cost of one AR greedy decode.
 """
 
 from __future__ import annotations
@@ -19,12 +23,21 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from diffllm.metrics import exact_match, rouge_l
+from diffllm.quality import head, reference_free
+from diffllm.scoring import Answers, ar_answers
+
+QUALITY_KEYS = ("ar_scored_nll", "ar_agreement", "eos_rate", "repetition", "answer_length")
 
 
 class ValidationSamples(Callback):
     """Sampler answers, exact match and ROUGE-L on the datamodule's fixed validation prompts."""
 
-    def __init__(self) -> None:
+    def __init__(self, quality_rows: int = 8) -> None:
+        if quality_rows < 0:
+            raise ValueError(
+                f"callbacks.samples.quality_rows={quality_rows}; valid: an integer >= 0 (0: off)"
+            )
+        self.quality_rows = int(quality_rows)
         self.prompts: list[dict[str, Any]] = []
 
     @override
@@ -46,7 +59,7 @@ class ValidationSamples(Callback):
         pl_module.eval()
         with torch.no_grad():
             prompt_ids = [p["prompt_ids"] for p in self.prompts]
-            preds = pl_module.objective.answers(
+            answers = pl_module.objective.answers(
                 pl_module.dlm,
                 pl_module.tokenizer,
                 prompt_ids,
@@ -54,7 +67,10 @@ class ValidationSamples(Callback):
                 eos_id=pl_module.eos_id,
                 seed=pl_module.seed,
                 batch_size=len(prompt_ids),
-            ).texts
+            )
+            preds = answers.texts
+            if self.quality_rows > 0 and pl_module.objective.role == "diffusion":
+                self.log_quality(pl_module, prompt_ids, answers)
         pl_module.train(was_training)
         refs = [p["reference"] for p in self.prompts]
         pl_module.log("val/exact_match", exact_match(preds, refs), rank_zero_only=True)
@@ -65,6 +81,31 @@ class ValidationSamples(Callback):
         ]
         write_table(trainer.loggers, rows, trainer.global_step)
         return rows
+
+    def log_quality(self, pl_module: Any, prompt_ids: list[list[int]], answers: Answers) -> None:
+        """Reference-free quality of the first ``quality_rows`` answers against the AR base's greedy ones."""
+        rows = min(self.quality_rows, len(prompt_ids))
+        prompts = prompt_ids[:rows]
+        tok = pl_module.tokenizer
+        greedy = ar_answers(
+            pl_module.dlm,
+            tok,
+            prompts,
+            pl_module.sampler_config.gen_length,
+            eos_id=pl_module.eos_id,
+            batch_size=rows,
+        )
+        pad = tok.pad_token_id if tok.pad_token_id is not None else pl_module.eos_id
+        figures = reference_free(
+            head(answers, rows),
+            prompts,
+            end_id=pl_module.eos_id,
+            pad_id=pad,
+            ar_model=pl_module.dlm,
+            ar_greedy=greedy,
+        )
+        for key in QUALITY_KEYS:
+            pl_module.log(f"val/{key}", float(figures[key]), rank_zero_only=True)
 
 
 def write_table(loggers: list[Any], rows: list[dict[str, Any]], step: int) -> None:

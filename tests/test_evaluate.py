@@ -203,3 +203,24 @@ def test_evaluate_yaml_lists_every_sampler_field():
     cfg = compose(["ckpt_path=x"], config_name="evaluate")  # the node: conf/cli/sampler_keep.yaml
     assert set(cfg.sampler) == {f.name for f in fields(SamplerConfig)}
     assert all(OmegaConf.is_missing(cfg.sampler, k) for k in cfg.sampler)
+
+
+@pytest.mark.slow
+def test_evaluate_a_multirun_folder_prints_one_table(tiny_run, tmp_path):
+    from diffllm.evaluate import evaluate_multirun, multirun_jobs
+
+    for job in ("lora.r=2", "lora.r=4"):
+        (tmp_path / job / "checkpoints").mkdir(parents=True)
+        (tmp_path / job / "checkpoints" / "last.ckpt").symlink_to(tiny_run[1])
+    (tmp_path / "not_a_job").mkdir()
+    assert [p.parent.parent.name for p in multirun_jobs(tmp_path)] == ["lora.r=2", "lora.r=4"]
+    results, table = evaluate_multirun(
+        tmp_path, rows=4, gen_rows=2, steps_grid=[8], progress=False, quality_cfg={"enabled": False}
+    )
+    lines = table.read_text().splitlines()
+    assert lines[2].startswith("| job | NLL bound | L2R NLL | AR NLL |") and len(lines) == 6
+    for line, (job, r) in zip(lines[4:], results.items()):
+        assert line.startswith(f"| {job} | {r['nll_bound']:.3f} ± {r['nll_bound_se']:.3f} |")
+        assert (tmp_path / job / "eval.json").exists()  # each job's own report
+    with pytest.raises(FileNotFoundError, match="no <job>/checkpoints/last.ckpt"):
+        evaluate_multirun(tmp_path / "not_a_job")

@@ -19,6 +19,11 @@ LIBRARY_TO_CLI = {
 
 # Imports inside a function, and why each stays there (cost or an optional dependency).
 FUNCTION_LEVEL = {
+    ("diffllm.harness", "lm_eval"): "lm-eval is the optional `harness` extra; only the command needs it",
+    (
+        "diffllm.harness",
+        "diffllm.eval.lm_eval_adapter",
+    ): "the adapter subclasses lm-eval's LM (the optional `harness` extra)",
     (
         "diffllm.assets",
         "diffllm.assets.build",
