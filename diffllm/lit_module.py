@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from diffllm.data.template import end_of_answer_id
+from diffllm.diffusion.blocks import check_block_size
 from diffllm.diffusion.forward import forward_process, keyed_forward_process
 from diffllm.diffusion.keys import DrawKeys, key_seed
 from diffllm.diffusion.likelihood import validation_seed
@@ -29,6 +30,7 @@ from diffllm.diffusion.sampler import generate
 from diffllm.distributed import GlobalNormaliser, draw_keys, nominal_batch_size
 from diffllm.evaluation import validation_scores
 from diffllm.metrics import exact_match, rouge_l
+from diffllm.model.attention import attention_of
 from diffllm.model.load import build_diffusion_model, trainable_line
 from diffllm.objectives import objective_of
 from diffllm.scoring import TOKENS_OF
@@ -56,6 +58,8 @@ class DiffusionLitModule(L.LightningModule):
         self.save_hyperparameters()
         self.strict_loading = False  # the checkpoint holds the trainable weights only
         self.cfg = cfg
+        if attention_of(cfg["model"]) == "block_causal":  # config time: before the model is built
+            check_block_size(cfg["model"].get("block_size"), cfg["data"].get("answer_pad_to"))
         self.dlm, self.tokenizer = build_diffusion_model(lora=cfg["lora"], **cfg["model"])
         # The end-of-answer id (EOS, or the chat template's end of turn) the sampler stops at.
         self.eos_id = end_of_answer_id(self.tokenizer, cfg["data"]["template"])
@@ -69,8 +73,13 @@ class DiffusionLitModule(L.LightningModule):
         self.schedule = instantiate(cfg["schedule"])  # training only: bounds use evaluation.EVAL_SCHEDULE
         self.time_sampler = instantiate(cfg["time_sampler"])
         self.loss_fn = instantiate(cfg["loss"])
-        # annealing composes with model.attention (diffllm.diffusion.annealing)
+        # annealing composes with model.attention (diffllm.diffusion.annealing), block_causal aside
         self.annealing = instantiate(cfg["anneal"])
+        if self.dlm.block_size is not None and self.annealing.steps > 0:
+            raise ValueError(
+                f"model.attention=block_causal cannot be combined with attention annealing ({self.annealing}): "
+                "its mask is over the two-copy training layout; use anneal=none"
+            )
         self.sampler_config = instantiate(cfg["sampler"])
         self.sample_prompts: list[dict[str, Any]] = []
         self.val_loss = MeanMetric()
@@ -110,8 +119,8 @@ class DiffusionLitModule(L.LightningModule):
         visible = self.annealing.visible(
             *x0.shape, self.global_step, device=x0.device, generator=generator, keys=keys
         )
-        logits = self.dlm.logits_at(
-            xt, hidden, attention_mask, canvas=answer_mask, extra_mask=visible
+        logits = self.dlm.noised_logits(
+            x0, xt, hidden, attention_mask, answer_mask, extra_mask=visible
         )  # (N, V) only at hidden positions
         t_pos = t[:, None].expand_as(x0)[hidden]  # (N,) the t of each hidden token's row
         n_answer = answer_mask.sum()
