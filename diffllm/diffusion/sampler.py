@@ -327,7 +327,7 @@ class _DualCacheDenoiser(_Denoiser):
         self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, lo: int, hi: int
     ) -> torch.Tensor:
         canvas = self.canvas[:, : x.shape[1]]
-        if self.cfg:
+        if self.guided:
             x, attention_mask, position_ids = _unconditional_rows(
                 x, attention_mask, position_ids, self.prompt_mask, self.dlm.mask_id
             )
@@ -384,7 +384,7 @@ class _BlockCausalDenoiser(_Denoiser):
     ) -> torch.Tensor:
         x, attention_mask, position_ids = x[:, :hi], attention_mask[:, :hi], position_ids[:, :hi]
         canvas = self.canvas[:, :hi]
-        if self.cfg:
+        if self.guided:
             x, attention_mask, position_ids = _unconditional_rows(
                 x, attention_mask, position_ids, self.prompt_mask, self.dlm.mask_id
             )
