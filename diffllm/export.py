@@ -82,6 +82,7 @@ def model_card(im: InferenceModel, kind: str, source: str) -> dict[str, Any]:
         "mask_token": tok.convert_ids_to_tokens(dlm.mask_id),
         "shift": dlm.shift,
         "attention": dlm.attention,
+        "block_size": dlm.block_size,  # block_causal's blocks (null for the other modes)
         "eos_id": im.eos_id,  # the end-of-answer id (EOS, or the chat template's end of turn)
         "pad_id": tok.pad_token_id,
         "vocab_size": len(tok),

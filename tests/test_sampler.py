@@ -434,7 +434,7 @@ def test_model_training_flag_is_restored():
         (dict(gen_length=8, steps=16), "steps <= 8"),
         (dict(threshold=0.9, steps=64), "set steps=null"),
         (dict(strategy="confidence"), "low_confidence"),
-        (dict(cache="dual"), "prefix"),
+        (dict(cache="kv"), "prefix"),
         (dict(future_blocks="none"), "hidden"),
         (dict(temperature=-1.0), "temperature"),
         (dict(top_p=0.0), "top_p"),

@@ -9,7 +9,15 @@ hold), it times
     schedule          steps = G / 4 (4 tokens per step on the even schedule)
     threshold         commit every position with confidence > 0.9 (at least one)
     threshold+cache   the same with the Fast-dLLM prefix KV cache per block
+    threshold+dual cache  the same with the dual cache (prefix and suffix, refreshed per block)
     AR + KV cache     the original model, greedy, adapters off, causal (``ar_generate``)
+
+and, with ``--block-ckpt`` (a block-diffusion checkpoint, ``model.block_size``), on that model:
+
+    block: naive                     one token per step, its own blocks
+    block: threshold                 τ = 0.9 inside each block
+    block: threshold+block cache     the same with the exact block KV cache (each committed block's
+                                     clean keys/values computed once; a step runs one block)
 
 All diffusion rows are greedy with low-confidence ordering and decode the same semi-AR blocks of
 ``--block`` positions (default: the canvas the checkpoint was validated with, ``sampler.gen_length``
@@ -46,6 +54,7 @@ from typing import Any
 
 import datasets
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from diffllm.ar_generate import ar_generate
 from diffllm.cli_support import InputError, check_device
@@ -54,7 +63,14 @@ from diffllm.loading import load_quietly, run_datamodule
 from diffllm.metrics import exact_match
 
 NAIVE, SCHEDULE, THRESHOLD, CACHED, AR = "naive", "schedule", "threshold", "threshold+cache", "AR + KV cache"
-METHODS = (NAIVE, SCHEDULE, THRESHOLD, CACHED, AR)
+DUAL = "threshold+dual cache"
+BLOCK_NAIVE, BLOCK_THRESHOLD, BLOCK_CACHED = (
+    "block: naive",
+    "block: threshold",
+    "block: threshold+block cache",
+)
+BLOCK_METHODS = (BLOCK_NAIVE, BLOCK_THRESHOLD, BLOCK_CACHED)  # run on the --block-ckpt model
+METHODS = (NAIVE, SCHEDULE, THRESHOLD, CACHED, DUAL, *BLOCK_METHODS, AR)
 TAU = 0.9
 SCHEDULE_TOKENS_PER_STEP = 4
 GOAL_SPEEDUP_VS_NAIVE = 4.0
@@ -74,6 +90,13 @@ class Measurement:
     nfe: int  # forward passes over all batches
     exact_match: float  # fraction in [0, 1]
     settings: str = ""
+    batches: int = 1  # sampler / AR calls the rows were split into
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Answer positions settled per row per forward pass (EOS fill included): G x batches / NFE."""
+        rows_per_batch = self.tokens / self.gen_length / self.batches
+        return self.tokens / rows_per_batch / self.nfe if self.nfe else float("inf")
 
     @property
     def tokens_per_s(self) -> float:
@@ -105,17 +128,25 @@ def sampler_settings(method: str, gen_length: int, block: int = 8, future: str =
     common = {"gen_length": gen_length, "strategy": "low_confidence", "temperature": 0.0, "cfg_scale": 0.0}
     common |= {"top_k": None, "top_p": None, "eos_penalty": 0.0, "stop_early": True}
     common |= {"block_length": block, "future_blocks": future}
-    if method == NAIVE:
+    if method in (NAIVE, BLOCK_NAIVE):
         return common | {"steps": gen_length, "threshold": None, "cache": "none", "fill_after_eos": False}
     fill = {"fill_after_eos": True}
     if method == SCHEDULE:
         steps = blocks * max(block // SCHEDULE_TOKENS_PER_STEP, 1)
         return common | fill | {"steps": steps, "threshold": None, "cache": "none"}
-    if method == THRESHOLD:
+    if method in (THRESHOLD, BLOCK_THRESHOLD):
         return common | fill | {"steps": None, "threshold": TAU, "cache": "none"}
     if method == CACHED:
         return common | fill | {"steps": None, "threshold": TAU, "cache": "prefix"}
+    if method == DUAL:
+        return common | fill | {"steps": None, "threshold": TAU, "cache": "dual"}
+    if method == BLOCK_CACHED:
+        return common | fill | {"steps": None, "threshold": TAU, "cache": "block"}
     raise ValueError(f"unknown diffusion method {method!r}; choose one of {list(METHODS[:-1])}")
+
+
+def _block_future(method: str, block_dlm: Any, block: int, future: str) -> tuple[int, str]:
+    return (block_dlm.block_size, "hidden") if method in BLOCK_METHODS else (block, future)
 
 
 def _short(method: str, gen_length: int, block: int = 8, future: str = "hidden") -> str:
@@ -142,8 +173,8 @@ def build_table(
     """The markdown table: one line per (length, method), ratios against naive and AR at that length."""
     by_key = {(m.gen_length, m.method): m for m in measurements}
     head = (
-        "| G | method | settings | NFE | seconds | tokens/s | × naive | × AR | exact match |\n"
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|"
+        "| G | method | settings | NFE | seconds | tokens/s | × naive | × AR | exact match | tokens / forward |\n"
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     title = (
         f"Sampler benchmark: {rows} validation rows, batch size {batch_size}, "
@@ -161,7 +192,8 @@ def build_table(
                 f"| {gen_length} | {method} | {m.settings or _short(method, gen_length)} | {m.nfe} | "
                 f"{m.seconds:.2f} | {m.tokens_per_s:,.0f} | "
                 f"{_ratio(m.tokens_per_s, naive.tokens_per_s if naive else None)} | "
-                f"{_ratio(m.tokens_per_s, ar.tokens_per_s if ar else None)} | {100 * m.exact_match:.1f} % |"
+                f"{_ratio(m.tokens_per_s, ar.tokens_per_s if ar else None)} | {100 * m.exact_match:.1f} % | "
+                f"{m.tokens_per_forward:.2f} |"
             )
     return "\n".join(lines)
 
@@ -206,6 +238,26 @@ def check_goals(measurements: Sequence[Measurement], length: int = GOAL_LENGTH) 
                 speed >= GOAL_SPEEDUP_VS_AR,
             )
         )
+    block, block_naive = by.get(BLOCK_CACHED), by.get(BLOCK_NAIVE)
+    if block and ar:
+        speed = block.tokens_per_s / ar.tokens_per_s
+        goals.append(
+            Goal(
+                f"{BLOCK_CACHED} ≥ {GOAL_SPEEDUP_VS_AR:g}× AR tokens/s at G={at}{note}",
+                f"{speed:.2f}×",
+                speed >= 1,
+            )
+        )
+    for base in (block_naive, naive):
+        if block and base:
+            loss = 100 * (base.exact_match - block.exact_match)
+            goals.append(
+                Goal(
+                    f"{BLOCK_CACHED} loses ≤ {GOAL_MAX_EM_LOSS_POINTS:g} point of exact match vs {base.method} at G={at}{note}",
+                    f"{loss:+.1f} points ({100 * base.exact_match:.1f} % → {100 * block.exact_match:.1f} %)",
+                    loss <= GOAL_MAX_EM_LOSS_POINTS + 1e-9 if base.exact_match > 0 else None,
+                )
+            )
     return goals
 
 
@@ -278,12 +330,26 @@ def measure(
     repeats: int = 1,
     methods: Sequence[str] = METHODS,
     log: Callable[[str], None] = lambda s: None,
+    block_model: Any = None,
 ) -> list[Measurement]:
-    """Run every method at every length on the same prompts; warm every method up once first."""
+    """Run every method at every length on the same prompts; warm every method up once first.
+
+    ``block_model`` (an ``InferenceModel`` of a block-diffusion checkpoint) runs the ``BLOCK_METHODS``
+    with its own block size; without it they are skipped.
+    """
     tok, dlm = model.tokenizer, model.dlm
     eos, pad = model.eos_id, tok.pad_token_id
     fast_dlm = dlm.merged_copy().eval() if merge else dlm  # the diffusion rows; AR keeps dlm (adapters off)
     batches = [prompt_ids[i : i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
+    block_dlm = None
+    if block_model is not None:
+        block_dlm = block_model.dlm.merged_copy().eval() if merge else block_model.dlm
+    methods = [m for m in methods if m not in BLOCK_METHODS or block_dlm is not None]
+
+    def settings_of(method: str, gen_length: int) -> dict[str, Any]:
+        if method in BLOCK_METHODS:
+            return sampler_settings(method, gen_length, block_dlm.block_size, "hidden")
+        return sampler_settings(method, gen_length, block, future)
 
     def run(method: str, gen_length: int, todo: list[list[list[int]]]) -> tuple[list[list[int]], int]:
         tokens, nfe = [], 0
@@ -291,8 +357,9 @@ def measure(
             if method == AR:
                 out = ar_generate(dlm, batch, max_new_tokens=gen_length, eos_id=eos, pad_id=pad)
             else:
-                config = SamplerConfig(**sampler_settings(method, gen_length, block, future))
-                out = generate(fast_dlm, batch, config, eos_id=eos, pad_id=pad, seed=0)
+                config = SamplerConfig(**settings_of(method, gen_length))
+                model_of = block_dlm if method in BLOCK_METHODS else fast_dlm
+                out = generate(model_of, batch, config, eos_id=eos, pad_id=pad, seed=0)
             tokens += out.tokens
             nfe += out.nfe
         return tokens, nfe
@@ -312,7 +379,8 @@ def measure(
                     tokens=len(prompt_ids) * gen_length,
                     nfe=nfe,
                     exact_match=exact_match(preds, references),
-                    settings=_short(method, gen_length, block, future),
+                    settings=_short(method, gen_length, *_block_future(method, block_dlm, block, future)),
+                    batches=len(batches),
                 )
                 log(
                     f"G={gen_length:<4} {method:<16} {seconds:7.2f} s  nfe {nfe:<5} EM {100 * m.exact_match:5.1f} %"
@@ -363,7 +431,55 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--out", help="also write the markdown table to this file")
+    p.add_argument(
+        "--block-ckpt",
+        help="a block-diffusion checkpoint (model.block_size) on the same data: adds the 'block:' rows",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=None,
+        help="a subset of the rows (default: all)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=list(METHODS),
+        default=None,
+        help="after the table, run this method once at the largest G under torch.profiler and print a summary",
+    )
     return p.parse_args(argv)
+
+
+# aten ops that are the model's arithmetic; everything else is framework / Python overhead
+COMPUTE_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::matmul",
+    "aten::linear",
+    "aten::_scaled_dot_product",
+    "aten::scaled_dot_product",
+    "aten::baddbmm",
+)
+
+
+def profile_summary(fn: Callable[[], Any], rows: int = 12) -> str:
+    """Run ``fn`` once under torch.profiler (CPU): top ops by self time, and the share of the wall
+    time spent inside matrix products and attention kernels (compute) against everything else."""
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    wall = time.perf_counter() - t0
+    averages = prof.key_averages()
+    compute = sum(e.self_cpu_time_total for e in averages if e.key.startswith(COMPUTE_OPS)) / 1e6
+    ops = sum(e.self_cpu_time_total for e in averages if e.key.startswith("aten::")) / 1e6
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=rows)
+    return (
+        f"{table}\nwall {wall:.2f} s under the profiler; self time in matmul/attention ops {compute:.2f} s "
+        f"({100 * compute / wall:.0f} % of wall); in all aten ops {ops:.2f} s ({100 * ops / wall:.0f} %); "
+        f"the rest is Python, the sampler loop and the profiler itself (torch {torch.__version__})"
+    )
 
 
 def _fail(message: str) -> None:
@@ -407,6 +523,20 @@ def main(argv: Sequence[str] | None = None) -> str:
     if block < 1 or bad:
         _fail(f"--block {block} must be >= 1 and divide every length above it; it does not divide {bad}")
     log(f"block {block}, future blocks {args.future}")
+    block_model = None
+    if args.block_ckpt:
+        if not Path(args.block_ckpt).exists():
+            _fail(
+                f"--block-ckpt {args.block_ckpt!r} does not exist; pass a block model's checkpoints/last.ckpt"
+            )
+        block_model = load_quietly(Path(args.block_ckpt), args.device)
+        if block_model.dlm.block_size is None:
+            _fail(
+                f"--block-ckpt {args.block_ckpt!r} is not a block-diffusion model (its model.block_size is null)"
+            )
+        if block_model.tokenizer.get_vocab() != model.tokenizer.get_vocab():
+            _fail("--block-ckpt was trained with another tokenizer than --ckpt; both must share the data")
+        log(f"block model: {args.block_ckpt} (block size {block_model.dlm.block_size})")
     measurements = measure(
         model,
         prompt_ids,
@@ -418,6 +548,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         merge=not args.no_merge,
         repeats=args.repeats,
         log=log,
+        block_model=block_model,
+        methods=args.methods or METHODS,
     )
     command = "python -m diffllm.bench.sampler " + " ".join(sys.argv[1:] if argv is None else argv)
     report = build_report(
@@ -429,6 +561,25 @@ def main(argv: Sequence[str] | None = None) -> str:
         command=command.strip() + f"  (checkpoint {ckpt})",
         merged=not args.no_merge,
     )
+    if args.profile:
+        target = block_model if args.profile in BLOCK_METHODS else model
+        g = max(args.lengths)
+        with torch.inference_mode():
+            summary = profile_summary(
+                lambda: measure(
+                    model,
+                    prompt_ids,
+                    references,
+                    [g],
+                    batch_size=args.batch_size,
+                    block=block,
+                    future=args.future,
+                    merge=not args.no_merge,
+                    methods=[args.profile],
+                    block_model=block_model if target is block_model else None,
+                )
+            )
+        report += f"\n\nProfile of `{args.profile}` at G={g} (warm-up and timed run):\n\n```\n{summary}\n```"
     print(report, flush=True)
     if args.out:
         Path(args.out).write_text(report + "\n")

@@ -92,7 +92,7 @@ def _weighted_hidden_ce(
     xt, hidden = forward_process(input_ids, answer_mask, schedule.mask_prob(t), dlm.mask_id, generator)
     if not hidden.any():
         return torch.zeros(input_ids.shape[0], device=input_ids.device)
-    logits = dlm.logits_at(xt, hidden, attention_mask, canvas=answer_mask)  # (N, V)
+    logits = dlm.noised_logits(input_ids, xt, hidden, attention_mask, answer_mask)  # (N, V)
     ce = F.cross_entropy(logits.float(), input_ids[hidden], reduction="none")  # (N,)
     rows = hidden.nonzero()[:, 0]
     return _row_sums(ce * schedule.weight(t)[rows], hidden)
@@ -197,8 +197,12 @@ def exact_elbo_nll(
         set_ce = torch.zeros(subsets.shape[0], dtype=torch.float64, device=input_ids.device)  # (M,)
         for lo in range(0, subsets.shape[0], chunk_size):
             sl = slice(lo, lo + chunk_size)
-            logits = dlm.logits_at(
-                xt[sl], hidden[sl], None if mask_b is None else mask_b[sl], canvas=canvas_b[sl]
+            logits = dlm.noised_logits(
+                input_ids[b].expand_as(hidden)[sl],
+                xt[sl],
+                hidden[sl],
+                None if mask_b is None else mask_b[sl],
+                canvas_b[sl],
             )
             ce = F.cross_entropy(
                 logits.float(), input_ids[b].expand_as(hidden)[sl][hidden[sl]], reduction="none"

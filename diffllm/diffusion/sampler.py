@@ -37,6 +37,17 @@ and for the prompt of a prefix-LM model (``model.attention=prefix_lm``: the prom
 the canvas): exact in the first block, whose prefix is the prompt; a later block's prefix holds
 committed answer blocks, which attend to the block being decoded, so there it stays approximate.
 
+Dual KV cache (``cache="dual"``, Fast-dLLM): the same refresh at the start of each block, but the
+keys/values of the later blocks (the suffix) are kept too, so a later step runs only the block
+itself (b + shift positions) against prefix + suffix. Approximate for full attention (both sides
+were computed while the block was masked); the benchmark measures its exact-match cost.
+
+Block-diffusion models (``DiffusionLM.block_size``, ``diffllm.diffusion.blocks``) are decoded in
+their own blocks (``block_length`` null becomes the model's block size) with block-causal
+attention: the prompt, the committed blocks (clean) and the current block, never a later one.
+``cache="block"`` is exact: a committed block's clean keys/values never change, so they are computed
+once, appended, and every later step runs only the current block (``_BlockCausalDenoiser``).
+
 Batch rows never interact: padding is masked out and position ids restart at every row's first
 real token, each row draws from its own ``torch.Generator`` seeded with ``seed``, and a row draws
 nothing at steps where its block is already full, so a row's answer is the one it gets alone.
@@ -70,7 +81,7 @@ class SamplerConfig:
     top_k: int | None = None
     top_p: float | None = None
     threshold: float | None = None  # τ: commit all c_i > τ (at least one) instead of the schedule
-    cache: str = "none"  # "none" | "prefix"
+    cache: str = "none"  # "none" | "prefix" | "dual" (full-attention models) | "block" (block models, exact)
     cfg_scale: float = 0.0  # classifier-free guidance (0 = off)
     eos_penalty: float = 0.0  # subtracted from c_i where x_i is EOS
     # schedule mode: skip a block's remaining steps once no row has a [MASK] in it (a threshold block
@@ -271,17 +282,166 @@ class _Denoiser:
             self.cache.crop(self.start - self.cache.get_seq_length())
         return hidden_states[:, lo - self.shift - start : hi - self.shift - start]
 
-    def logits(
-        self, hidden_states: torch.Tensor, row: int, cols: torch.Tensor, cfg_scale: float
-    ) -> torch.Tensor:
-        """(n, V) float32 logits of one row at block columns ``cols``, CFG applied, [MASK] banned."""
-        logits = self.dlm.lm_head(hidden_states[row, cols]).float()
+    def block_logits(self, hidden_states: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """(B, b, V) float32 logits of every row's block in one LM-head call, CFG applied, [MASK] banned."""
+        logits = self.dlm.lm_head(hidden_states).float()
         if self.guided:
             batch = hidden_states.shape[0] // 2
-            uncond = self.dlm.lm_head(hidden_states[batch + row, cols]).float()
-            logits = uncond + (cfg_scale + 1.0) * (logits - uncond)
-        logits[:, self.dlm.mask_id] = float("-inf")
+            cond, uncond = logits[:batch], logits[batch:]
+            logits = uncond + (cfg_scale + 1.0) * (cond - uncond)
+        logits[..., self.dlm.mask_id] = float("-inf")
         return logits
+
+
+def _unconditional_rows(
+    x: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    mask_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CFG: the rows followed by their unconditional copies (the prompt's real tokens become [MASK])."""
+    uncond = x.clone()
+    prompt = uncond[:, : prompt_mask.shape[1]]
+    prompt[prompt_mask] = mask_id
+    return torch.cat([x, uncond]), torch.cat([attention_mask, attention_mask]), torch.cat([position_ids] * 2)
+
+
+def _drop_columns(cache: DynamicCache, lo: int, hi: int) -> None:
+    """Remove key/value columns [lo, hi) from every layer of ``cache`` (the dual cache's hole)."""
+    for layer in cache.layers:
+        layer.keys = torch.cat([layer.keys[..., :lo, :], layer.keys[..., hi:, :]], dim=-2)
+        layer.values = torch.cat([layer.values[..., :lo, :], layer.values[..., hi:, :]], dim=-2)
+
+
+class _DualCacheDenoiser(_Denoiser):
+    """Dual KV cache (Fast-dLLM): prefix and suffix kept, refreshed once per block.
+
+    The first call of a block runs the whole visible canvas once and keeps the keys/values of every
+    column but the queries' ``[lo - shift, hi)``; later calls run only those b + shift columns on
+    top of them (the cache holds prefix then suffix; RoPE is already in the keys, so only the mask
+    has to follow the new order). Approximate for full attention: the cached prefix and suffix were
+    computed while the block was still masked.
+    """
+
+    def __call__(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, lo: int, hi: int
+    ) -> torch.Tensor:
+        canvas = self.canvas[:, : x.shape[1]]
+        if self.guided:
+            x, attention_mask, position_ids = _unconditional_rows(
+                x, attention_mask, position_ids, self.prompt_mask, self.dlm.mask_id
+            )
+            canvas = torch.cat([canvas, canvas])
+        q_lo = lo - self.shift
+        if self.cache is None:  # refresh: the whole canvas, then cut the block's columns out
+            self.cache = DynamicCache(config=self.dlm.base.config)
+            hidden = self.dlm.hidden_states(
+                x, attention_mask, canvas, position_ids=position_ids, cache=self.cache, use_cache=True
+            )
+            _drop_columns(self.cache, q_lo, hi)
+            return hidden[:, q_lo : hi - self.shift]
+        order = torch.cat([torch.arange(q_lo), torch.arange(hi, x.shape[1]), torch.arange(q_lo, hi)])
+        order = order.to(x.device)  # key order: cached prefix, cached suffix, then the new columns
+        kept = self.cache.get_seq_length()
+        hidden = self.dlm.hidden_states(
+            x[:, q_lo:hi],
+            attention_mask[:, order],
+            canvas[:, order],  # model.attention decides its use (prefix_lm: the prompt skips it)
+            position_ids=position_ids[:, q_lo:hi],
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.cache.crop(kept - self.cache.get_seq_length())
+        return hidden[:, : hi - lo]
+
+
+class _BlockCausalDenoiser(_Denoiser):
+    """The denoiser of a block-diffusion model (``DiffusionLM.block_size``): block-causal attention.
+
+    The model sees the prompt, the committed blocks (clean) and the current block (noised), never a
+    later block. Without a cache every call runs all of that with the block-causal mask. With
+    ``cache="block"`` (exact): a committed block's clean keys/values never change, so they are
+    computed once, in the first call of the next block, which runs [the newly committed block
+    (clean), the current block (noised)] together on top of the cache; every later call of a block
+    runs the current block alone. With shift the first position of a block is predicted from the
+    hidden state of the last clean column before it, kept from the call that computed it.
+    """
+
+    def __init__(
+        self, dlm: nn.Module, config: SamplerConfig, prompt_mask: torch.Tensor, canvas: torch.Tensor
+    ) -> None:
+        super().__init__(dlm, config, prompt_mask, canvas)
+        self.use_cache = config.cache == "block"
+        self.block_size = int(dlm.block_size)
+        self.cached = 0  # columns whose clean keys/values are in the cache
+        self.source: torch.Tensor | None = None  # (B', H) hidden state of column cached - 1
+
+    def new_block(self) -> None:  # the cache lives across blocks
+        pass
+
+    def __call__(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, lo: int, hi: int
+    ) -> torch.Tensor:
+        x, attention_mask, position_ids = x[:, :hi], attention_mask[:, :hi], position_ids[:, :hi]
+        canvas = self.canvas[:, :hi]
+        if self.guided:
+            x, attention_mask, position_ids = _unconditional_rows(
+                x, attention_mask, position_ids, self.prompt_mask, self.dlm.mask_id
+            )
+            canvas = torch.cat([canvas, canvas])
+        start = self.cached if self.use_cache else 0
+        kwargs: dict = {"use_cache": False}
+        if self.use_cache:
+            if self.cache is None:
+                self.cache = DynamicCache(config=self.dlm.base.config)
+            kwargs = {"cache": self.cache, "use_cache": True}
+        # model.attention=block_causal builds the mask of the queries [start, hi) over the keys [0, hi)
+        hidden = self.dlm.hidden_states(
+            x[:, start:], attention_mask, canvas, position_ids=position_ids[:, start:], **kwargs
+        )  # (B', hi - start, H)
+        if self.use_cache:
+            self.cache.crop(lo - self.cache.get_seq_length())  # keep the clean columns only
+            if start < lo:
+                self.source = hidden[:, lo - 1 - start]
+            self.cached = lo
+        if not self.shift:
+            return hidden[:, lo - start :]
+        if start < lo:
+            return hidden[:, lo - 1 - start : hi - 1 - start]
+        return torch.cat([self.source[:, None], hidden[:, : hi - lo - 1]], dim=1)
+
+
+def block_config(config: SamplerConfig, block_size: int | None) -> SamplerConfig:
+    """A block model decodes its own blocks: ``block_length`` null becomes ``block_size``; another refused."""
+    if block_size is None or config.block_length == block_size:
+        return config
+    if config.block_length is not None:
+        raise ValueError(
+            f"sampler.block_length={config.block_length} differs from the model's block_size={block_size}: a "
+            f"block-diffusion model decodes the blocks it was trained on; set sampler.block_length=null or {block_size}"
+        )
+    return dataclasses.replace(config, block_length=block_size)
+
+
+def make_denoiser(
+    dlm: nn.Module, config: SamplerConfig, prompt_mask: torch.Tensor, canvas: torch.Tensor
+) -> _Denoiser:
+    """The denoiser for this model and ``config.cache``; refuses a cache the model cannot use."""
+    block_model = getattr(dlm, "block_size", None) is not None
+    if block_model != (config.cache == "block") and config.cache != "none":
+        fix = "cache=block (exact) or cache=none" if block_model else "cache=prefix, dual or none"
+        kind = (
+            f"a block-diffusion model (block_size={dlm.block_size})"
+            if block_model
+            else "a full-attention model"
+        )
+        raise ValueError(f"sampler cache={config.cache!r} does not fit {kind}; use {fix}")
+    if block_model:
+        return _BlockCausalDenoiser(dlm, config, prompt_mask, canvas)
+    if config.cache == "dual":
+        return _DualCacheDenoiser(dlm, config, prompt_mask, canvas)
+    return _Denoiser(dlm, config, prompt_mask, canvas)
 
 
 @torch.no_grad()
@@ -302,6 +462,7 @@ def generate(
     ``prompts`` are token-id lists of any lengths; ``pad_id`` only fills the left padding, which the
     attention mask hides (None = use ``eos_id``, as for LLaMA tokenizers without a pad token).
     """
+    config = block_config(config, getattr(dlm, "block_size", None))
     strategy = STRATEGIES[config.strategy]
     sampling = config.sampling
     device = _device(dlm)
@@ -319,7 +480,7 @@ def generate(
     generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(batch)]
     trajectories = [Trajectory(list(p), mask_id) for p in prompts] if record_trajectory else None
     canvas = (torch.arange(width + gen) >= width).expand(batch, -1).to(device)  # (B, P + G)
-    denoise = _Denoiser(dlm, config, prompt_mask.to(device), canvas)
+    denoise = make_denoiser(dlm, config, prompt_mask.to(device), canvas)
     block_len, steps_per_block = config.resolved_block_length, config.steps_per_block
     nfe_per_step = 2 if config.cfg_scale > 0 else 1
     steps_taken = 0
@@ -343,13 +504,16 @@ def generate(
                     break
                 end = hi if config.future_blocks == "hidden" else x.shape[1]
                 hidden_states = denoise(x[:, :end], attention_mask[:, :end], position_ids[:, :end], lo, hi)
+                block_logits = denoise.block_logits(
+                    hidden_states, config.cfg_scale
+                )  # (B, b, V) one head call
                 steps_taken += 1
                 last = steps_per_block is not None and step == steps_per_block - 1
                 for row in range(batch):
                     if not active[row]:
                         continue  # no draw from this row's generator: it would not step alone
                     cols = masked[row].nonzero().squeeze(-1)  # (n,) block columns still masked
-                    logits = denoise.logits(hidden_states, row, cols, config.cfg_scale)  # (n, V)
+                    logits = block_logits[row, cols]  # (n, V)
                     confidence, tokens = strategy(logits, sampling, generators[row])  # (n,), (n,)
                     confidence = confidence - config.eos_penalty * (tokens == eos_id).double()
                     if schedule is None:

@@ -6,6 +6,9 @@ query i and a key j, given the answer canvas (``canvas``, True on answer positio
     causal         j <= i
     bidirectional  always
     prefix_lm      canvas[i] or not canvas[j]   (the prompt never sees the canvas; the canvas sees all)
+    block_causal   the prompt causal; answer blocks of ``block_size``: the block being denoised (the
+                   last key's) sees the prompt, the earlier (clean) blocks and itself; a clean block
+                   sees the prompt and the clean blocks up to itself (``diffllm.diffusion.blocks``)
 
 ``may_attend`` builds the whole (B, Lq, Lk) pattern in one place: padding AND the mode AND an
 optional extra constraint (attention-mask annealing's draw); ``custom_attention_mask`` converts it
@@ -36,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask
+
+from diffllm.diffusion.blocks import block_causal_pattern
 
 
 def _configs(model: nn.Module) -> list:
@@ -170,6 +175,14 @@ def _prefix_lm(canvas: torch.Tensor, num_queries: int, **_: Any) -> torch.Tensor
     return query_canvas[:, :, None] | ~canvas[:, None, :]  # (B, Lq, Lk)
 
 
+def _block_causal(
+    canvas: torch.Tensor, num_queries: int, block_size: int | None = None, **_: Any
+) -> torch.Tensor:
+    if block_size is None:
+        raise ValueError("model.attention=block_causal needs model.block_size (e.g. 4)")
+    return block_causal_pattern(canvas, num_queries, block_size)  # (B, Lq, Lk)
+
+
 # mode -> fn(canvas (B, Lk) bool, num_queries, **options) -> "may attend" (B or 1, Lq, Lk) bool,
 # padding left out (``may_attend`` adds it). A new mode (block_causal) is one more entry here; its
 # options (e.g. block_size) come from ``DiffusionLM.attention_options``.
@@ -177,6 +190,9 @@ ATTENTION_MODES: dict[str, Callable[..., torch.Tensor]] = {
     "causal": _causal,
     "bidirectional": _bidirectional,
     "prefix_lm": _prefix_lm,
+    # the prompt causal, answer blocks of block_size: a block sees the clean blocks before it and
+    # itself (diffllm.diffusion.blocks; trained on the two-copy layout, DiffusionLM.noised_logits)
+    "block_causal": _block_causal,
 }
 
 # Modes the model builds itself from a (B, L) padding mask, with the value of the ``is_causal``

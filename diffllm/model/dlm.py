@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffllm.diffusion.blocks import two_copy_layout, two_copy_sources
 from diffllm.model.attention import (
     NATIVE_MODES,
     attention_switch,
@@ -72,6 +73,17 @@ class DiffusionLM(nn.Module):
         self.shift = bool(shift)
         self.attention = check_attention_mode(attention)
         self.attention_options = dict(attention_options or {})
+        if self.attention == "block_causal":
+            size = self.attention_options.get("block_size")
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(
+                    f"model.attention=block_causal needs model.block_size, a positive integer; got {size!r}"
+                )
+
+    @property
+    def block_size(self) -> int | None:
+        """The block size of a block-diffusion model (``attention == "block_causal"``), else None."""
+        return self.attention_options["block_size"] if self.attention == "block_causal" else None
 
     @property
     def base(self) -> nn.Module:
@@ -194,6 +206,41 @@ class DiffusionLM(nn.Module):
                 input_ids, attention_mask, canvas, attention=attention, extra_mask=extra_mask
             )
         return self.lm_head(hidden_states[source_positions(targets, self.shift)])
+
+    def noised_logits(
+        self,
+        x0: torch.Tensor,
+        xt: torch.Tensor,
+        targets: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        answer_mask: torch.Tensor,
+        *,
+        extra_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(N, V) predictions at the N True ``targets`` (B, L) of the noised rows ``xt``, row-major.
+
+        The denoising forward of training and of the bound. Every mode but ``block_causal``: one pass
+        over ``xt`` (``logits_at``). A block model: one pass over the two-copy sequence (clean ``x0``
+        then the noised answer, ``diffllm.diffusion.blocks``), the logits read at
+        ``two_copy_sources`` (the first token of a block from the clean copy of the token before it).
+        """
+        if self.block_size is None:
+            return self.logits_at(xt, targets, attention_mask, canvas=answer_mask, extra_mask=extra_mask)
+        if extra_mask is not None:
+            raise ValueError(
+                "model.attention=block_causal does not compose with attention annealing (its mask is "
+                "over the two-copy layout); set anneal=none"
+            )
+        layout = two_copy_layout(x0, xt, attention_mask, answer_mask, self.block_size)
+        hidden = self.hidden_states(
+            layout.input_ids,
+            layout.key_ok.long(),
+            attention="bidirectional",  # every constraint is in the layout's block-causal pattern
+            extra_mask=layout.allowed,
+            position_ids=layout.position_ids,
+        )  # (B, L + A, H)
+        sources = two_copy_sources(answer_mask, targets, self.block_size, self.shift, x0.shape[1])
+        return self.lm_head(hidden.flatten(0, 1)[sources])
 
 
 @contextmanager

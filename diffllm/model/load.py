@@ -253,6 +253,18 @@ def check_attention(attention: str, attn_implementation: str) -> None:
         )
 
 
+def attention_options(attention: str, block_size: int | None) -> dict[str, Any]:
+    """The mode's options from the model node: ``block_size`` belongs to ``block_causal`` alone."""
+    if attention == "block_causal":
+        return {"block_size": block_size}
+    if block_size is not None:
+        raise ValueError(
+            f"model.block_size={block_size} is read only by model.attention=block_causal (attention is "
+            f"{attention!r}); set model.attention=block_causal or model.block_size=null"
+        )
+    return {}
+
+
 def build_diffusion_model(
     pretrained: str,
     lora: Mapping[str, Any] | None,
@@ -260,6 +272,7 @@ def build_diffusion_model(
     shift: bool = True,
     attention: str | None = None,
     prefix_lm: bool | None = None,
+    block_size: int | None = None,
     attn_implementation: str = "sdpa",
     dtype: str = "float32",
     mask_token: Mapping[str, Any] | None = None,
@@ -297,7 +310,14 @@ def build_diffusion_model(
         enable_checkpointing(model)
     if lora is not None:
         model = apply_lora(model, lora, mask_id=mask_id, train_mask_row=train_mask_row)
-    return DiffusionLM(model, mask_id=mask_id, shift=shift, attention=attention), tokenizer
+    dlm = DiffusionLM(
+        model,
+        mask_id=mask_id,
+        shift=shift,
+        attention=attention,
+        attention_options=attention_options(attention, block_size),
+    )
+    return dlm, tokenizer
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -323,6 +343,7 @@ def build_from_config(
     shift: bool = True,
     attention: str | None = None,
     prefix_lm: bool | None = None,
+    block_size: int | None = None,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     **_: Any,
@@ -342,7 +363,13 @@ def build_from_config(
     set_bidirectional(model)
     if lora is not None:
         model = apply_lora(model, lora, mask_id=mask_id, train_mask_row=train_mask_row)
-    return DiffusionLM(model, mask_id=mask_id, shift=shift, attention=attention)
+    return DiffusionLM(
+        model,
+        mask_id=mask_id,
+        shift=shift,
+        attention=attention,
+        attention_options=attention_options(attention, block_size),
+    )
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
