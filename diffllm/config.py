@@ -30,6 +30,9 @@ def register_resolvers() -> None:
     """Idempotent: the resolvers the config tree uses."""
     OmegaConf.register_new_resolver("asset", asset_path, replace=True)
     OmegaConf.register_new_resolver("smollm2", smollm2_path, replace=True)
+    from diffllm.run_folder import fresh_dir  # the default run folder: claimed, never shared
+
+    OmegaConf.register_new_resolver("fresh_dir", fresh_dir, replace=True)
 
 
 def prepare_assets(cfg: DictConfig) -> None:
