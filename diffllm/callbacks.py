@@ -39,6 +39,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from typing_extensions import override
 
+from diffllm.lit_module import VAL_METRICS
+
 
 def _embedding_param_ids(model: nn.Module) -> set[int]:
     """ids of the parameters of every input / output embedding inside ``model`` (tied ones once)."""
@@ -230,8 +232,6 @@ class BestCheckpoint(ModelCheckpoint):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._monitor_from_module:
-            from diffllm.lit_module import VAL_METRICS
-
             self.monitor = VAL_METRICS[pl_module.objective.role]
         super().setup(trainer, pl_module, stage)
 

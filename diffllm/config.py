@@ -7,6 +7,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from diffllm.run_folder import fresh_dir
+
 # ``diffllm/conf`` is a link to the top-level ``conf/`` in a checkout (editable install) and a copy of
 # it inside a wheel (package data), so every CLI finds its configs from any directory either way.
 CONF_DIR = (Path(__file__).resolve().parent / "conf").resolve()
@@ -30,8 +32,7 @@ def register_resolvers() -> None:
     """Idempotent: the resolvers the config tree uses."""
     OmegaConf.register_new_resolver("asset", asset_path, replace=True)
     OmegaConf.register_new_resolver("smollm2", smollm2_path, replace=True)
-    from diffllm.run_folder import fresh_dir  # the default run folder: claimed, never shared
-
+    # the default run folder (hydra.run.dir): claimed, never shared
     OmegaConf.register_new_resolver("fresh_dir", fresh_dir, replace=True)
 
 

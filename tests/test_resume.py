@@ -18,7 +18,7 @@ import yaml
 from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from diffllm.bench.resume import compare
+from diffllm.bench.kill_resume import compare
 from diffllm.config import compose
 from diffllm.data.order import PassOrder, ResumableLoader, ResumableSampler
 from diffllm.run_folder import RunFolderError, check_run_folder, fresh_dir, write_config
