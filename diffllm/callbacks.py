@@ -1,5 +1,11 @@
 """Training callbacks of the ``callbacks`` config group that Lightning does not ship.
 
+Checkpoints that survive: ``PeriodicCheckpoint`` (every N optimizer steps, and ``last.ckpt``
+current whenever training stops), ``BestCheckpoint`` (``best.ckpt`` by the objective's own
+validation NLL), ``StopOnSignal`` (SIGTERM/SIGINT: checkpoint at the next step boundary, exit
+128 + signal), ``NonFiniteGuard`` (a NaN/inf step is skipped and counted; N in a row stop the run).
+Every checkpoint goes through the Trainer's ``diffllm.trainer.AtomicCheckpointIO``.
+
 ``TokenThroughput`` logs what a GPU run is judged by: tokens/s (every position of the padded
 batch, what the GPU computes), non-pad tokens/s (what the data holds), the padding fraction and
 the model-FLOPs utilisation (MFU) against the device's peak: non-pad tokens/s x FLOPs per token /
@@ -19,6 +25,9 @@ model's FLOPs, not the hardware's).
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -26,8 +35,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from typing_extensions import override
+
+from diffllm.lit_module import VAL_METRICS
 
 
 def _embedding_param_ids(model: nn.Module) -> set[int]:
@@ -147,3 +159,238 @@ class TokenThroughput(L.Callback):
         if not trainer.sanity_checking and hasattr(self, "_val_t0"):
             self._sync(trainer)
             self._paused += time.perf_counter() - self._val_t0
+
+
+# -- checkpoints that survive ---------------------------------------------------------------------
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` every ``every_n_train_steps`` optimizer steps whose ``last.ckpt`` is current
+    whenever training stops.
+
+    Lightning writes ``last`` with every periodic checkpoint but, when training ends, only if it
+    never wrote one before: a run of 600 steps checkpointed every 200 would end with ``last`` at a
+    step it already had. This also writes ``last`` at the end of training (and so after a
+    signal stop) whenever the newest checkpoint is older than the current step.
+    ``save_top_k``: -1 keeps every step checkpoint, 1 only the newest. (No ``monitor``: with one,
+    Lightning defers a save due at an epoch's last batch to the next validation, under a later
+    step's name.)
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_train_steps: int,
+        save_top_k: int = -1,
+        filename: str = "{step:06d}",
+        save_last: bool = True,
+    ) -> None:
+        if save_top_k not in (-1, 1):
+            raise ValueError(
+                f"callbacks.checkpoint.save_top_k={save_top_k!r} must be -1 (keep every step checkpoint) "
+                "or 1 (only the newest)"
+            )
+        if int(every_n_train_steps) != every_n_train_steps or every_n_train_steps < 1:
+            raise ValueError(
+                f"callbacks.checkpoint.every_n_train_steps={every_n_train_steps!r} must be a whole number >= 1"
+            )
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            save_top_k=save_top_k,
+            every_n_train_steps=int(every_n_train_steps),
+            save_last=save_last,
+            save_on_train_epoch_end=False,
+        )
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's own rule (write `last` only if none was written) leaves it stale
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``best.ckpt``: the checkpoint of the best validation, by ``monitor`` (lower is better).
+
+    monitor: a logged metric; ``None`` picks the objective's own NLL (``val/nll_bound`` for the
+    diffusion objective, ``val/ar_sft_nll`` for ``objective=ar``), which is known at ``setup``.
+    """
+
+    def __init__(self, dirpath: str, monitor: str | None = None, filename: str = "best") -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            mode="min",
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        )
+        self._monitor_from_module = monitor is None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._monitor_from_module:
+            self.monitor = VAL_METRICS[pl_module.objective.role]
+        super().setup(trainer, pl_module, stage)
+
+
+class Interrupted(Exception):
+    """A signal stopped training after its checkpoint was written; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, signum: int, step: int, path: str | None) -> None:
+        self.signum, self.step, self.path = signum, step, path
+        self.exit_code = 128 + signum
+        where = f"checkpoint {path}; resume with ckpt_path={path}" if path else "no checkpoint path"
+        super().__init__(f"{signal.Signals(signum).name} at optimizer step {step}: stopped, {where}")
+
+
+class StopOnSignal(L.Callback):
+    """SIGTERM (SLURM preemption, ``docker stop``, ``kill``) and SIGINT (Ctrl+C) stop training at the
+    next optimizer-step boundary, write ``path`` and end the run with exit code 128 + signal.
+
+    Lightning's own SIGTERM handling stops after any micro-batch, writes nothing unless told, and
+    exits 0 (its ``SIGTERMException`` is a ``SystemExit`` without a code), so a scheduler records a
+    success. This replaces Lightning's SIGTERM handler while training runs (Lightning restores the
+    original handlers when ``fit`` ends) and decides with all ranks at each step boundary (one
+    boolean all-reduce), so every rank stops after the same step. The checkpoint is taken at the
+    step boundary, where a resume is exact (no half-accumulated gradient is lost). A second SIGINT
+    falls back to Python's KeyboardInterrupt (Lightning then exits 1 without a checkpoint).
+
+    Under SLURM, requeueing is Lightning's alone (``SLURMEnvironment``: USR1 before the time
+    limit writes an hpc checkpoint into the run folder and requeues the job); this callback never
+    requeues.
+    """
+
+    def __init__(self, path: str, signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGINT")) -> None:
+        super().__init__()
+        self.path = str(path)
+        try:
+            self.signals = [signal.Signals[name] for name in signals]
+        except KeyError as err:
+            raise ValueError(
+                f"callbacks.signals.signals={list(signals)!r}: {err.args[0]!r} is not a signal name "
+                "(use e.g. SIGTERM, SIGINT, SIGUSR2)"
+            ) from None
+        self.received: int | None = None
+        self.stopped: Interrupted | None = None
+        self._previous: dict[int, Any] = {}
+        self._last_step = -1
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl+C: out now
+        self.received = signum
+        print(
+            f"\n{signal.Signals(signum).name} received: stopping after the current optimizer step",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received, self.stopped, self._last_step = None, None, trainer.global_step
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
+        if not stepped:
+            return  # mid-accumulation: a checkpoint here would lose the partial gradient
+        local = self.received is not None
+        if not trainer.strategy.reduce_boolean_decision(local, all=False):
+            return
+        signum = trainer.strategy.broadcast(self.received if local else signal.SIGTERM)
+        trainer.save_checkpoint(self.path)
+        self.stopped = Interrupted(int(signum), trainer.global_step, self.path)
+        trainer.should_stop = True
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.received is not None and self.stopped is None:  # came after the last step boundary
+            trainer.save_checkpoint(self.path)
+            self.stopped = Interrupted(self.received, trainer.global_step, self.path)
+        self._restore()
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+# -- numerics -------------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteGuard(L.Callback):
+    """Skips every optimizer step whose loss or gradient is not finite; stops after
+    ``max_consecutive`` such steps in a row.
+
+    Runs in ``on_before_optimizer_step``, after the backward of the step's last micro-batch (and
+    DDP's gradient all-reduce) and before the update: if the step's loss (the module's
+    ``normaliser`` sums, every rank) or any gradient is NaN/inf, every gradient is dropped, so
+    AdamW leaves the weights and its moments untouched (the step still counts toward
+    ``max_steps`` and the LR schedule, as a skipped fp16 GradScaler step does). Logs
+    ``train/nonfinite_steps`` (the run's total, kept in checkpoints). Costs one host sync per step.
+    """
+
+    def __init__(self, max_consecutive: int = 5) -> None:
+        super().__init__()
+        if int(max_consecutive) != max_consecutive or max_consecutive < 1:
+            raise ValueError(
+                f"callbacks.numerics.max_consecutive={max_consecutive!r} must be a whole number >= 1"
+            )
+        self.max_consecutive = int(max_consecutive)
+        self.skipped = 0  # steps skipped in the whole run
+        self.consecutive = 0  # ... in a row, up to now
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        checks = [p.grad.isfinite().all() for p in params]
+        totals = getattr(getattr(pl_module, "normaliser", None), "totals", None)
+        if totals is not None:
+            checks.append(totals.isfinite().all())
+        local_bad = bool(checks) and not bool(torch.stack([c.to(checks[0].device) for c in checks]).all())
+        bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False)
+        if bad:
+            for p in params:
+                p.grad = None
+            self.skipped += 1
+            self.consecutive += 1
+        else:
+            self.consecutive = 0
+        pl_module.log("train/nonfinite_steps", float(self.skipped), on_step=True, on_epoch=False)
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteLossError(
+                f"{self.consecutive} optimizer steps in a row had a non-finite loss or gradient (up to "
+                f"step {trainer.global_step + 1}; {self.skipped} skipped in all): stopped. No checkpoint "
+                "holds non-finite weights; lower optimizer.lr, check the data, or raise "
+                "callbacks.numerics.max_consecutive"
+            )
+
+    @override
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.consecutive = int(state_dict.get("consecutive", 0))

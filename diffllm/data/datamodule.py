@@ -28,12 +28,11 @@ from typing import Any
 
 import datasets
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from diffllm.data.collate import Collator
+from diffllm.data.order import ResumableLoader, ResumableSampler
 from diffllm.data.reader import (
     SOURCE_FILE,
     SOURCE_LINE,
@@ -354,32 +353,47 @@ class AlpacaDataModule(L.LightningDataModule):
         return out
 
     # -- loaders --------------------------------------------------------------------------------
-    def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        cols = ds.with_format(columns=["input_ids", "answer_mask", "score_mask"])
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        sampler = None
-        if shuffle and self.hparams.group_by_length:
-            # transformers' length grouping: a seeded permutation cut into mega-batches of 50 batches,
-            # each sorted by length, so a batch holds rows of similar length (little padding) while the
-            # order stays random across mega-batches. The generator advances: a new order every epoch.
-            sampler = LengthGroupedSampler(batch_size, lengths=ds["length"][:], generator=generator)
-            shuffle, generator = False, None
+    def _loader(self, ds: datasets.Dataset, batch_size: int) -> DataLoader:
+        """The fixed-order loader (validation): never shuffled, never length-grouped."""
         return DataLoader(
-            cols,
+            ds.with_format(columns=["input_ids", "answer_mask", "score_mask"]),
             batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
+            shuffle=False,
             collate_fn=self.collate,
             num_workers=self.hparams.num_workers,
-            generator=generator,
             persistent_workers=self.hparams.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_ds, self.hparams.batch_size, shuffle=True)
+        """The training order of ``diffllm.data.order``: a pure function of (seed, pass), split over
+        the ranks, resumable at any batch (its position is checkpointed with the loops).
+
+        ``group_by_length``: transformers' length grouping (a seeded permutation cut into
+        mega-batches of 50 global batches, each sorted by length), so a batch holds rows of similar
+        length (little padding) while the order stays random across mega-batches.
+        """
+        hp, ds = self.hparams, self.train_ds
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(
+            len(ds),
+            hp.batch_size,
+            seed=hp.seed,
+            lengths=ds["length"][:] if hp.group_by_length else None,
+            num_replicas=world,
+            rank=rank,
+        )
+        consumed = (lambda: trainer.fit_loop.total_batch_idx + 1) if trainer is not None else None
+        return ResumableLoader(
+            ds.with_format(columns=["input_ids", "answer_mask", "score_mask"]),
+            batch_size=hp.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            consumed=consumed,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Fixed order (never length-grouped), so ``evaluate`` reproduces ``val/nll_bound``."""
-        return self._loader(
-            self.val_ds, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False
-        )
+        return self._loader(self.val_ds, self.hparams.eval_batch_size or self.hparams.batch_size)
