@@ -13,6 +13,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -63,6 +64,15 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
     return {"trainable_line": line, "mask_id": dlm.mask_id}
 
 
+def build_module(node: DictConfig) -> L.LightningModule:
+    """``instantiate(cfg.module)``, re-raising the module's own error (a ``ConfigError`` naming a key,
+    a ``ModelLoadError``) rather than Hydra's wrapper, so ``main`` prints it as one line."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        raise (err.__cause__ or err) from None
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the diffusion model described by ``cfg``; returns (metrics, {module, datamodule, trainer})."""
     started = time.perf_counter()
@@ -77,7 +87,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_lengths(to_plain(cfg.model), cfg.data, cfg.sampler)  # the model's config.json only
     write_config(out_dir, cfg, rank=rank_zero_only.rank)  # before the model and the data load
     L.seed_everything(cfg.seed, workers=True)
-    module = instantiate(cfg.module)  # DiffusionLitModule from its nodes (_recursive_: false)
+    module = build_module(cfg.module)  # DiffusionLitModule from its nodes (_recursive_: false)
     datamodule = instantiate(cfg.data, tokenizer=module.tokenizer)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb is not None]

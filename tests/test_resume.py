@@ -211,11 +211,10 @@ def _no_model(*args, **kwargs):
 
 
 def test_train_refuses_a_used_folder_before_loading_anything(tmp_path, monkeypatch):
-    import diffllm.train as lm
 
     out = tmp_path / "run"
     write_config(out, {"seed": 0})
-    monkeypatch.setattr(lm, "DiffusionLitModule", _no_model)
+    monkeypatch.setattr("diffllm.lit_module.DiffusionLitModule", _no_model)
     with pytest.raises(RunFolderError, match="already holds another run"):
         train(compose(TINY_RUN + [f"output_dir={out}"]))
     assert yaml.safe_load((out / "config.yaml").read_text()) == {"seed": 0}  # untouched
@@ -223,10 +222,9 @@ def test_train_refuses_a_used_folder_before_loading_anything(tmp_path, monkeypat
 
 def test_config_yaml_is_written_before_the_model_loads_even_into_a_new_folder(tmp_path, monkeypatch):
     """It used to be saved only if the folder already existed, and after the model loaded."""
-    import diffllm.train as lm
 
     out = tmp_path / "not" / "there" / "yet"
-    monkeypatch.setattr(lm, "DiffusionLitModule", _no_model)
+    monkeypatch.setattr("diffllm.lit_module.DiffusionLitModule", _no_model)
     with pytest.raises(Loaded):
         train(compose(TINY_RUN + [f"output_dir={out}", "seed=7"]))
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -238,10 +236,9 @@ def test_config_yaml_is_written_before_the_model_loads_even_into_a_new_folder(tm
 
 
 def test_a_gpu_experiment_on_a_machine_without_one_names_trainer_cpu(tmp_path, monkeypatch):
-    import diffllm.train as lm
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(lm, "DiffusionLitModule", _no_model)
+    monkeypatch.setattr("diffllm.lit_module.DiffusionLitModule", _no_model)
     with pytest.raises(
         NoAcceleratorError, match=r"^trainer.accelerator=gpu .* add trainer=cpu to the command$"
     ):
