@@ -541,41 +541,17 @@ def evaluate_multirun(folder: str | Path, **kwargs: Any) -> tuple[dict[str, dict
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The CLI body (``conf/evaluate.yaml``); ``sampler.*`` keys left at ??? keep the checkpoint's value."""
-    overrides = set_keys(cfg.sampler)
-    path = Path(cfg.ckpt_path)
-    if path.is_dir() and multirun_jobs(path):  # a multirun folder: every job, then one table
-        results, table = evaluate_multirun(
-            path,
-            data_path=cfg.data_path,
-            rows=cfg.rows,
-            gen_rows=cfg.gen_rows,
-            device=cfg.device,
-            seed=cfg.seed,
-            batch_size=cfg.batch_size,
-            gen_batch_size=cfg.gen_batch_size,
-            likelihood=OmegaConf.to_container(cfg.likelihood),
-            sampler=overrides,
-            steps_grid=None if cfg.steps_grid is None else list(cfg.steps_grid),
-            ar_baseline=cfg.ar_baseline,
-            ar_ckpt_path=cfg.ar_ckpt_path,
-            progress=cfg.progress,
-            order_nll=cfg.order_nll,
-            quality_cfg=OmegaConf.to_container(cfg.quality),
-        )
-        print("\n" + format_comparison(results) + f"\n\n  comparison.md      {table}", flush=True)
-        return {"jobs": results, "comparison": str(table)}
-    result = evaluate(
-        cfg.ckpt_path,
+    # the same arguments for one checkpoint and for every job of a multirun folder
+    kwargs: dict[str, Any] = dict(
         data_path=cfg.data_path,
         rows=cfg.rows,
         gen_rows=cfg.gen_rows,
-        out_dir=cfg.out_dir,
         device=cfg.device,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         gen_batch_size=cfg.gen_batch_size,
         likelihood=OmegaConf.to_container(cfg.likelihood),
-        sampler=overrides,
+        sampler=set_keys(cfg.sampler),
         steps_grid=None if cfg.steps_grid is None else list(cfg.steps_grid),
         ar_baseline=cfg.ar_baseline,
         ar_ckpt_path=cfg.ar_ckpt_path,
@@ -585,6 +561,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         order_nll=cfg.order_nll,
         quality_cfg=OmegaConf.to_container(cfg.quality),
     )
+    path = Path(cfg.ckpt_path)
+    if path.is_dir() and multirun_jobs(path):  # a multirun folder: every job, then one table
+        results, table = evaluate_multirun(path, **kwargs)
+        print("\n" + format_comparison(results) + f"\n\n  comparison.md      {table}", flush=True)
+        return {"jobs": results, "comparison": str(table)}
+    result = evaluate(cfg.ckpt_path, out_dir=cfg.out_dir, **kwargs)
     print("\n" + format_report(result), flush=True)
     cols = [k for k in ("diffusion", "ar_sft", "ar") if f"{k}_bleu" in result]
     print(f"  {'BLEU-4 (corpus)':26s}" + "".join(f"{result[f'{k}_bleu']:>18.3f}" for k in cols), flush=True)
