@@ -139,8 +139,8 @@ TINY_AR_RUN = TINY_RUN + [
 @pytest.fixture(scope="session")
 def tiny_ar_run(tmp_path_factory):
     """(run folder, last.ckpt path, metrics, objects) of a short objective=ar run (about 10 s)."""
-    from diffllm.config import compose
-    from diffllm.train import train
+    from diffllm.config.resolvers import compose
+    from diffllm.training.run import train
 
     out = tmp_path_factory.mktemp("tiny_ar_run")
     metrics, objects = train(compose(TINY_AR_RUN + [f"output_dir={out}"]))
@@ -151,8 +151,8 @@ def tiny_ar_run(tmp_path_factory):
 def tiny_run(tmp_path_factory, tiny_ar_run):
     """(run folder, last.ckpt path, metrics) of a short embedded-default run; its report carries the
     AR-SFT row of ``tiny_ar_run`` (report.ar_ckpt_path), as ``make train`` does."""
-    from diffllm.config import compose
-    from diffllm.train import train
+    from diffllm.config.resolvers import compose
+    from diffllm.training.run import train
 
     out = tmp_path_factory.mktemp("tiny_run")
     metrics, _ = train(compose(TINY_RUN + [f"output_dir={out}", f"report.ar_ckpt_path={tiny_ar_run[1]}"]))

@@ -27,8 +27,8 @@ STEPS = 2
 
 def build_module(overrides: list[str] | None = None, cls: type | None = None):
     """The embedded default, LoRA dropout 0 (its masks are not keyed per row), seeded init."""
-    from diffllm.config import compose
-    from diffllm.lit_module import DiffusionLitModule
+    from diffllm.config.resolvers import compose
+    from diffllm.training.module import DiffusionLitModule
 
     cfg = compose(["lora.lora_dropout=0", "output_dir=unused"] + (overrides or []))
     torch.manual_seed(0)
@@ -71,7 +71,7 @@ def rank_micro_batches(
 
 def probe_class():
     """The module, recording what the optimizer receives (after the global normalisation)."""
-    from diffllm.lit_module import DiffusionLitModule
+    from diffllm.training.module import DiffusionLitModule
 
     class Probe(DiffusionLitModule):
         def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

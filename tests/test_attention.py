@@ -195,8 +195,8 @@ def test_validation_inside_annealing_is_reproducible(tmp_path):
     validation generator), and the draw matters (after annealing the loss differs)."""
     from hydra.utils import instantiate
 
-    from diffllm.config import compose
-    from diffllm.lit_module import DiffusionLitModule
+    from diffllm.config.resolvers import compose
+    from diffllm.training.module import DiffusionLitModule
 
     overrides = ["anneal=linear", "anneal.steps=10", "data.limit_val_rows=8", "data.eval_batch_size=4"]
     cfg = compose(overrides + ["val_likelihood.num_samples=1", f"output_dir={tmp_path}"])
@@ -232,7 +232,7 @@ def _old_style_model_node(node: dict, prefix_lm: bool) -> dict:
 
 @pytest.mark.parametrize(("prefix_lm", "mode"), [(True, "prefix_lm"), (False, "bidirectional")])
 def test_old_checkpoint_with_prefix_lm_key_loads_as_its_mode(tiny_run, tmp_path, prefix_lm, mode):
-    from diffllm.loading import load_for_inference
+    from diffllm.inference.loading import load_for_inference
 
     ckpt = torch.load(tiny_run[1], map_location="cpu", weights_only=False)
     cfg = dict(ckpt["hyper_parameters"])  # the module's arguments; old checkpoints held them as `cfg`

@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from diffllm.diffusion.blocks import (
+from diffllm.diffusion.likelihood import ar_nll, exact_elbo_nll, hidden_set_weight
+from diffllm.diffusion.sampler import SamplerConfig, generate
+from diffllm.model.attention import set_bidirectional
+from diffllm.model.blocks import (
     answer_block_ids,
     block_causal_pattern,
     two_copy_layout,
     two_copy_sources,
 )
-from diffllm.diffusion.likelihood import ar_nll, exact_elbo_nll, hidden_set_weight
-from diffllm.diffusion.sampler import SamplerConfig, generate
-from diffllm.model.attention import set_bidirectional
 from diffllm.model.dlm import DiffusionLM
 from tests.conftest import tiny_llama
 
@@ -311,8 +311,8 @@ BLOCK_RUN = ["model.attention=block_causal", "model.block_size=4"]
 
 
 def test_block_size_must_divide_the_answer_padding(tmp_path):
-    from diffllm.config import compose
-    from diffllm.lit_module import DiffusionLitModule
+    from diffllm.config.resolvers import compose
+    from diffllm.training.module import DiffusionLitModule
 
     cfg = compose(["model.attention=block_causal", "model.block_size=5", f"output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="model.block_size=5 must divide data.answer_pad_to=16"):
@@ -323,10 +323,10 @@ def test_block_size_must_divide_the_answer_padding(tmp_path):
 def test_block_model_trains_validates_reports_and_exports(tmp_path):
     """A few steps of the tiny default as a block model: finite bound in the logged metrics and the
     report; the export card carries block_size and its merged folder decodes as the checkpoint does."""
-    from diffllm.config import compose
-    from diffllm.export import export
-    from diffllm.inference import generate_answers
-    from diffllm.loading import load_exported, load_for_inference
+    from diffllm.config.resolvers import compose
+    from diffllm.inference.export import export
+    from diffllm.inference.generation import generate_answers
+    from diffllm.inference.loading import load_exported, load_for_inference
     from tests.conftest import TINY_RUN
 
     out = tmp_path / "run"
@@ -347,7 +347,7 @@ def test_block_model_trains_validates_reports_and_exports(tmp_path):
 
 
 def train_run(cfg):
-    from diffllm.train import train
+    from diffllm.training.run import train
 
     return train(cfg)
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffllm.callbacks import (
+from diffllm.training.callbacks import (
     BestCheckpoint,
     NonFiniteGuard,
     NonFiniteLossError,
     PeriodicCheckpoint,
     StopOnSignal,
 )
-from diffllm.trainer import AtomicCheckpointIO, CheckpointWriteError, NonFiniteCheckpointError
+from diffllm.training.trainer import AtomicCheckpointIO, CheckpointWriteError, NonFiniteCheckpointError
 
 
 class Toy(L.LightningModule):

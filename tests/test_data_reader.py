@@ -201,10 +201,10 @@ def test_max_length_too_small_names_the_key_and_the_minimum(tmp_path, tokenizer)
 
 @pytest.mark.slow
 def test_train_with_max_length_4_stops_in_one_line_and_keeps_the_list(tmp_path):
-    """The issue's `data.max_length=4` ("num_samples=0" before): a DataError, which `diffllm.train`
+    """The issue's `data.max_length=4` ("num_samples=0" before): a DataError, which `diffllm.training.run`
     prints as one `error:` line with exit status 1; the rejection list is in the run folder."""
-    from diffllm.config import compose
-    from diffllm.train import train
+    from diffllm.config.resolvers import compose
+    from diffllm.training.run import train
 
     out = tmp_path / "run"
     with pytest.raises(DataError, match=r"^data.max_length=4 leaves no room .* at least \d+ ") as err:

@@ -1,4 +1,4 @@
-"""diffllm.evaluate: reproduces the run's validation figures exactly, writes its report files."""
+"""diffllm.cli.evaluate: reproduces the run's validation figures exactly, writes its report files."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from diffllm.diffusion.sampler import SamplerConfig
-from diffllm.evaluate import (
+from diffllm.cli.evaluate import (
     default_out_dir,
     default_steps_grid,
     evaluate,
@@ -20,7 +19,8 @@ from diffllm.evaluate import (
     pooled,
     validated_rows,
 )
-from diffllm.evaluation import exact_match_by_task
+from diffllm.diffusion.sampler import SamplerConfig
+from diffllm.evaluation.compare import exact_match_by_task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -198,7 +198,7 @@ def test_evaluate_yaml_lists_every_sampler_field():
 
     from omegaconf import OmegaConf
 
-    from diffllm.config import compose
+    from diffllm.config.resolvers import compose
 
     cfg = compose(["ckpt_path=x"], config_name="evaluate")  # the node: conf/cli/sampler_keep.yaml
     assert set(cfg.sampler) == {f.name for f in fields(SamplerConfig)}
@@ -207,7 +207,7 @@ def test_evaluate_yaml_lists_every_sampler_field():
 
 @pytest.mark.slow
 def test_evaluate_a_multirun_folder_prints_one_table(tiny_run, tmp_path):
-    from diffllm.evaluate import evaluate_multirun, multirun_jobs
+    from diffllm.cli.evaluate import evaluate_multirun, multirun_jobs
 
     for job in ("lora.r=2", "lora.r=4"):
         (tmp_path / job / "checkpoints").mkdir(parents=True)

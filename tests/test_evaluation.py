@@ -11,16 +11,16 @@ from diffllm.assets.build import exact_match_by_task as build_exact_match_by_tas
 from diffllm.data.collate import Collator
 from diffllm.diffusion.likelihood import validation_seed
 from diffllm.diffusion.sampler import SamplerConfig
-from diffllm.evaluation import (
+from diffllm.evaluation.compare import (
     DEFAULT_LIKELIHOOD,
     compare,
     exact_match_by_task,
     likelihood_settings,
 )
-from diffllm.metrics import exact_match
+from diffllm.evaluation.metrics import exact_match
+from diffllm.evaluation.scoring import ratio_mean_se, score_batch
 from diffllm.model.attention import set_bidirectional
 from diffllm.model.dlm import DiffusionLM
-from diffllm.scoring import ratio_mean_se, score_batch
 from tests.conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -147,10 +147,10 @@ def test_validation_loss_is_reproducible_while_annealing():
     """The annealing mask of a validation batch is drawn from the validation generator, so the
     global RNG state (whatever training left) does not change ``val/loss``."""
     from diffllm.assets import TINY_VAL
-    from diffllm.config import compose
+    from diffllm.config.resolvers import compose
     from diffllm.data.datamodule import encode_row
     from diffllm.data.tiny_tasks import read_jsonl
-    from diffllm.lit_module import DiffusionLitModule
+    from diffllm.training.module import DiffusionLitModule
 
     class HalfwayThroughAnnealing(DiffusionLitModule):
         global_step = 100  # of anneal=linear's 200: each future key visible with probability 0.5

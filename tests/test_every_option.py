@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from diffllm.assets import TINY_AR_BASE
-from diffllm.config import CONF_DIR, asset_path, compose
-from diffllm.train import train
+from diffllm.config.resolvers import CONF_DIR, asset_path, compose
+from diffllm.training.run import train
 
 # conf/train.yaml's defaults: group -> option (the default run covers them once)
 DEFAULTS = {

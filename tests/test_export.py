@@ -11,8 +11,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from diffllm.diffusion.sampler import SamplerConfig
-from diffllm.export import export_model, main
-from diffllm.loading import InferenceModel, load_exported, load_for_inference, read_card
+from diffllm.cli.export import main
+from diffllm.inference.export import export_model
+from diffllm.inference.loading import InferenceModel, load_exported, load_for_inference, read_card
 from diffllm.model.attention import is_bidirectional
 from diffllm.model.load import build_diffusion_model
 

@@ -24,11 +24,13 @@ from diffllm.bench.sampler import (
     check_goals,
     sampler_settings,
 )
-from diffllm.cli_support import InputError, set_keys
-from diffllm.config import CONF_DIR
-from diffllm.diffusion.sampler import SamplerConfig, truncate_at_eos
+from diffllm.cli.generate import PromptRow, read_prompts_file
+from diffllm.cli.support import set_keys
+from diffllm.config.resolvers import CONF_DIR
+from diffllm.data.collate import truncate_at_eos
+from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.diffusion.trajectory import trajectories_from_json
-from diffllm.generate import PromptRow, read_prompts_file
+from diffllm.inference.inputs import InputError
 
 INSTRUCTION = "Reverse these words: lion fish ring house"
 INPUT = "cat dog"
@@ -54,7 +56,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def printed(stdout: str, label: str) -> list[str]:
     """The answers printed after ``label:``, continuation lines (indented under it) included."""
-    from diffllm.generate import LABEL_WIDTH
+    from diffllm.cli.generate import LABEL_WIDTH
 
     out: list[str] = []
     lines = stdout.splitlines()
@@ -90,7 +92,7 @@ def cli_run(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tiny_run):
-    from diffllm.loading import load_for_inference
+    from diffllm.inference.loading import load_for_inference
 
     return load_for_inference(tiny_run[1])
 
@@ -127,7 +129,7 @@ def test_cli_ar_prints_both_answers(cli_run):
 
 
 def test_api_matches_cli_for_the_same_seed(cli_run, model):
-    from diffllm.inference import generate_answers
+    from diffllm.inference.generation import generate_answers
 
     proc, cwd = cli_run
     kwargs = {"sampler_overrides": {"temperature": 1.0}, "trajectory": True, "ar": True}

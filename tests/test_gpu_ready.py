@@ -12,9 +12,9 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from diffllm.callbacks import TokenThroughput, flops_per_token, parameter_count
-from diffllm.config import CONF_DIR, compose
-from diffllm.trainer import build_trainer
+from diffllm.config.resolvers import CONF_DIR, compose
+from diffllm.training.callbacks import TokenThroughput, flops_per_token, parameter_count
+from diffllm.training.trainer import build_trainer
 from tests.conftest import TINY_RUN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml")))
 def test_every_trainer_config_composes_and_builds_on_cpu(name):
     cfg = compose([f"trainer={name}", "output_dir=/tmp/x"])
-    assert cfg.trainer._target_ == "diffllm.trainer.build_trainer"
+    assert cfg.trainer._target_ == "diffllm.training.trainer.build_trainer"
     from hydra.utils import instantiate
 
     # the same node on this CPU box: only the accelerator (and precision) differ from a GPU node
@@ -80,7 +80,7 @@ def test_validation_interval_is_in_optimizer_steps_and_conflicts_are_named():
 
 # -- FLOPs per token -------------------------------------------------------------------------------
 def test_flops_per_token_of_the_tiny_default_is_4n_plus_adapters():
-    from diffllm.lit_module import DiffusionLitModule
+    from diffllm.training.module import DiffusionLitModule
 
     cfg = compose(["output_dir=/tmp/x"])
 
@@ -101,7 +101,7 @@ def test_flops_per_token_of_the_tiny_default_is_4n_plus_adapters():
 
 def test_flops_per_token_of_llama_3_2_1b_with_lora_on_the_meta_device():
     """The real run's figure (README): N = 16 blocks x 60,821,504 + final norm + LoRA r=8."""
-    from diffllm.config import to_plain
+    from diffllm.config.resolvers import to_plain
     from diffllm.model.load import build_from_config
 
     cfg = to_plain(compose(["+experiment=alpaca_lora", "output_dir=/tmp/x"]))
@@ -127,13 +127,15 @@ class _ValidationCounter(L.Callback):
 @pytest.fixture(scope="module")
 def accumulated_run(tmp_path_factory):
     """4 optimizer steps of 2 micro-batches, validation every 2 optimizer steps, report on."""
-    import diffllm.scoring
-    from diffllm.train import train
+    import diffllm.evaluation.scoring
+    from diffllm.training.run import train
 
     out = tmp_path_factory.mktemp("accumulated")
     counter = _ValidationCounter()
     devices: list[tuple[torch.device, torch.device]] = []  # (report's input device, module's device)
-    original = diffllm.scoring.elbo_nll  # the scoring core's bound: validation and the report call it
+    original = (
+        diffllm.evaluation.scoring.elbo_nll
+    )  # the scoring core's bound: validation and the report call it
 
     def spy(dlm, input_ids, *args, **kwargs):
         devices.append((input_ids.device, next(dlm.parameters()).device))
@@ -151,14 +153,14 @@ def accumulated_run(tmp_path_factory):
         f"trainer.accelerator={'gpu' if torch.cuda.is_available() else 'cpu'}",
     ]
     mp = pytest.MonkeyPatch()
-    mp.setattr(diffllm.scoring, "elbo_nll", spy)
+    mp.setattr(diffllm.evaluation.scoring, "elbo_nll", spy)
     orig_build = build_trainer
 
     def with_counter(**kw):
         kw["callbacks"] = [*kw.get("callbacks", []), counter]
         return orig_build(**kw)
 
-    mp.setattr("diffllm.trainer.build_trainer", with_counter)
+    mp.setattr("diffllm.training.trainer.build_trainer", with_counter)
     try:
         metrics, objs = train(compose(overrides))
     finally:

@@ -22,9 +22,9 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from diffllm.diffusion.likelihood import ar_nll, elbo_nll  # noqa: E402
 from diffllm.diffusion.sampler import generate  # noqa: E402
 from diffllm.diffusion.schedule import LinearSchedule  # noqa: E402
-from diffllm.eval.lm_eval_adapter import MODEL_NAME, ROLLING_REFUSAL, TASKS_DIR, DiffusionHarnessLM  # noqa: E402
-from diffllm.eval.tasks import utils as task_utils  # noqa: E402
-from diffllm.loading import load_for_inference  # noqa: E402
+from diffllm.harness.adapter import MODEL_NAME, ROLLING_REFUSAL, TASKS_DIR, DiffusionHarnessLM  # noqa: E402
+from diffllm.harness.tasks import utils as task_utils  # noqa: E402
+from diffllm.inference.loading import load_for_inference  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -174,7 +174,7 @@ def test_harness_cli_reproduces_simple_evaluate(tiny_run, adapter, task_manager,
 
     import lm_eval.tasks
 
-    from diffllm.harness import harness_argv, main
+    from diffllm.cli.harness import harness_argv, main
 
     # the CLI's task index without lm-eval's own thousands of tasks (the same code path, 30 s less)
     monkeypatch.setattr(
@@ -213,9 +213,9 @@ def test_task_documents():
 
 def test_ar_sft_checkpoint_as_hf_folder_scores_its_nll(im, tiny_ar_run, tmp_path):
     """The merged AR-SFT folder under lm-eval's ``hf`` equals the project's AR-SFT NLL (LoRA on, causal)."""
-    from diffllm.eval.hf_folder import ar_sft_folder
-    from diffllm.harness import harness_argv
-    from diffllm.loading import load_ar_sft
+    from diffllm.cli.harness import harness_argv
+    from diffllm.harness.hf_folder import ar_sft_folder
+    from diffllm.training.checkpoints import load_ar_sft
 
     folder = ar_sft_folder(tiny_ar_run[1], tmp_path / "ar_sft")
     hf = get_model("hf")(pretrained=str(folder), add_bos_token=True, device="cpu", batch_size=1)
@@ -236,9 +236,9 @@ def test_ar_sft_checkpoint_as_hf_folder_scores_its_nll(im, tiny_ar_run, tmp_path
 def test_loglikelihood_is_the_elbo_on_the_real_model(tmp_path):
     """SmolLM2-135M-Instruct converted (+experiment=smollm2, untrained adapters): the same equality."""
     from diffllm.assets.smollm2 import RegistryUnreachable, ensure_smollm2
-    from diffllm.config import compose
-    from diffllm.lit_module import DiffusionLitModule
-    from diffllm.loading import InferenceModel
+    from diffllm.config.resolvers import compose
+    from diffllm.inference.loading import InferenceModel
+    from diffllm.training.module import DiffusionLitModule
 
     try:
         ensure_smollm2(quiet=True)

@@ -1,6 +1,6 @@
 """The package's import graph, read statically (``ast``, nothing is imported): dependencies point
-one way (math <- model <- library <- command lines), with no cycle and no command line importing
-another."""
+one way, layer by layer (data <- model <- diffusion <- config <- evaluation <- training <- inference
+<- harness <- command lines <- benchmarks), with no cycle and no command line importing another."""
 
 from __future__ import annotations
 
@@ -12,21 +12,67 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "diffllm"
 
-# A library module that may import a command line, and why.
-LIBRARY_TO_CLI = {
-    ("diffllm.notebook", "diffllm.train"): "the notebook's bootstrap trains a short run with train(cfg)",
+# The layers, lowest first: a module may import its own layer or a lower one. A module's layer is
+# the one of the longest prefix that names it (``diffllm.assets`` is a leaf of paths; its builder
+# sits with the benchmarks).
+LAYERS = [
+    ("diffllm", "leaves"),
+    ("diffllm.config.paths", "leaves"),
+    ("diffllm.assets", "leaves"),
+    ("diffllm.data", "data"),
+    ("diffllm.model", "model"),
+    ("diffllm.diffusion", "diffusion"),
+    ("diffllm.assets.smollm2", "config"),
+    ("diffllm.config", "config"),
+    ("diffllm.evaluation", "evaluation"),
+    ("diffllm.training", "training"),
+    ("diffllm.inference", "inference"),
+    ("diffllm.harness", "harness"),
+    ("diffllm.harness.__main__", "cli"),
+    ("diffllm.cli", "cli"),
+    *((f"diffllm.{name}", "cli") for name in ("train", "generate", "evaluate", "export")),
+    ("diffllm.bench", "tools"),
+    ("diffllm.assets.build", "tools"),
+    ("diffllm.assets.__main__", "tools"),
+]
+ORDER = [
+    "leaves",
+    "data",
+    "model",
+    "diffusion",
+    "config",
+    "evaluation",
+    "training",
+    "inference",
+    "harness",
+    "cli",
+    "tools",
+]
+
+# ``python -m diffllm.<command>``: a two-line module that runs the command line of ``diffllm.cli``.
+SHIMS = {
+    **{f"diffllm.{c}": f"diffllm.cli.{c}" for c in ("train", "generate", "evaluate", "export")},
+    "diffllm.harness.__main__": "diffllm.cli.harness",
+}
+
+# An import against the direction, and why it stays.
+UPWARD = {
     (
-        "diffllm.bench.kill_resume",
-        "diffllm.train",
-    ): "runs train(cfg) in-process: the run sends itself a real SIGTERM",
+        "diffllm.assets",
+        "diffllm.assets.build",
+    ): "the embedded assets are built on first use (a function-level import)",
+    (
+        "diffllm.diffusion.sampler",
+        "diffllm.config.schema",
+    ): "the sampler's range checks (issue 20, step 2 removes it)",
 }
 
 # Imports inside a function, and why each stays there (cost or an optional dependency).
 FUNCTION_LEVEL = {
-    ("diffllm.harness", "lm_eval"): "lm-eval is the optional `harness` extra; only the command needs it",
+    ("diffllm.cli.harness", "lm_eval"): "lm-eval is the optional `harness` extra; only the command needs it",
     (
-        "diffllm.harness",
-        "diffllm.eval.lm_eval_adapter",
+        "diffllm.cli.harness",
+        "diffllm.harness.adapter",
     ): "the adapter subclasses lm-eval's LM (the optional `harness` extra)",
     (
         "diffllm.assets",
@@ -40,14 +86,17 @@ FUNCTION_LEVEL = {
     ): "parsing and DataError need no datasets (train.py imports DataError)",
     ("diffllm.assets.smollm2", "transformers"): "as torch: only the conversion",
     (
-        "diffllm.config",
+        "diffllm.config.resolvers",
         "diffllm.assets",
     ): "a resolver: the assets package is read only when a config names it",
     (
-        "diffllm.config",
+        "diffllm.config.resolvers",
         "diffllm.assets.smollm2",
     ): "a resolver: the registry fetch only when a config names it",
-    ("diffllm.config", "hydra"): "compose() only: Hydra's initialize machinery, for tests and notebooks",
+    (
+        "diffllm.config.resolvers",
+        "hydra",
+    ): "compose() only: Hydra's initialize machinery, for tests and notebooks",
     ("diffllm.bench.lengths", "transformers"): "GPU node bench: runs on a node that may lack the package",
     ("diffllm.bench.tokenize", "torch"): "bench with optional heavy parts (run alone on a bare node)",
     ("diffllm.bench.tokenize", "transformers"): "as above",
@@ -58,12 +107,12 @@ FUNCTION_LEVEL = {
     ("diffllm.bench.train", "diffllm.bench.histogram"): "GPU node bench: imports what each variant needs",
     ("diffllm.bench.train", "transformers"): "as above",
     ("diffllm.bench.train", "diffllm.data.collate"): "as above",
-    ("diffllm.bench.train", "diffllm.distributed"): "as above",
+    ("diffllm.bench.train", "diffllm.training.distributed"): "as above",
     ("diffllm.bench.train", "tokenizers"): "as above",
-    ("diffllm.bench.train", "diffllm.config"): "as above",
-    ("diffllm.bench.train", "diffllm.lit_module"): "as above",
+    ("diffllm.bench.train", "diffllm.config.resolvers"): "as above",
+    ("diffllm.bench.train", "diffllm.training.module"): "as above",
     ("diffllm.bench.train", "hydra"): "as above",
-    ("diffllm.bench.train", "diffllm.callbacks"): "as above",
+    ("diffllm.bench.train", "diffllm.training.callbacks"): "as above",
 }
 
 
@@ -150,19 +199,36 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def layer(name: str) -> str:
+    """The layer of a package module: the longest ``LAYERS`` prefix that names it."""
+    best = max((p for p, _ in LAYERS if name == p or name.startswith(p + ".")), key=len)
+    return dict(LAYERS)[best]
+
+
 def test_the_command_lines_are_the_ones_expected():
     clis = {name for name in MODULES if is_cli(name)}
-    expected = {"diffllm.train", "diffllm.generate", "diffllm.evaluate", "diffllm.export"}
-    assert expected <= clis, sorted(expected - clis)
+    commands = ("train", "generate", "evaluate", "export", "harness")
+    assert {f"diffllm.cli.{c}" for c in commands} <= clis
+    assert {f"diffllm.{c}" for c in commands if c != "harness"} | {"diffllm.harness.__main__"} <= clis
     assert "diffllm.assets.__main__" in clis and "diffllm.bench.sampler" in clis
-    library = {
-        "diffllm.loading",
-        "diffllm.inference",
-        "diffllm.evaluation",
-        "diffllm.scoring",
-        "diffllm.report",
-    }
-    assert not clis & library
+    # every command line is in the cli layer or a tool; no library module runs main()
+    assert {name for name in clis if layer(name) not in ("cli", "tools")} == set()
+
+
+def test_every_module_imports_its_own_layer_or_lower():
+    edges = graph()
+    rank = {name: ORDER.index(layer(name)) for name in MODULES}
+    upward = sorted((src, dst) for src, targets in edges.items() for dst in targets if rank[dst] > rank[src])
+    assert set(upward) - set(UPWARD) == set(), "an import against the layers: move the code, or justify it"
+    assert set(UPWARD) - set(upward) == set(), "a justified upward import is gone: drop its entry"
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from diffllm.training.module import DiffusionLitModule\n")
+    modules = {**MODULES, "diffllm.diffusion.bad": bad}
+    assert layer("diffllm.diffusion.bad") == "diffusion" and layer("diffllm.training.module") == "training"
+    assert "diffllm.training.module" in graph(modules)["diffllm.diffusion.bad"]
 
 
 def test_no_cycle_in_the_import_graph():
@@ -175,7 +241,7 @@ def test_no_command_line_imports_another_and_the_library_imports_none():
         (src, dst)
         for src, targets in edges.items()
         for dst in targets
-        if is_cli(dst) and (is_cli(src) or (src, dst) not in LIBRARY_TO_CLI)
+        if is_cli(dst) and SHIMS.get(src) != dst
     )
     assert bad == []
 
@@ -204,7 +270,7 @@ def test_the_cycle_finder_finds_a_cycle(edges, cycle):
 
 def test_the_checks_see_a_cli_to_cli_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text('from diffllm.generate import run\n\nif __name__ == "__main__":\n    run()\n')
+    bad.write_text('from diffllm.cli.generate import run\n\nif __name__ == "__main__":\n    run()\n')
     modules = {**MODULES, "diffllm.bad": bad}
-    assert is_cli("diffllm.bad", modules) and "diffllm.generate" in graph(modules)["diffllm.bad"]
-    assert "diffllm.loading" in graph()["diffllm.evaluate"]  # a library edge of today's package
+    assert is_cli("diffllm.bad", modules) and "diffllm.cli.generate" in graph(modules)["diffllm.bad"]
+    assert "diffllm.inference.loading" in graph()["diffllm.cli.evaluate"]  # a library edge of today's package

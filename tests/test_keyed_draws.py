@@ -14,7 +14,7 @@ from diffllm.diffusion.forward import keyed_forward_process
 from diffllm.diffusion.keys import DrawKeys, global_row_index, key_seed
 from diffllm.diffusion.schedule import LinearSchedule
 from diffllm.diffusion.time import AntitheticTimeSampler, UniformTimeSampler
-from diffllm.distributed import draw_keys
+from diffllm.training.distributed import draw_keys
 
 MASK_ID = 99
 G = 8  # rows in the global batch

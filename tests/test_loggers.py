@@ -11,8 +11,8 @@ import pytest
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from diffllm.config import CONF_DIR, compose
-from diffllm.validation_samples import write_table
+from diffllm.config.resolvers import CONF_DIR, compose
+from diffllm.training.samples import write_table
 
 ROWS = [
     {"step": 3, "prompt": "### Instruction:\nCopy: a | b\n", "generated": "a | b", "reference": "a | b"},

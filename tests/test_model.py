@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from diffllm.config import compose, to_plain
+from diffllm.config.resolvers import compose, to_plain
 from diffllm.model.attention import (
     causal_attention,
     custom_attention_mask,
@@ -24,7 +24,7 @@ from diffllm.model.load import (
     parameter_counts,
     trainable_line,
 )
-from diffllm.train import train
+from diffllm.training.run import train
 
 LORA = {
     "r": 4,

@@ -1,5 +1,5 @@
 """The denoising-trajectory notebook: committed without outputs, runs top to bottom on CPU, and the
-``diffllm.viz`` functions it stands on."""
+``diffllm.evaluation.plots`` functions it stands on."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffllm import notebook, viz
 from diffllm.diffusion.trajectory import (
     Trajectory,
     TrajectoryStep,
@@ -22,6 +21,8 @@ from diffllm.diffusion.trajectory import (
     kendall_tau,
     order_tau,
 )
+from diffllm.evaluation import plots
+from diffllm.inference import notebook
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "denoising_trajectories.ipynb"
 MASK = 99
@@ -56,7 +57,7 @@ def test_notebook_runs_and_its_trajectory_cells_draw(tiny_run, monkeypatch):
     # the rest at once, so the [MASK] glyph itself is only checked in test_trajectory)
     assert re.search(r"^\s*1/\d+ b0 \| ", text, flags=re.M)
     trajectory_cells = [c for c in nb.cells if "trajectory" in c.metadata.get("tags", [])]
-    drawing = [c for c in trajectory_cells if "viz.plot_" in c.source]
+    drawing = [c for c in trajectory_cells if "plots.plot_" in c.source]
     assert len(drawing) >= 3
     for cell in drawing:
         assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source[:60]
@@ -69,7 +70,7 @@ def test_notebook_runs_and_its_trajectory_cells_draw(tiny_run, monkeypatch):
     assert tables and all(f"| {s} |" in tables[0] for s in ("random", "low_confidence", "margin", "entropy"))
 
 
-# ------------------------------------------------------------------------------------- viz logic
+# ----------------------------------------------------------------------------------- plots logic
 
 
 def make_trajectory(
@@ -128,14 +129,14 @@ def test_commit_grid_marks_each_position_once_with_its_confidence():
 
 def test_plots_return_figures_with_the_expected_artists(tmp_path):
     traj = make_trajectory([[0], [1, 2]], 3)  # steps (0, 1, 1): tau_b = 2 / sqrt(3 * 2)
-    fig = viz.plot_commit_heatmap(traj)
+    fig = plots.plot_commit_heatmap(traj)
     assert len(fig.axes[0].images) == 2 and "tau +0.82" in fig.axes[0].get_title()  # grid + confidence layer
-    fig = viz.plot_strategies({"a": traj, "b": make_trajectory([[0], [1], [2]], 3)})
+    fig = plots.plot_strategies({"a": traj, "b": make_trajectory([[0], [1], [2]], 3)})
     assert [ax.get_title() for ax in fig.axes if ax.images] == ["a: tau +0.82", "b: tau +1.00"]
     buckets = [{"label": "1", "rows": 2, "nll_bound": 3.0, "ar_nll": 1.0, "gap": 2.0}]
-    path = viz.save_figure(viz.plot_nll_by_length(buckets, 4.0), tmp_path / "b.png")
+    path = plots.save_figure(plots.plot_nll_by_length(buckets, 4.0), tmp_path / "b.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
-    fig = viz.plot_quality_vs_steps(
+    fig = plots.plot_quality_vs_steps(
         [{"steps": 2, "exact_match": 0.5, "rougeL": 0.7}], {"exact_match": 0.9, "rougeL": 1.0}
     )
     assert len(fig.axes[0].lines) == 4

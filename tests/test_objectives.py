@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from diffllm.config import compose
+from diffllm.config.resolvers import compose
 from diffllm.diffusion.likelihood import ar_nll
+from diffllm.evaluation.report import format_report
 from diffllm.model.attention import is_bidirectional, set_bidirectional
 from diffllm.model.dlm import DiffusionLM
-from diffllm.objectives import ARObjective, DiffusionObjective, objective_of
-from diffllm.report import format_report
+from diffllm.training.objectives import ARObjective, DiffusionObjective, objective_of
 from tests.conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,13 +115,14 @@ def test_ar_training_step_is_causal_a_later_token_never_changes_an_earlier_logit
 
 def test_objective_of_reads_the_registry_only():
     assert isinstance(
-        objective_of({"objective": {"_target_": "diffllm.objectives.ARObjective"}}), ARObjective
+        objective_of({"objective": {"_target_": "diffllm.training.objectives.ARObjective"}}), ARObjective
     )
     assert isinstance(objective_of({}), DiffusionObjective)  # configs from before the objective group
     with pytest.raises(ValueError, match="os.system"):
         objective_of({"objective": {"_target_": "os.system"}})
     assert (
-        compose(["objective=ar", "output_dir=/tmp/x"]).objective._target_ == "diffllm.objectives.ARObjective"
+        compose(["objective=ar", "output_dir=/tmp/x"]).objective._target_
+        == "diffllm.training.objectives.ARObjective"
     )
 
 
@@ -140,8 +141,9 @@ def test_ar_run_validates_checkpoints_and_reports(tiny_ar_run):
     # loadable like a diffusion checkpoint: the trainable weights and the config
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     assert set(ckpt["state_dict"]) == {n for n, p in module.named_parameters() if p.requires_grad}
-    assert ckpt["hyper_parameters"]["objective"]["_target_"] == "diffllm.objectives.ARObjective"
-    from diffllm.loading import load_ar_sft, load_for_inference
+    assert ckpt["hyper_parameters"]["objective"]["_target_"] == "diffllm.training.objectives.ARObjective"
+    from diffllm.inference.loading import load_for_inference
+    from diffllm.training.checkpoints import load_ar_sft
 
     reloaded = load_ar_sft(ckpt_path, module.tokenizer)
     for name, p in module.dlm.named_parameters():
@@ -170,7 +172,8 @@ def test_ar_run_validates_checkpoints_and_reports(tiny_ar_run):
 
 @pytest.mark.slow
 def test_report_with_ar_ckpt_path_has_the_three_rows(tiny_run, tiny_ar_run):
-    from diffllm.loading import load_ar_sft, load_for_inference, run_datamodule
+    from diffllm.inference.loading import load_for_inference, run_datamodule
+    from diffllm.training.checkpoints import load_ar_sft
 
     report = json.loads((tiny_run[0] / "report.json").read_text())
     assert report["ar_ckpt_path"] == str(tiny_ar_run[1])

@@ -72,7 +72,8 @@ def test_installed_console_scripts_compose_their_configs_from_another_directory(
     )
     assert job["lora"]["r"] == 4 and job["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert (
-        job["trainer"]["_target_"] == "diffllm.trainer.build_trainer" and job["trainer"]["max_steps"] == 10
+        job["trainer"]["_target_"] == "diffllm.training.trainer.build_trainer"
+        and job["trainer"]["max_steps"] == 10
     )  # experiment
     assert job["model"]["pretrained"] == "${asset:tiny/ar_base}"
     assert job["loss"]["_target_"] == "diffllm.diffusion.loss.MaskedDiffusionLoss"

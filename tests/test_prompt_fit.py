@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from diffllm.cli_support import InputError
 from diffllm.data.prompt_fit import PromptTooLongError, context_limit, fit_prompts
 from diffllm.diffusion.sampler import SamplerConfig
-from diffllm.inference import generate_answers
-from diffllm.loading import InferenceModel
+from diffllm.inference.generation import generate_answers
+from diffllm.inference.inputs import InputError
+from diffllm.inference.loading import InferenceModel
 from diffllm.model.dlm import DiffusionLM
 from diffllm.model.load import ModelLoadError, build_diffusion_model, load_tokenizer, looks_like_local_path
 from tests.conftest import tiny_llama
@@ -98,7 +98,7 @@ def test_mistyped_local_model_path_names_the_nearest_folder(tiny_model_dir, tmp_
 def test_evaluate_refuses_or_counts_prompts_past_the_models_positions(tiny_run, tmp_path):
     """The tiny model has 128 positions; with a 64-position canvas a 70-token prompt fits
     data.max_length=96 but not the sampler's context."""
-    from diffllm.evaluate import evaluate
+    from diffllm.cli.evaluate import evaluate
 
     rows = [
         {"instruction": "Repeat these words: " + "cat " * 70, "input": "", "output": "cat"},
@@ -126,7 +126,7 @@ def test_report_cuts_and_counts_prompts_past_the_positions(tiny_ar_run):
     every validation prompt is cut from the left and counted (or refused with ``error``)."""
     import dataclasses
 
-    from diffllm.report import build_report, format_report
+    from diffllm.evaluation.report import build_report, format_report
 
     module, datamodule = tiny_ar_run[3]["module"], tiny_ar_run[3]["datamodule"]
     saved = module.sampler_config

@@ -9,10 +9,10 @@ import torch
 
 from diffllm.diffusion.likelihood import ar_nll, exact_elbo_nll
 from diffllm.diffusion.order import mean_over_orders, order_nll
+from diffllm.evaluation.quality import ar_scored_nll, position_agreement, reference_free, repeated_bigrams
+from diffllm.evaluation.scoring import Answers
 from diffllm.model.attention import set_bidirectional
 from diffllm.model.dlm import DiffusionLM
-from diffllm.quality import ar_scored_nll, position_agreement, reference_free, repeated_bigrams
-from diffllm.scoring import Answers
 from tests.conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,7 +106,7 @@ def test_reference_free_figures():
 
 @pytest.mark.slow
 def test_evaluate_decomposes_the_gap_and_sweeps_compute(tiny_run, tmp_path):
-    from diffllm.evaluate import evaluate
+    from diffllm.cli.evaluate import evaluate
 
     r = evaluate(
         tiny_run[1],

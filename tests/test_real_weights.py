@@ -19,7 +19,7 @@ from diffllm.assets.smollm2 import RegistryUnreachable, ensure_smollm2
 from diffllm.data.datamodule import Collator, encode_row
 from diffllm.data.template import end_of_answer_id
 from diffllm.diffusion.likelihood import ar_nll
-from diffllm.metrics import unigram_cross_entropy
+from diffllm.evaluation.metrics import unigram_cross_entropy
 from diffllm.model.attention import set_bidirectional
 from diffllm.model.load import trainable_line
 
@@ -55,8 +55,8 @@ def smollm2_tok(smollm2_dir):
 @pytest.fixture(scope="session")
 def smollm2_module(smollm2_dir, tmp_path_factory):
     """The +experiment=smollm2 LightningModule (LoRA r=8 on q/k/v/o, trained [MASK] row)."""
-    from diffllm.config import compose
-    from diffllm.lit_module import DiffusionLitModule
+    from diffllm.config.resolvers import compose
+    from diffllm.training.module import DiffusionLitModule
 
     cfg = compose(["+experiment=smollm2", f"output_dir={tmp_path_factory.mktemp('smollm2')}"])
     torch.manual_seed(0)

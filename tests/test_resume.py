@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from diffllm.bench.kill_resume import compare
-from diffllm.config import compose
+from diffllm.config.resolvers import compose
+from diffllm.config.run_folder import RunFolderError, check_run_folder, fresh_dir, write_config
 from diffllm.data.order import PassOrder, ResumableLoader, ResumableSampler
-from diffllm.run_folder import RunFolderError, check_run_folder, fresh_dir, write_config
-from diffllm.train import train
-from diffllm.trainer import NoAcceleratorError
+from diffllm.training.run import train
+from diffllm.training.trainer import NoAcceleratorError
 from tests.conftest import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_sigterm_to_a_training_process_writes_a_checkpoint_and_exits_143(tmp_pat
 @pytest.mark.slow
 def test_a_learning_rate_of_1e8_stops_the_run_without_a_non_finite_checkpoint(tmp_path):
     """optimizer.lr=1e8 used to train to NaN and save all-NaN tensors with exit 0 (about 20 s)."""
-    from diffllm.callbacks import NonFiniteLossError
+    from diffllm.training.callbacks import NonFiniteLossError
 
     out = tmp_path / "run"
     overrides = TINY_RUN + ["optimizer.lr=1e8", "optimizer.warmup_steps=0", "trainer.max_steps=30"]
@@ -176,7 +176,7 @@ def test_a_learning_rate_of_1e8_stops_the_run_without_a_non_finite_checkpoint(tm
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     """The default run folder: the second of two runs with the same timestamp gets `-1`."""
-    import diffllm.run_folder as rf
+    import diffllm.config.run_folder as rf
 
     monkeypatch.chdir(tmp_path)
     base = "outputs/2026-01-01/12-00-00"
@@ -214,7 +214,7 @@ def test_train_refuses_a_used_folder_before_loading_anything(tmp_path, monkeypat
 
     out = tmp_path / "run"
     write_config(out, {"seed": 0})
-    monkeypatch.setattr("diffllm.lit_module.DiffusionLitModule", _no_model)
+    monkeypatch.setattr("diffllm.training.module.DiffusionLitModule", _no_model)
     with pytest.raises(RunFolderError, match="already holds another run"):
         train(compose(TINY_RUN + [f"output_dir={out}"]))
     assert yaml.safe_load((out / "config.yaml").read_text()) == {"seed": 0}  # untouched
@@ -224,7 +224,7 @@ def test_config_yaml_is_written_before_the_model_loads_even_into_a_new_folder(tm
     """It used to be saved only if the folder already existed, and after the model loaded."""
 
     out = tmp_path / "not" / "there" / "yet"
-    monkeypatch.setattr("diffllm.lit_module.DiffusionLitModule", _no_model)
+    monkeypatch.setattr("diffllm.training.module.DiffusionLitModule", _no_model)
     with pytest.raises(Loaded):
         train(compose(TINY_RUN + [f"output_dir={out}", "seed=7"]))
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -238,7 +238,7 @@ def test_config_yaml_is_written_before_the_model_loads_even_into_a_new_folder(tm
 def test_a_gpu_experiment_on_a_machine_without_one_names_trainer_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("diffllm.lit_module.DiffusionLitModule", _no_model)
+    monkeypatch.setattr("diffllm.training.module.DiffusionLitModule", _no_model)
     with pytest.raises(
         NoAcceleratorError, match=r"^trainer.accelerator=gpu .* add trainer=cpu to the command$"
     ):

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from diffllm.ar_generate import ar_generate
-from diffllm.diffusion.sampler import SamplerConfig, generate, left_pad, transfer_schedule
+from diffllm.data.collate import left_pad
+from diffllm.diffusion.sampler import SamplerConfig, generate, transfer_schedule
 from diffllm.diffusion.strategies import STRATEGIES, TokenSampling, choose_positions, filter_logits
+from diffllm.model.ar_generate import ar_generate
 from diffllm.model.attention import causal_attention, is_bidirectional, set_bidirectional
 from diffllm.model.dlm import DiffusionLM
 from tests.conftest import tiny_llama

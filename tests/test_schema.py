@@ -1,4 +1,4 @@
-"""The config schema (diffllm/schema.py): ranges checked before anything loads, the module built
+"""The config schema (diffllm/config/schema.py): ranges checked before anything loads, the module built
 from its nodes, the LR schedule, and files read as data (crafted checkpoints and export cards)."""
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from diffllm.config import CONF_DIR, compose, to_plain
-from diffllm.lit_module import DiffusionLitModule, lr_factor
-from diffllm.schema import (
+from diffllm.config.resolvers import CONF_DIR, compose, to_plain
+from diffllm.config.schema import (
     MODULE_ARGS,
     ConfigError,
     ModuleNode,
@@ -29,6 +28,7 @@ from diffllm.schema import (
     module_args,
     upgrade_model,
 )
+from diffllm.training.module import DiffusionLitModule, lr_factor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,7 +124,7 @@ BAD = [
     ("trainer.max_steps=0", "trainer.max_steps=0", ">= 1"),
     ("++model.attention=sideways", "model.attention='sideways'", "block_causal"),
     ("lora.r=abc", "lora.r", "abc"),
-    ("+data.foo=1", "data.foo", "diffllm/schema.py"),  # an unknown key: a typo, named
+    ("+data.foo=1", "data.foo", "diffllm/config/schema.py"),  # an unknown key: a typo, named
 ]
 
 
@@ -135,14 +135,14 @@ def nothing_loads(monkeypatch):
     def refuse(*_, **__):
         raise AssertionError("the model or the data was loaded before the config was checked")
 
-    monkeypatch.setattr("diffllm.lit_module.build_diffusion_model", refuse)
+    monkeypatch.setattr("diffllm.training.module.build_diffusion_model", refuse)
     monkeypatch.setattr("diffllm.data.datamodule.AlpacaDataModule.__init__", refuse)
-    monkeypatch.setattr("diffllm.train.prepare_assets", lambda cfg: None)
+    monkeypatch.setattr("diffllm.training.run.prepare_assets", lambda cfg: None)
 
 
 @pytest.mark.parametrize("override,named,valid", BAD, ids=[b[0] for b in BAD])
 def test_bad_value_is_refused_before_anything_loads(override, named, valid, nothing_loads):
-    from diffllm.train import train
+    from diffllm.training.run import train
 
     with pytest.raises(ConfigError) as err:
         train(compose([*override.split(), "output_dir=/tmp/unused"]))
@@ -181,7 +181,7 @@ GEN_BAD = [
 
 @pytest.mark.parametrize("override,named", GEN_BAD, ids=[b[0] for b in GEN_BAD])
 def test_generate_refuses_bad_values_before_loading(override, named, tmp_path, monkeypatch):
-    from diffllm import generate
+    from diffllm.cli import generate
 
     monkeypatch.setattr(generate, "load_quietly", lambda *a, **k: pytest.fail("loaded before checking"))
     ckpt = tmp_path / "x.ckpt"
@@ -202,7 +202,7 @@ def test_generate_refuses_bad_values_before_loading(override, named, tmp_path, m
     ],
 )
 def test_evaluate_refuses_bad_values_before_loading(kwargs, named, monkeypatch):
-    from diffllm import evaluate
+    from diffllm.cli import evaluate
 
     monkeypatch.setattr(evaluate, "load_for_inference", lambda *a, **k: pytest.fail("loaded before checking"))
     with pytest.raises(ConfigError) as err:
@@ -255,7 +255,7 @@ def test_registry_is_the_conf_groups_targets():
     assert reg["schedule"] == {
         f"diffllm.diffusion.schedule.{c}Schedule" for c in ("Linear", "Cosine", "LogLinear", "Polynomial")
     }
-    assert "diffllm.objectives.ARObjective" in reg["objective"]
+    assert "diffllm.training.objectives.ARObjective" in reg["objective"]
     assert not any("os." in t or "builtins" in t for ts in reg.values() for t in ts)
 
 
@@ -268,8 +268,8 @@ CRAFTED = [
     ),
     (
         "loss",
-        {"_target_": "diffllm.train.train"},
-        "loss._target_='diffllm.train.train'",
+        {"_target_": "diffllm.training.run.train"},
+        "loss._target_='diffllm.training.run.train'",
     ),  # not in the registry
     (
         "schedule",
@@ -297,7 +297,7 @@ def ckpt_dict(tiny_run):
     "key,node,named", CRAFTED, ids=[c[2].split("=")[0] + "=" + c[1]["_target_"] for c in CRAFTED]
 )
 def test_crafted_checkpoint_is_refused_without_side_effect(key, node, named, ckpt_dict, tmp_path):
-    from diffllm.loading import load_for_inference
+    from diffllm.inference.loading import load_for_inference
 
     sentinel = tmp_path / "sentinel"
     ckpt = {**ckpt_dict, "hyper_parameters": {**ckpt_dict["hyper_parameters"], key: _craft(node, sentinel)}}
@@ -321,7 +321,7 @@ def test_trust_remote_code_from_a_file_is_refused_unless_passed(ckpt_dict, tmp_p
     hp = ckpt_dict["hyper_parameters"]
     crafted = {**hp, "model": {**hp["model"], "trust_remote_code": True}}
     torch.save({**ckpt_dict, "hyper_parameters": crafted}, tmp_path / "remote.ckpt")
-    from diffllm.loading import load_for_inference
+    from diffllm.inference.loading import load_for_inference
 
     with pytest.raises(
         ConfigError, match="model.trust_remote_code=True .* trust_remote_code=true on the command line"
@@ -384,7 +384,7 @@ def _card(ckpt_dict) -> dict:
     ids=["os.system", "builtins.exec", "trust_remote_code", "threshold"],
 )
 def test_crafted_export_card_is_refused_without_side_effect(edit, named, ckpt_dict, tmp_path):
-    from diffllm.loading import load_for_inference
+    from diffllm.inference.loading import load_for_inference
 
     sentinel = tmp_path / "sentinel"
     card = json.loads(json.dumps(_card(ckpt_dict)))
@@ -421,6 +421,39 @@ def test_old_cfg_checkpoint_still_loads(tiny_run, ckpt_dict, tmp_path):
     for key, value in new.state_dict().items():
         assert torch.equal(legacy.state_dict()[key], value), key
     assert math.isclose(legacy.optim.lr, run_config["optimizer"]["lr"])
+
+
+def test_a_checkpoint_written_before_the_layout_move_loads_with_the_same_classes(
+    tiny_run, ckpt_dict, tmp_path
+):
+    """Targets under the modules that moved (``diffllm.objectives``, ``diffllm.callbacks``, ...)
+    name the same classes: the old checkpoint loads, and an unknown module is still refused."""
+    from diffllm.config.schema import MOVED_MODULES, upgrade_targets
+
+    hparams = dict(ckpt_dict["hyper_parameters"])
+    target = hparams["objective"]["_target_"]
+    new_module, _, name = target.rpartition(".")
+    old_module = next(old for old, new in MOVED_MODULES.items() if new == new_module)
+    old = {
+        **ckpt_dict,
+        "hyper_parameters": {
+            **hparams,
+            "objective": {**hparams["objective"], "_target_": f"{old_module}.{name}"},
+        },
+    }
+    torch.save(old, tmp_path / "old.ckpt")
+    legacy = DiffusionLitModule.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
+    assert type(legacy.objective).__name__ == name and legacy.hparams["objective"]["_target_"] == target
+    assert upgrade_targets({"a": [{"_target_": "diffllm.lit_module.X"}]}) == {
+        "a": [{"_target_": "diffllm.training.module.X"}]
+    }
+    crafted = {
+        **ckpt_dict,
+        "hyper_parameters": {**hparams, "objective": {"_target_": "diffllm.nowhere.ARObjective"}},
+    }
+    torch.save(crafted, tmp_path / "crafted.ckpt")
+    with pytest.raises(ConfigError, match="diffllm.nowhere.ARObjective"):
+        DiffusionLitModule.load_from_checkpoint(tmp_path / "crafted.ckpt", map_location="cpu")
 
 
 def test_sampler_config_refuses_a_threshold_it_cannot_compare():

@@ -11,9 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from diffllm.diffusion.likelihood import ar_nll, elbo_nll, validation_seed
 from diffllm.diffusion.schedule import LinearSchedule
-from diffllm.model.attention import set_bidirectional
-from diffllm.model.dlm import DiffusionLM
-from diffllm.scoring import (
+from diffllm.evaluation.scoring import (
     Answers,
     binomial_se,
     end_token_mask,
@@ -24,6 +22,8 @@ from diffllm.scoring import (
     score_batch,
     score_rows,
 )
+from diffllm.model.attention import set_bidirectional
+from diffllm.model.dlm import DiffusionLM
 from tests.conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from diffllm.config import CONF_DIR, register_resolvers
+from diffllm.config.resolvers import CONF_DIR, register_resolvers
 
 
 def test_slurm_launcher_sends_lightnings_requeue_signal_and_never_requeues_itself(tmp_path, monkeypatch):

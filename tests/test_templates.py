@@ -15,7 +15,7 @@ import diffllm
 from diffllm.assets import TINY_AR_BASE
 from diffllm.data.datamodule import Collator, encode_row
 from diffllm.data.template import TemplateError, end_of_answer_id, get_format, render_prompt
-from diffllm.loading import InferenceModel
+from diffllm.inference.loading import InferenceModel
 
 ROW = {"instruction": "Repeat the words.", "input": "hat cat", "output": "hat cat"}
 ROW_NO_INPUT = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}

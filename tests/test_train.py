@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffllm.config import CONF_DIR, compose
-from diffllm.schema import MODULE_ARGS
-from diffllm.train import train
+from diffllm.config.resolvers import CONF_DIR, compose
+from diffllm.config.schema import MODULE_ARGS
+from diffllm.training.run import train
 from tests.conftest import TINY_RUN as TINY
 
 
@@ -74,7 +74,7 @@ def test_tiny_run_trains_checkpoints_and_resumes(tmp_path, capsys):
     assert objs2["trainer"].global_step == 9
 
     # load_from_checkpoint rebuilds the base from model.pretrained and restores the adapters
-    from diffllm.lit_module import DiffusionLitModule
+    from diffllm.training.module import DiffusionLitModule
 
     reloaded = DiffusionLitModule.load_from_checkpoint(ckpt_path, map_location="cpu")
     for name, p in module.named_parameters():

@@ -39,11 +39,11 @@ from diffllm.data.collate import Collator
 from diffllm.data.datamodule import encode_row as encode_for_training
 from diffllm.data.template import get_format, render
 from diffllm.data.tiny_tasks import TASKS, generate_rows, read_jsonl, write_jsonl
-from diffllm.evaluation import answer_tokens, eval_batches
-from diffllm.evaluation import exact_match_by_task as exact_match_per_task
-from diffllm.metrics import exact_match, unigram_cross_entropy
+from diffllm.evaluation.compare import answer_tokens, eval_batches
+from diffllm.evaluation.compare import exact_match_by_task as exact_match_per_task
+from diffllm.evaluation.metrics import exact_match, unigram_cross_entropy
+from diffllm.evaluation.scoring import ar_answers, score_rows
 from diffllm.model.dlm import DiffusionLM
-from diffllm.scoring import ar_answers, score_rows
 
 TEMPLATE = "short"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2

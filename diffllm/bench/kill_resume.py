@@ -18,9 +18,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from diffllm.callbacks import Interrupted
-from diffllm.config import compose
-from diffllm.train import train
+from diffllm.config.resolvers import compose
+from diffllm.training.callbacks import Interrupted
+from diffllm.training.run import train
 
 # A short embedded-default run: validation every 5 steps (10 micro-batches, 2 passes) on one batch, LoRA dropout on, 5 batches
 # per pass with accumulation 2 (passes end mid-window: the resume crosses pass boundaries).

@@ -24,10 +24,10 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 
-from diffllm.config import compose, prepare_assets
-from diffllm.lit_module import DiffusionLitModule
-from diffllm.report import build_report
-from diffllm.validation_samples import ValidationSamples
+from diffllm.config.resolvers import compose, prepare_assets
+from diffllm.evaluation.report import build_report
+from diffllm.training.module import DiffusionLitModule
+from diffllm.training.samples import ValidationSamples
 
 
 class Timer(Callback):

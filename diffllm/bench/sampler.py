@@ -29,7 +29,7 @@ every row of the batch has produced EOS. ``--future visible --block G`` gives LL
 (one block, the whole canvas in view).
 
 The diffusion rows run a copy of the model with the LoRA adapters merged into the weights (what
-``diffllm.export``'s merged folder holds; ``--no-merge`` keeps the adapter layers), the AR row the
+``diffllm.inference.export``'s merged folder holds; ``--no-merge`` keeps the adapter layers), the AR row the
 original weights with the adapters off: both are plain linear layers in the same eager stack.
 
 Tokens/s counts answer-canvas tokens: rows x G for every method, EOS fill included, whether the
@@ -56,11 +56,11 @@ import datasets
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from diffllm.ar_generate import ar_generate
-from diffllm.cli_support import InputError, check_device
 from diffllm.diffusion.sampler import SamplerConfig, generate
-from diffllm.loading import load_quietly, run_datamodule
-from diffllm.metrics import exact_match
+from diffllm.evaluation.metrics import exact_match
+from diffllm.inference.inputs import InputError, check_device
+from diffllm.inference.loading import load_quietly, run_datamodule
+from diffllm.model.ar_generate import ar_generate
 
 NAIVE, SCHEDULE, THRESHOLD, CACHED, AR = "naive", "schedule", "threshold", "threshold+cache", "AR + KV cache"
 DUAL = "threshold+dual cache"

@@ -24,7 +24,7 @@ token ids. Every variant runs the same rows through ``lightning.Trainer.fit`` on
 
 Columns: non-pad tokens/s (what the model learns from), all tokens/s, padding share, MFU and the
 peak memory of the step. MFU = non-pad tokens/s x FLOPs per token / the card's dense bf16 peak;
-FLOPs per token are the training callback's (``diffllm.callbacks.flops_per_token``: 4N + 2
+FLOPs per token are the training callback's (``diffllm.training.callbacks.flops_per_token``: 4N + 2
 N_trainable, N the parameters outside the embeddings and head; about 4N for a frozen base + LoRA);
 the lm_head, computed only at the hidden positions, and the attention scores are left out, so MFU
 is a floor.
@@ -290,7 +290,7 @@ def run_variant(
 
 def bare_loop_tokens_per_s(module, batches: Sequence[dict], warmup: int, lr: float) -> float:
     """The same step without Lightning: keyed draws, forward, backward, clip, AdamW (non-pad tokens/s after warmup)."""
-    from diffllm.distributed import draw_keys
+    from diffllm.training.distributed import draw_keys
 
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -339,7 +339,7 @@ def random_llama_folder(architecture: dict[str, Any], folder: Path, device: torc
 
 
 def compose_run(overrides: list[str]) -> dict[str, Any]:
-    from diffllm.config import compose, to_plain
+    from diffllm.config.resolvers import compose, to_plain
 
     return to_plain(compose(overrides + ["output_dir=" + tempfile.gettempdir()]))
 
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> str:
     steps = args.steps or (10 if cuda else 30)
     warmup = args.warmup or (3 if cuda else 5)
 
-    from diffllm.lit_module import DiffusionLitModule
+    from diffllm.training.module import DiffusionLitModule
 
     with tempfile.TemporaryDirectory() as tmp:
         if llama:
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> str:
             steps=steps, device=device, precision=precision, pad_id=tok.pad_token_id,
             time_limit=args.time_limit, log=log,
         )  # fmt: skip
-        from diffllm.callbacks import flops_per_token
+        from diffllm.training.callbacks import flops_per_token
 
         flops = flops_per_token(module.dlm.model)
         lines = [
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> str:
             "",
             f"device: {torch.cuda.get_device_name(device) if cuda else f'CPU, {torch.get_num_threads()} thread(s)'}; "
             f"torch {torch.__version__}; precision {precision}; {warmup} warm-up + {steps} timed optimizer steps "
-            f"per variant; FLOPs/token = {flops:,} (4N + 2 N_trainable, diffllm.callbacks.flops_per_token)",
+            f"per variant; FLOPs/token = {flops:,} (4N + 2 N_trainable, diffllm.training.callbacks.flops_per_token)",
             "",
             build_table(results, flops, peak_flops(device)),
         ]

@@ -37,3 +37,24 @@ class Collator:
             "answer_mask": answer_mask,
             "score_mask": score_mask,
         }
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids (B, P) and attention mask (B, P), padded on the left."""
+    if not prompts:
+        raise ValueError("prompts is empty; pass a list of token-id lists")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def truncate_at_eos(row: list[int], eos_id: int) -> list[int]:
+    """The tokens before the first ``eos_id`` (all of them when there is none)."""
+    return row[: row.index(eos_id)] if eos_id in row else row

@@ -2,7 +2,7 @@
 
 A prompt of ``p`` tokens and a canvas of ``gen_length`` positions need ``p + gen_length`` positions;
 past the model's ``max_position_embeddings`` a rotary model still runs, and writes garbage. Every
-caller that generates (``diffllm.generate``, ``diffllm.evaluate``, the end-of-run report) passes its
+caller that generates (``diffllm.cli.generate``, ``diffllm.cli.evaluate``, the end-of-run report) passes its
 prompt ids through ``fit_prompts`` first:
 
     overflow="error"          refuse, in one line naming the prompt, its length and the limit

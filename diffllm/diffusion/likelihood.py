@@ -63,7 +63,7 @@ def stratified_times(
 def validation_seed(seed: int, batch_idx: int) -> int:
     """The mask/time seed of validation batch ``batch_idx`` of a run seeded ``seed``.
 
-    Shared by ``DiffusionLitModule.validation_step`` and ``diffllm.evaluate``, so that evaluating a
+    Shared by ``DiffusionLitModule.validation_step`` and ``diffllm.cli.evaluate``, so that evaluating a
     checkpoint on the same rows reproduces its logged ``val/nll_bound`` exactly.
     """
     return seed * 1_000_003 + batch_idx

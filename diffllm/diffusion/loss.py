@@ -15,7 +15,7 @@ A_b is the supervised span (``answer_mask``): the answer, its end token AND the 
 ``data.answer_pad_to`` (1,024 positions for 273 answer tokens on 64 rows of the embedded default).
 So "supervised_tokens" divides by the supervised positions, not by the answer tokens: its value
 is an ELBO per supervised position, not per answer token, and is not comparable with the AR NLL
-per answer token. The figure that is, ``val/nll_bound``, comes from ``diffllm.scoring``: the same
+per answer token. The figure that is, ``val/nll_bound``, comes from ``diffllm.evaluation.scoring``: the same
 ELBO estimated on the whole span and divided by the scored tokens (answer + end token) only.
 (``answer_tokens``, this normalisation's name until issue 12, is still read, with a warning.)
 
@@ -29,7 +29,7 @@ gives a fine training signal but no longer a bound.
 With several rows the ratio sum_b ELBO_b / sum_b |A_b| is a position-weighted average (longer
 spans count more), as in LLaDA. In training, the sums and Z run over the optimizer step's whole
 global batch, all ranks and micro-batches included (``weighted_sum`` per micro-batch, ``count``
-summed into ``diffllm.distributed.GlobalNormaliser``): a step with accumulation k on W ranks takes
+summed into ``diffllm.training.distributed.GlobalNormaliser``): a step with accumulation k on W ranks takes
 the gradient of one batch of all its rows.
 """
 

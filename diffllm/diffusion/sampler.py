@@ -42,7 +42,7 @@ keys/values of the later blocks (the suffix) are kept too, so a later step runs 
 itself (b + shift positions) against prefix + suffix. Approximate for full attention (both sides
 were computed while the block was masked); the benchmark measures its exact-match cost.
 
-Block-diffusion models (``DiffusionLM.block_size``, ``diffllm.diffusion.blocks``) are decoded in
+Block-diffusion models (``DiffusionLM.block_size``, ``diffllm.model.blocks``) are decoded in
 their own blocks (``block_length`` null becomes the model's block size) with block-causal
 attention: the prompt, the committed blocks (clean) and the current block, never a later one.
 ``cache="block"`` is exact: a committed block's clean keys/values never change, so they are computed
@@ -64,9 +64,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from diffllm.config.schema import CACHE_MODES, FUTURE_MODES, check_sampler
+from diffllm.data.collate import left_pad, truncate_at_eos
 from diffllm.diffusion.strategies import STRATEGIES, TokenSampling, choose_positions
 from diffllm.diffusion.trajectory import Trajectory, TrajectoryStep
-from diffllm.schema import CACHE_MODES, FUTURE_MODES, check_sampler
 
 
 @dataclass
@@ -138,7 +139,7 @@ class SamplerConfig:
             raise ValueError(f"top_p must be in (0, 1] or null, got {self.top_p}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {self.cfg_scale}")
-        # the schema's ranges (diffllm.schema.SamplerNode): 0 < threshold <= 1, and only with a
+        # the schema's ranges (diffllm.config.schema.SamplerNode): 0 < threshold <= 1, and only with a
         # strategy whose confidence is a probability
         check_sampler(self)
 
@@ -201,26 +202,6 @@ def transfer_schedule(num_masked: int, steps: int) -> list[int]:
     """k_s = floor(n / S) + [s < n mod S] for s < S: n commits spread evenly, sum k_s = n."""
     base, extra = divmod(num_masked, steps)
     return [base + (1 if s < extra else 0) for s in range(steps)]
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> ids (B, P) and attention mask (B, P), padded on the left."""
-    if not prompts:
-        raise ValueError("prompts is empty; pass a list of token-id lists")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
-
-
-def truncate_at_eos(row: list[int], eos_id: int) -> list[int]:
-    return row[: row.index(eos_id)] if eos_id in row else row
 
 
 def _device(module: nn.Module) -> torch.device:

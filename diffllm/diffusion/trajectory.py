@@ -11,7 +11,7 @@ all steps, and the last step's canvas is the sampler's output canvas.
 
 Statistics of a trajectory (step s commits some answer positions p with a confidence c):
 ``commit_steps`` gives, per position, the step and confidence of its commit; ``commit_grid`` lays
-them out as a (steps x positions) matrix (the heatmap of ``diffllm.viz``); ``order_tau`` is
+them out as a (steps x positions) matrix (the heatmap of ``diffllm.evaluation.plots``); ``order_tau`` is
 Kendall's tau-b between position and commit step: +1 when the answer is unmasked strictly left to
 right (an AR order), about 0 for an order unrelated to position, -1 right to left.
 """

@@ -8,7 +8,7 @@ query i and a key j, given the answer canvas (``canvas``, True on answer positio
     prefix_lm      canvas[i] or not canvas[j]   (the prompt never sees the canvas; the canvas sees all)
     block_causal   the prompt causal; answer blocks of ``block_size``: the block being denoised (the
                    last key's) sees the prompt, the earlier (clean) blocks and itself; a clean block
-                   sees the prompt and the clean blocks up to itself (``diffllm.diffusion.blocks``)
+                   sees the prompt and the clean blocks up to itself (``diffllm.model.blocks``)
 
 ``may_attend`` builds the whole (B, Lq, Lk) pattern in one place: padding AND the mode AND an
 optional extra constraint (attention-mask annealing's draw); ``custom_attention_mask`` converts it
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask
 
-from diffllm.diffusion.blocks import block_causal_pattern
+from diffllm.model.blocks import block_causal_pattern
 
 
 def _configs(model: nn.Module) -> list:
@@ -191,7 +191,7 @@ ATTENTION_MODES: dict[str, Callable[..., torch.Tensor]] = {
     "bidirectional": _bidirectional,
     "prefix_lm": _prefix_lm,
     # the prompt causal, answer blocks of block_size: a block sees the clean blocks before it and
-    # itself (diffllm.diffusion.blocks; trained on the two-copy layout, DiffusionLM.noised_logits)
+    # itself (diffllm.model.blocks; trained on the two-copy layout, DiffusionLM.noised_logits)
     "block_causal": _block_causal,
 }
 

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffllm.diffusion.blocks import two_copy_layout, two_copy_sources
 from diffllm.model.attention import (
     NATIVE_MODES,
     attention_switch,
@@ -25,6 +24,7 @@ from diffllm.model.attention import (
     custom_attention_mask,
     may_attend,
 )
+from diffllm.model.blocks import two_copy_layout, two_copy_sources
 
 
 def source_positions(targets: torch.Tensor, shift: bool) -> torch.Tensor:
@@ -221,7 +221,7 @@ class DiffusionLM(nn.Module):
 
         The denoising forward of training and of the bound. Every mode but ``block_causal``: one pass
         over ``xt`` (``logits_at``). A block model: one pass over the two-copy sequence (clean ``x0``
-        then the noised answer, ``diffllm.diffusion.blocks``), the logits read at
+        then the noised answer, ``diffllm.model.blocks``), the logits read at
         ``two_copy_sources`` (the first token of a block from the clean copy of the token before it).
         """
         if self.block_size is None:

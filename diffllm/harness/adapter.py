@@ -50,8 +50,8 @@ from tqdm import tqdm
 
 from diffllm.diffusion.likelihood import elbo_nll
 from diffllm.diffusion.sampler import SamplerConfig, generate
-from diffllm.loading import InferenceModel, load_for_inference
-from diffllm.scoring import EVAL_SCHEDULE
+from diffllm.evaluation.scoring import EVAL_SCHEDULE
+from diffllm.inference.loading import InferenceModel, load_for_inference
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from diffllm.config.paths import CONF_DIR
 from diffllm.data.prompt_fit import PROMPT_OVERFLOW
 from diffllm.data.template import TEMPLATES, TemplateError, get_format
 from diffllm.diffusion.loss import NORMALISATIONS, RENAMED_NORMALISATIONS, WEIGHTINGS
 from diffllm.diffusion.strategies import STRATEGIES
 from diffllm.model.attention import attention_mode
-from diffllm.paths import CONF_DIR
 
 
 class ConfigError(ValueError):
@@ -193,7 +193,7 @@ class DataNode:
 # -- optimisation ------------------------------------------------------------------------------------
 @dataclass
 class OptimizerNode:
-    """AdamW + linear warm-up then cosine decay (``diffllm.lit_module.lr_factor``)."""
+    """AdamW + linear warm-up then cosine decay (``diffllm.training.module.lr_factor``)."""
 
     lr: float = 3.0e-3
     weight_decay: float = 0.0
@@ -393,7 +393,7 @@ class ValLikelihoodNode:
 
 @dataclass
 class QualityNode:
-    """Reference-free answer quality and the quality-vs-compute table (``diffllm.quality``)."""
+    """Reference-free answer quality and the quality-vs-compute table (``diffllm.evaluation.quality``)."""
 
     enabled: bool = True
     rows: int = 16
@@ -411,7 +411,7 @@ class QualityNode:
 
 @dataclass
 class ReportNode:
-    """The end-of-run report (``diffllm.report``)."""
+    """The end-of-run report (``diffllm.evaluation.report``)."""
 
     enabled: bool = True
     num_rows: int = 64
@@ -421,7 +421,7 @@ class ReportNode:
     prompt_overflow: str = "truncate_left"
     # the gap decomposed: the diffusion model's left-to-right NLL (diffllm.diffusion.order)
     order_nll: bool = True
-    # reference-free quality and quality vs compute (diffllm.quality): enabled, rows, tokens_per_step
+    # reference-free quality and quality vs compute (diffllm.evaluation.quality): enabled, rows, tokens_per_step
     quality: QualityNode = field(default_factory=lambda: QualityNode())
 
     def __post_init__(self) -> None:
@@ -442,14 +442,16 @@ class ReportNode:
 
 @dataclass
 class ModuleNode:
-    """``diffllm.lit_module.DiffusionLitModule``: its constructor arguments are exactly these keys."""
+    """``diffllm.training.module.DiffusionLitModule``: its constructor arguments are exactly these keys."""
 
-    _target_: str = "diffllm.lit_module.DiffusionLitModule"
+    _target_: str = "diffllm.training.module.DiffusionLitModule"
     _recursive_: bool = False
     model: ModelNode = MISSING
     lora: LoraNode | None = None
     data: DataNode = field(default_factory=DataNode)
-    objective: TargetNode = field(default_factory=lambda: TargetNode("diffllm.objectives.DiffusionObjective"))
+    objective: TargetNode = field(
+        default_factory=lambda: TargetNode("diffllm.training.objectives.DiffusionObjective")
+    )
     schedule: Any = field(default_factory=lambda: {"_target_": ScheduleNode._target_})  # SCHEDULE_NODES
     time_sampler: TimeSamplerNode = field(default_factory=TimeSamplerNode)
     loss: LossNode = field(default_factory=LossNode)
@@ -474,7 +476,9 @@ class TrainNode:
     model: ModelNode = MISSING
     lora: LoraNode | None = None
     data: DataNode = field(default_factory=DataNode)
-    objective: TargetNode = field(default_factory=lambda: TargetNode("diffllm.objectives.DiffusionObjective"))
+    objective: TargetNode = field(
+        default_factory=lambda: TargetNode("diffllm.training.objectives.DiffusionObjective")
+    )
     schedule: Any = field(default_factory=lambda: {"_target_": ScheduleNode._target_})  # SCHEDULE_NODES
     time_sampler: TimeSamplerNode = field(default_factory=TimeSamplerNode)
     loss: LossNode = field(default_factory=LossNode)
@@ -542,7 +546,7 @@ def check_node(schema: type, values: dict[str, Any], source: str | Path | None =
         key = getattr(err, "full_key", None) or "?"
         msg = str(getattr(err, "msg", None) or err).splitlines()[0]
         if " not in '" in msg:  # an unknown key: a typo, or a key the schema must learn
-            msg += " (the keys and their ranges: diffllm/schema.py)"
+            msg += " (the keys and their ranges: diffllm/config/schema.py)"
         raise ConfigError(f"refused {source}: {key}: {msg}" if source else f"{key}: {msg}") from None
     except ConfigError as err:
         raise ConfigError(f"refused {source}: {err}" if source else str(err)) from None
@@ -628,7 +632,7 @@ TARGET_GROUPS = (
 def allowed_targets() -> dict[str, frozenset[str]]:
     """{group: the ``_target_`` values its ``conf/<group>/*.yaml`` options name}: the registry of what
     a file may ask to build. ``module`` holds the LightningModule itself."""
-    out: dict[str, set[str]] = {"module": {"diffllm.lit_module.DiffusionLitModule"}}
+    out: dict[str, set[str]] = {"module": {"diffllm.training.module.DiffusionLitModule"}}
     for group in TARGET_GROUPS:
         targets: set[str] = set()
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
@@ -681,11 +685,38 @@ def check_targets(node: Any, source: str, key: str = "") -> None:
         )
 
 
+# Modules that moved (the layout by layer): a ``_target_`` written under an old path names the same
+# class under its new one. Files keep their old meaning; the registry only holds today's paths.
+MOVED_MODULES = {
+    "diffllm.lit_module": "diffllm.training.module",
+    "diffllm.objectives": "diffllm.training.objectives",
+    "diffllm.callbacks": "diffllm.training.callbacks",
+    "diffllm.trainer": "diffllm.training.trainer",
+    "diffllm.validation_samples": "diffllm.training.samples",
+}
+
+
+def upgrade_targets(node: Any) -> Any:
+    """``node`` with every ``_target_`` under a moved module rewritten to the module's new path."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k == "_target_" and isinstance(v, str):
+                module, _, name = v.rpartition(".")
+                v = f"{MOVED_MODULES[module]}.{name}" if module in MOVED_MODULES else v
+            out[k] = upgrade_targets(v)
+        return out
+    if isinstance(node, list):
+        return [upgrade_targets(v) for v in node]
+    return node
+
+
 def check_untrusted(
     cfg: dict[str, Any], source: str | Path, *, trust_remote_code: bool = False
 ) -> dict[str, Any]:
     """A config read from a file (checkpoint hyperparameters, an export card's ``run_config``) ->
-    the same values, upgraded (legacy ``prefix_lm``) and checked before anything is built.
+    the same values, upgraded (legacy ``prefix_lm``, targets under moved modules) and checked before
+    anything is built.
 
     Refuses (``ConfigError``, naming key and value): a ``_target_`` outside the registry, an
     interpolation, ``model.trust_remote_code: true`` unless ``trust_remote_code`` (the user's own
@@ -696,8 +727,8 @@ def check_untrusted(
             f"refused {source}: its config is a {type(cfg).__name__}, not a mapping of plain values"
         )
     _plain_only(cfg, str(source))
-    check_targets(cfg, str(source))
-    out = dict(cfg)
+    out = upgrade_targets(cfg)
+    check_targets(out, str(source))
     if isinstance(out.get("model"), dict):
         out["model"] = upgrade_model(out["model"])
         if out["model"].get("trust_remote_code") and not trust_remote_code:
@@ -795,13 +826,17 @@ def check_positive(values: dict[str, Any]) -> None:
         _require(ok, key, value, "an integer >= 1" + (" or null" if key != "gen_batch_size" else ""))
 
 
-def check_card(card: dict[str, Any], source: str | Path, *, trust_remote_code: bool = False) -> None:
-    """An export card (``diffllm.json``) read as data: plain values, registry targets only, its
-    ``run_config`` / ``model`` / ``lora`` / ``sampler`` against the schema, and its
-    ``model.trust_remote_code`` refused unless the user passed ``trust_remote_code``."""
+def check_card(
+    card: dict[str, Any], source: str | Path, *, trust_remote_code: bool = False
+) -> dict[str, Any]:
+    """An export card (``diffllm.json``) read as data -> the card with targets under moved modules
+    upgraded: plain values, registry targets only, its ``run_config`` / ``model`` / ``lora`` /
+    ``sampler`` against the schema, and its ``model.trust_remote_code`` refused unless the user
+    passed ``trust_remote_code``."""
     if not isinstance(card, dict):
         raise ConfigError(f"refused {source}: its card is a {type(card).__name__}, not a mapping")
     _plain_only(card, str(source))
+    card = upgrade_targets(card)
     check_targets(card, str(source))
     if isinstance(card.get("run_config"), dict) and card["run_config"]:
         check_untrusted(card["run_config"], source, trust_remote_code=trust_remote_code)
@@ -819,3 +854,4 @@ def check_card(card: dict[str, Any], source: str | Path, *, trust_remote_code: b
         check_node(LoraNode, card["lora"], str(source))
     if isinstance(card.get("sampler"), dict):
         check_node(SamplerNode, card["sampler"], str(source))
+    return card

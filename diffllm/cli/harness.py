@@ -8,9 +8,9 @@
         --tasks diffllm_tiny_mc --limit 60                           # AR-SFT: merged into <ckpt>.hf/ first
     diffllm-harness ...                                               # the same, as a console script
 
-It imports ``diffllm.eval.lm_eval_adapter`` (which registers ``diffllm_mdlm``), adds
+It imports ``diffllm.harness.adapter`` (which registers ``diffllm_mdlm``), adds
 ``--model diffllm_mdlm`` when no ``--model`` is given and the project's tasks folder
-(``diffllm/eval/tasks``: ``diffllm_tiny_mc``, ``diffllm_tiny_gen``) as ``--include_path`` (unless
+(``diffllm/harness/tasks``: ``diffllm_tiny_mc``, ``diffllm_tiny_gen``) as ``--include_path`` (unless
 you pass your own folder: lm-eval reads one), then
 hands every argument to lm-eval's CLI (``lm_eval.__main__.cli_evaluate``): all its options work.
 Needs the ``harness`` extra (``pip install 'diffllm[harness]'``).
@@ -21,13 +21,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from diffllm.eval.hf_folder import ar_sft_folder
+from diffllm.harness.hf_folder import ar_sft_folder
 
 
 def harness_argv(argv: Sequence[str], tasks_dir: str) -> list[str]:
     """lm-eval's arguments: the ``run`` subcommand unless another is given, ``--model diffllm_mdlm`` unless
     given, ``--include_path <tasks_dir>`` unless given (lm-eval takes one folder)."""
-    from diffllm.eval.lm_eval_adapter import MODEL_NAME
+    from diffllm.harness.adapter import MODEL_NAME
 
     args = list(argv)
     if args and args[0] in ("ls", "validate", "run"):
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         from lm_eval.__main__ import cli_evaluate
 
-        from diffllm.eval.lm_eval_adapter import TASKS_DIR
+        from diffllm.harness.adapter import TASKS_DIR
     except ImportError as err:
         print(
             f"error: {err}; the harness needs lm-eval: pip install 'diffllm[harness]' (or -e '.[harness]')",

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from diffllm.diffusion.sampler import left_pad, truncate_at_eos
+from diffllm.data.collate import left_pad, truncate_at_eos
 from diffllm.model.attention import causal_attention
 from diffllm.model.dlm import ar_mode
 

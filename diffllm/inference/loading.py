@@ -3,12 +3,12 @@
 ``load_for_inference(path)`` is what the CLIs (generate, evaluate, export, the sampler bench) and
 notebooks call:
 
-* ``*.ckpt`` written by ``diffllm.train``: the base is rebuilt from the config's
+* ``*.ckpt`` written by a training run (``diffllm.training.checkpoints.load_checkpoint``): the base is rebuilt from the config's
   ``model.pretrained`` and the trainable weights (adapters, [MASK] row) are restored;
-* a folder written by ``diffllm.export`` (merged model or PEFT adapter + ``diffllm.json``, the
-  card this module reads and ``diffllm.export`` writes).
+* a folder written by ``python -m diffllm.export`` (merged model or PEFT adapter + ``diffllm.json``,
+  the card this module reads and ``diffllm.inference.export`` writes).
 
-``load_ar_sft`` loads the AR-SFT baseline (an ``objective=ar`` checkpoint), ``run_datamodule``
+``run_datamodule``
 rebuilds a run's datamodule from its config, ``ar_baseline_model`` gives the model whose
 adapters-off causal mode is the original AR model.
 """
@@ -30,19 +30,18 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from diffllm.config import register_resolvers
+from diffllm.config.schema import check_card
 from diffllm.data.template import end_of_answer_id
 from diffllm.diffusion.sampler import SamplerConfig
-from diffllm.lit_module import DiffusionLitModule
 from diffllm.model.attention import attention_of, set_bidirectional
 from diffllm.model.dlm import DiffusionLM
 from diffllm.model.load import ModelLoadError, build_diffusion_model, load_tokenizer, resolve_dtype
-from diffllm.objectives import ARObjective, objective_of
-from diffllm.schema import check_card
+from diffllm.training.checkpoints import load_checkpoint
+from diffllm.training.objectives import ARObjective
 
 log = logging.getLogger(__name__)
 
-# The export card: diffllm.export writes it, this module reads it.
+# The export card: diffllm.inference.export writes it, this module reads it.
 CARD = "diffllm.json"
 FORMAT = "diffllm-export/1"
 KINDS = ("adapter", "merged")
@@ -82,25 +81,16 @@ def load_for_inference(
     """A checkpoint (``.ckpt``) or an exported folder -> ``InferenceModel`` in eval mode on ``device``.
 
     The file is data: its config is checked against the schema before anything is built
-    (``diffllm.schema.check_untrusted`` / ``check_card``); a ``model.trust_remote_code: true`` in it
+    (``diffllm.config.schema.check_untrusted`` / ``check_card``); a ``model.trust_remote_code: true`` in it
     is refused unless the caller passes ``trust_remote_code=True`` (the user's command line).
 
     An AR-SFT checkpoint (``objective=ar``) is refused unless ``allow_ar_sft``: it is a causal model,
-    the baseline that ``load_ar_sft`` loads, not a diffusion model for the sampler.
+    the baseline that ``diffllm.training.checkpoints.load_ar_sft`` loads, not a diffusion model for the sampler.
     """
     path = Path(path)
     if path.is_dir():
         return load_exported(path, device=device, trust_remote_code=trust_remote_code)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"ckpt_path={str(path)!r} does not exist; pass a .ckpt from a run folder "
-            "(outputs/<date>/<time>/checkpoints/last.ckpt) or a folder written by diffllm.export"
-        )
-    register_resolvers()
-    module = DiffusionLitModule.load_from_checkpoint(
-        path, map_location=device, trust_remote_code=trust_remote_code
-    )
-    module.eval()
+    module = load_checkpoint(path, device=device, trust_remote_code=trust_remote_code)
     cfg = module.cfg
     if isinstance(module.objective, ARObjective) and not allow_ar_sft:
         raise ValueError(
@@ -123,41 +113,8 @@ def load_quietly(
     read from the checkpoint (Lightning lists every one of them), and the weight-loading bar."""
     hf_logging.disable_progress_bar()
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="Found keys that are in the model state dict but not in the checkpoint"
-        )
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         return load_for_inference(path, device=device, trust_remote_code=trust_remote_code)
-
-
-def load_ar_sft(
-    path: str | Path,
-    tokenizer: PreTrainedTokenizerBase,
-    device: str | torch.device = "cpu",
-    *,
-    trust_remote_code: bool = False,
-) -> DiffusionLM:
-    """The model of an AR-SFT checkpoint (a run with ``objective=ar``), checked to score the same
-    token ids as ``tokenizer`` (the diffusion model's): same vocabulary, [MASK] included."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(
-            f"ar_ckpt_path={str(path)!r} is a folder; pass the .ckpt of an objective=ar run "
-            "(outputs/<date>/<time>/checkpoints/last.ckpt)"
-        )
-    im = load_for_inference(path, device=device, allow_ar_sft=True, trust_remote_code=trust_remote_code)
-    objective = objective_of(im.cfg)
-    if not isinstance(objective, ARObjective):
-        raise ValueError(
-            f"ar_ckpt_path={str(path)!r} was trained with {objective!r}, not the AR-SFT baseline; "
-            "pass a checkpoint of a run with objective=ar"
-        )
-    if im.tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
-            f"ar_ckpt_path={str(path)!r} has another vocabulary ({len(im.tokenizer)} tokens vs "
-            f"{len(tokenizer)}): train the AR-SFT baseline on the same model.pretrained"
-        )
-    return im.dlm
 
 
 def ar_baseline_model(im: InferenceModel, device: str | torch.device) -> DiffusionLM | None:
@@ -243,7 +200,7 @@ def load_exported(
     folder, card = read_card(folder)
     # the card is data: checked against the schema before anything is built; its own
     # trust_remote_code is refused unless the user passed it
-    check_card(card, folder / CARD, trust_remote_code=trust_remote_code)
+    card = check_card(card, folder / CARD, trust_remote_code=trust_remote_code)
     model_cfg = dict(card["model"])
     model_cfg["trust_remote_code"] = trust_remote_code
     if card["kind"] == "merged":

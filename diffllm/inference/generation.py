@@ -1,6 +1,6 @@
-"""Answers from a loaded diffusion model: the Python API behind ``diffllm.generate`` and notebooks.
+"""Answers from a loaded diffusion model: the Python API behind ``diffllm.cli.generate`` and notebooks.
 
-    model = load_for_inference(path)            # diffllm.loading
+    model = load_for_inference(path)            # diffllm.inference.loading
     rows = generate_answers(model, ["Reverse these words: a b c"], sampler_overrides={"steps": 8})
     rows[0]["answer"], rows[0]["trajectory"]
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from diffllm.ar_generate import ar_generate
-from diffllm.cli_support import InputError
 from diffllm.data.prompt_fit import PromptTooLongError, context_limit, fit_prompts
 from diffllm.data.template import get_format
 from diffllm.diffusion.sampler import generate
-from diffllm.loading import InferenceModel
+from diffllm.inference.inputs import InputError
+from diffllm.inference.loading import InferenceModel
+from diffllm.model.ar_generate import ar_generate
 
 
 def generate_answers(

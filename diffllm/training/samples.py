@@ -7,7 +7,7 @@ and write a table of (step, prompt, generated, reference) to every logger in the
 a CSV file (``val_samples.csv`` in the logger's folder), TensorBoard text, a W&B table.
 
 With ``quality_rows > 0`` (a diffusion run) it also logs the reference-free quality of the first
-``quality_rows`` answers (``diffllm.quality``): ``val/ar_scored_nll``, ``val/ar_agreement``,
+``quality_rows`` answers (``diffllm.evaluation.quality``): ``val/ar_scored_nll``, ``val/ar_agreement``,
 ``val/eos_rate``, ``val/repetition``, ``val/answer_length``, at the cost of one AR greedy decode.
 """
 
@@ -22,9 +22,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from diffllm.metrics import exact_match, rouge_l
-from diffllm.quality import head, reference_free
-from diffllm.scoring import Answers, ar_answers
+from diffllm.evaluation.metrics import exact_match, rouge_l
+from diffllm.evaluation.quality import head, reference_free
+from diffllm.evaluation.scoring import Answers, ar_answers
 
 QUALITY_KEYS = ("ar_scored_nll", "ar_agreement", "eos_rate", "repetition", "answer_length")
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffllm.loading import load_for_inference
+from diffllm.inference.loading import load_for_inference
 from diffllm.model.attention import set_bidirectional
-from diffllm.objectives import ARObjective, objective_of
+from diffllm.training.objectives import ARObjective, objective_of
 
 
 def ar_sft_folder(ckpt_path: str | Path, out_dir: str | Path | None = None, overwrite: bool = False) -> Path:

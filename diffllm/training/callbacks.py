@@ -4,7 +4,7 @@ Checkpoints that survive: ``PeriodicCheckpoint`` (every N optimizer steps, and `
 current whenever training stops), ``BestCheckpoint`` (``best.ckpt`` by the objective's own
 validation NLL), ``StopOnSignal`` (SIGTERM/SIGINT: checkpoint at the next step boundary, exit
 128 + signal), ``NonFiniteGuard`` (a NaN/inf step is skipped and counted; N in a row stop the run).
-Every checkpoint goes through the Trainer's ``diffllm.trainer.AtomicCheckpointIO``.
+Every checkpoint goes through the Trainer's ``diffllm.training.trainer.AtomicCheckpointIO``.
 
 ``TokenThroughput`` logs what a GPU run is judged by: tokens/s (every position of the padded
 batch, what the GPU computes), non-pad tokens/s (what the data holds), the padding fraction and
@@ -39,7 +39,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from typing_extensions import override
 
-from diffllm.lit_module import VAL_METRICS
+from diffllm.training.module import VAL_METRICS
 
 
 def _embedding_param_ids(model: nn.Module) -> set[int]:

@@ -1,8 +1,8 @@
 """Plots behind the denoising-trajectory notebook and the evaluation report.
 
 The numbers they draw come from ``diffllm.diffusion.trajectory`` (commit order, Kendall tau) and
-``diffllm.evaluate`` (NLL by length, quality vs steps); the notebook's own helpers are in
-``diffllm.notebook``. Plots are drawn on ``matplotlib.figure.Figure`` objects, never through
+``diffllm.cli.evaluate`` (NLL by length, quality vs steps); the notebook's own helpers are in
+``diffllm.inference.notebook``. Plots are drawn on ``matplotlib.figure.Figure`` objects, never through
 ``pyplot``, so no global backend is touched: ``fig.savefig`` renders with Agg, and a notebook shows
 a returned figure through its inline backend.
 """

@@ -14,7 +14,7 @@
   padding is a diffusion device (the canvas length); a causal model stops at its first end token.
 
 Each objective also names the row its model fills in the scoring core (``role``: a key of
-``diffllm.scoring.score_batch``) and decodes answers its own way, so the LightningModule,
+``diffllm.evaluation.scoring.score_batch``) and decodes answers its own way, so the LightningModule,
 the report and ``evaluate`` never branch on the objective.
 """
 
@@ -28,8 +28,8 @@ import torch
 from diffllm.diffusion.keys import DrawKeys
 from diffllm.diffusion.likelihood import causal_token_ce
 from diffllm.diffusion.sampler import SamplerConfig
+from diffllm.evaluation.scoring import Answers, ar_answers, diffusion_answers
 from diffllm.model.dlm import DiffusionLM
-from diffllm.scoring import Answers, ar_answers, diffusion_answers
 
 
 class DiffusionObjective:
@@ -128,7 +128,7 @@ OBJECTIVES: dict[str, type] = {
 def objective_of(cfg: Mapping[str, Any]) -> DiffusionObjective | ARObjective:
     """The objective a run config (or checkpoint config) trained with; configs older than the
     ``objective`` group trained the diffusion one."""
-    node = cfg.get("objective") or {"_target_": "diffllm.objectives.DiffusionObjective"}
+    node = cfg.get("objective") or {"_target_": "diffllm.training.objectives.DiffusionObjective"}
     target = node.get("_target_")
     if target not in OBJECTIVES:
         raise ValueError(f"objective._target_={target!r} is not one of {sorted(OBJECTIVES)}")

@@ -45,12 +45,12 @@ import numpy as np
 import torch
 from torchmetrics.functional.text.rouge import rouge_score
 
-from diffllm.ar_generate import ar_generate
 from diffllm.diffusion.likelihood import causal_token_ce, elbo_nll, validation_seed
 from diffllm.diffusion.order import order_nll
 from diffllm.diffusion.sampler import SamplerConfig, generate
 from diffllm.diffusion.schedule import LinearSchedule
-from diffllm.metrics import exact_match, normalise
+from diffllm.evaluation.metrics import exact_match, normalise
+from diffllm.model.ar_generate import ar_generate
 from diffllm.model.dlm import DiffusionLM
 
 # The schedule every reported bound is computed on (validation, report, evaluate).

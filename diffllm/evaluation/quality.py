@@ -30,8 +30,15 @@ import torch
 from diffllm.diffusion.likelihood import _row_sums, causal_token_ce
 from diffllm.diffusion.order import mean_over_orders, order_nll  # noqa: F401  (re-exported)
 from diffllm.diffusion.sampler import SamplerConfig, block_config
+from diffllm.evaluation.scoring import (
+    Answers,
+    binomial_se,
+    diffusion_answers,
+    mean_se,
+    ratio_mean_se,
+    row_matches,
+)
 from diffllm.model.dlm import DiffusionLM
-from diffllm.scoring import Answers, binomial_se, diffusion_answers, mean_se, ratio_mean_se, row_matches
 
 # ----------------------------------------------------------------------------------- reference-free
 

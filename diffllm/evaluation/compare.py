@@ -1,8 +1,8 @@
-"""One evaluation of "diffusion vs AR", on top of the scoring core (``diffllm.scoring``).
+"""One evaluation of "diffusion vs AR", on top of the scoring core (``diffllm.evaluation.scoring``).
 
 Every figure the project reports comes through here: validation
 (``DiffusionLitModule.validation_step`` -> ``validation_scores``), the end-of-run report
-(``report.build_report`` -> ``compare``), ``diffllm.evaluate`` (``compare`` plus its extras) and
+(``report.build_report`` -> ``compare``), ``diffllm.cli.evaluate`` (``compare`` plus its extras) and
 the tiny-asset builder (``ar_answer_nll``, ``ar_answers``, ``exact_match_by_task``,
 ``unigram_cross_entropy``). So the choices are made once:
 
@@ -24,10 +24,9 @@ import torch
 
 from diffllm.diffusion.likelihood import validation_seed
 from diffllm.diffusion.sampler import SamplerConfig
-from diffllm.metrics import exact_match, unigram_cross_entropy
-from diffllm.model.dlm import DiffusionLM
-from diffllm.quality import answer_quality, quality_vs_compute
-from diffllm.scoring import (
+from diffllm.evaluation.metrics import exact_match, unigram_cross_entropy
+from diffllm.evaluation.quality import answer_quality, quality_vs_compute
+from diffllm.evaluation.scoring import (
     EVAL_SCHEDULE,
     Answers,
     ar_answers,
@@ -38,6 +37,7 @@ from diffllm.scoring import (
     score_batch,
     score_rows,
 )
+from diffllm.model.dlm import DiffusionLM
 
 __all__ = [
     "DEFAULT_LIKELIHOOD",
@@ -192,7 +192,7 @@ def compare(
     ``order_nll``: the diffusion model's left-to-right NLL too (the gap decomposed, ``diffusion.order``);
     ``quality`` (``enabled``, ``rows``, ``tokens_per_step``): reference-free answer quality of every
     model's answers and the diffusion sampler's quality vs compute on the first ``rows`` prompts,
-    both scored by ``ar_base`` (``diffllm.quality``).
+    both scored by ``ar_base`` (``diffllm.evaluation.quality``).
     """
     models = {"diffusion": diffusion, "ar_base": ar_base, "ar_sft": ar_sft}
     models = {k: m for k, m in models.items() if m is not None}

@@ -1,30 +1,13 @@
-"""What the command lines share (generate, evaluate, export, the benchmarks): bad-input errors,
-device checks, reading ``key=???`` nodes. A library module: no CLI imports another CLI, they all
-import this."""
+"""What the command lines share: reading ``key=???`` nodes (keep the checkpoint's value). No CLI
+imports another CLI; they all import this. Bad-input errors and device checks are
+``diffllm.inference.inputs`` (the library raises them too)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-
-EXIT_BAD_INPUT = 2
-
-
-class InputError(ValueError):
-    """Bad user input; a CLI prints the message (no traceback) and exits with ``EXIT_BAD_INPUT``."""
-
-
-def check_device(device: str) -> None:
-    """Refuse a device string torch does not know, or CUDA where there is none."""
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device={device!r} but CUDA is not available here; pass device=cpu")
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"device={device!r} is not a torch device; pass device=cpu or device=cuda") from None
 
 
 def is_set(cfg: DictConfig, key: str) -> bool:

@@ -2,7 +2,7 @@
 
 Sampling with a recorded trajectory, every strategy side by side, their table, and the bootstrap
 that finds or trains a checkpoint. The statistics are in ``diffllm.diffusion.trajectory``, the
-plots in ``diffllm.viz``. This module imports the training entry point (``diffllm.train.train``)
+plots in ``diffllm.evaluation.plots``. This module imports the training entry point (``diffllm.training.run.train``)
 for the bootstrap; no other module imports this one.
 """
 
@@ -16,17 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from diffllm.config import compose
+from diffllm.config.resolvers import compose
 from diffllm.diffusion.sampler import generate
 from diffllm.diffusion.strategies import STRATEGIES
 from diffllm.diffusion.trajectory import Trajectory, answer_text, order_tau
-from diffllm.train import train
+from diffllm.training.run import train
 
 
 def trajectories(model: Any, prompt_ids: Sequence[list[int]], config: Any, seed: int = 0) -> list[Trajectory]:
     """Sample answers for ``prompt_ids`` with ``config`` (a SamplerConfig), recording every step.
 
-    ``model`` is an ``InferenceModel`` (``diffllm.loading.load_for_inference``).
+    ``model`` is an ``InferenceModel`` (``diffllm.inference.loading.load_for_inference``).
     """
     tok = model.tokenizer
     out = generate(

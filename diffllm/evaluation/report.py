@@ -6,7 +6,7 @@ model trained at equal budget (``objective=ar``, ``report.ar_ckpt_path``): the b
 the real price of the conversion. Plus the answers' unigram cross-entropy as the no-context
 reference, generation quality (exact match, ROUGE-L, answer length, EOS rate) of every model, and
 exact-match differences against AR-SFT. Every figure carries its standard error; the figures
-come from ``diffllm.evaluation.compare`` (as ``diffllm.evaluate``'s), ``report.json`` also records
+come from ``diffllm.evaluation.compare.compare`` (as ``diffllm.cli.evaluate``'s), ``report.json`` also records
 its provenance.
 """
 
@@ -23,15 +23,15 @@ from typing import Any
 import torch
 
 from diffllm.data.prompt_fit import fit_prompt_rows
-from diffllm.evaluation import EVAL_SCHEDULE, compare, likelihood_settings
+from diffllm.evaluation.compare import EVAL_SCHEDULE, compare, likelihood_settings
+from diffllm.evaluation.quality import quality_tables
 from diffllm.model.dlm import DiffusionLM
-from diffllm.quality import quality_tables
 
 
 def provenance(device: torch.device | str, wall_seconds: float, tokens_seen: int | None) -> dict[str, Any]:
     """Where a figure came from: git commit (None outside a checkout), package versions, device,
     wall time, training tokens seen (non-pad tokens of every training batch)."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     commit = dirty = None
     try:
         commit = subprocess.run(
@@ -85,7 +85,7 @@ def build_report(
 ) -> dict[str, Any]:
     """Likelihoods and generation quality of ``module`` (a DiffusionLitModule) on ``num_rows`` val rows.
 
-    Rows (``diffllm.scoring``): the module's own model (the diffusion bound, or the AR-SFT NLL for an
+    Rows (``diffllm.evaluation.scoring``): the module's own model (the diffusion bound, or the AR-SFT NLL for an
     objective=ar run), the unadapted base with and without the end token, and ``ar_sft`` (an AR-SFT
     model on the same tokenizer, e.g. ``report.ar_ckpt_path``) when given. Batches of
     ``data.eval_batch_size`` rows, batch i seeded ``validation_seed(seed, i)``. Prompts longer than

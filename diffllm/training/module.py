@@ -23,18 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from diffllm.data.template import end_of_answer_id
-from diffllm.diffusion.blocks import check_block_size
-from diffllm.diffusion.forward import forward_process, keyed_forward_process
-from diffllm.diffusion.keys import DrawKeys, key_seed
-from diffllm.diffusion.likelihood import validation_seed
-from diffllm.diffusion.sampler import generate
-from diffllm.distributed import GlobalNormaliser, draw_keys, nominal_batch_size
-from diffllm.evaluation import validation_scores
-from diffllm.model.attention import attention_of
-from diffllm.model.load import build_diffusion_model, trainable_line
-from diffllm.objectives import objective_of
-from diffllm.schema import (
+from diffllm.config.schema import (
     MODULE_ARGS,
     OptimizerNode,
     ValLikelihoodNode,
@@ -42,7 +31,18 @@ from diffllm.schema import (
     read_hparams,
     upgrade_model,
 )
-from diffllm.scoring import TOKENS_OF
+from diffllm.data.template import end_of_answer_id
+from diffllm.diffusion.forward import forward_process, keyed_forward_process
+from diffllm.diffusion.keys import DrawKeys, key_seed
+from diffllm.diffusion.likelihood import validation_seed
+from diffllm.diffusion.sampler import generate
+from diffllm.evaluation.compare import validation_scores
+from diffllm.evaluation.scoring import TOKENS_OF
+from diffllm.model.attention import attention_of
+from diffllm.model.blocks import check_block_size
+from diffllm.model.load import build_diffusion_model, trainable_line
+from diffllm.training.distributed import GlobalNormaliser, draw_keys, nominal_batch_size
+from diffllm.training.objectives import objective_of
 
 # scoring-core row -> validation metric (per token, nats)
 VAL_METRICS = {
@@ -78,7 +78,7 @@ def _plain(node: Any) -> Any:
 class DiffusionLitModule(L.LightningModule):
     """Masked-diffusion fine-tuning of a bidirectional LoRA-adapted causal LM.
 
-    Every argument is a config node (``diffllm.schema.ModuleNode``; ``conf/train.yaml``'s
+    Every argument is a config node (``diffllm.config.schema.ModuleNode``; ``conf/train.yaml``'s
     ``module``, instantiated with ``_recursive_: false``), saved as plain hyperparameters, so
     ``load_from_checkpoint(path)`` rebuilds the same run. Checkpoints written before this
     signature (one ``cfg`` hyperparameter holding the whole run config) load too.
@@ -168,7 +168,7 @@ class DiffusionLitModule(L.LightningModule):
         **kwargs: Any,
     ) -> DiffusionLitModule:
         """Lightning's ``load_from_checkpoint``, with the checkpoint's hyperparameters read as data:
-        checked against the schema (``diffllm.schema.check_untrusted``: no ``_target_`` outside the
+        checked against the schema (``diffllm.config.schema.check_untrusted``: no ``_target_`` outside the
         project's registry, no ``trust_remote_code`` the caller did not pass) before anything is
         built. Old checkpoints (one ``cfg`` hyperparameter) are read into today's arguments."""
         args = module_args(
@@ -289,7 +289,7 @@ class DiffusionLitModule(L.LightningModule):
         self.log_dict({"val/loss": self.val_loss.compute(), **figures, **extra}, prog_bar=False)
         for m in (self.val_loss, *self.val_nll.values()):
             m.reset()
-        # the sampler's answers on fixed prompts (EM, ROUGE-L, a table): diffllm.validation_samples (callbacks.samples)
+        # the sampler's answers on fixed prompts (EM, ROUGE-L, a table): diffllm.training.samples (callbacks.samples)
 
     def sample(self, prompt_ids: list[list[int]], seed: int = 0, **overrides: Any) -> list[str]:
         """Decode answers for token-id prompts with the configured sampler (overrides replace fields)."""

@@ -6,8 +6,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from diffllm.paths import CONF_DIR
-from diffllm.run_folder import fresh_dir
+from diffllm.config.paths import CONF_DIR
+from diffllm.config.run_folder import fresh_dir
 
 __all__ = ["CONF_DIR", "compose", "prepare_assets", "register_resolvers", "to_plain"]
 

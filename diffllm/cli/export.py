@@ -1,0 +1,44 @@
+"""``python -m diffllm.export ckpt_path=... out=...``: a checkpoint -> Hugging Face folders (``conf/export.yaml``).
+
+The writing lives in ``diffllm.inference.export``; this module reads the node and prints.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from diffllm.config.paths import CONF_DIR
+from diffllm.inference.export import export
+from diffllm.model.load import ModelLoadError
+
+
+def run(cfg: DictConfig) -> dict[str, Path]:
+    """The CLI body (``conf/export.yaml``)."""
+    written = export(
+        cfg.ckpt_path,
+        cfg.out,
+        tuple(cfg.formats),
+        device=cfg.device,
+        overwrite=bool(cfg.overwrite),
+        trust_remote_code=bool(cfg.trust_remote_code),
+    )
+    for kind, folder in written.items():
+        print(f"{kind:8s} {folder}", flush=True)
+    return written
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ModelLoadError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Configuration: the typed nodes (defaults and ranges), trust checks for files, resolvers, paths."""

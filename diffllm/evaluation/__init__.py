@@ -1,0 +1,1 @@
+"""Evaluation: the scoring core, metrics, quality, the comparison, the report, tables and plots."""

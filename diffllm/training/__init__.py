@@ -1,0 +1,1 @@
+"""Training: the LightningModule, objectives, callbacks, the trainer, distributed helpers, a run."""
