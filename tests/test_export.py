@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.cli.export import main
+from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.inference.export import export_model
 from diffllm.inference.loading import InferenceModel, load_exported, load_for_inference, read_card
 from diffllm.model.attention import is_bidirectional

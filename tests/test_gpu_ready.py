@@ -244,7 +244,7 @@ def _lora_grads(model_dir: str, checkpointing: bool) -> tuple[dict[str, torch.Te
     targets = torch.zeros_like(ids, dtype=torch.bool)
     targets[:, 6:] = True
     xt = torch.where(targets & (torch.rand(ids.shape) < 0.5), dlm.mask_id, ids)
-    logits = dlm.logits_at(xt, targets, torch.ones_like(ids), canvas=targets)
+    logits = dlm.logits_at(xt, targets, torch.ones_like(ids), canvas_mask=targets)
     torch.nn.functional.cross_entropy(logits, ids[targets]).backward()
     grads = {n: p.grad.clone() for n, p in dlm.named_parameters() if p.requires_grad and "lora" in n}
     return grads, len(calls)

@@ -111,7 +111,7 @@ def test_prefix_lm_prompt_never_sees_the_canvas(tiny_model_dir, impl):
         full_a, full_b = dlm(ids, mask, canvas), dlm(changed, mask, canvas)
         dlm.attention = "prefix_lm"
         a, b = dlm(ids, mask, canvas), dlm(changed, mask, canvas)
-        no_canvas = dlm(ids, mask)  # without canvas= (the AR path) the mask is the plain one
+        no_canvas = dlm(ids, mask)  # without canvas_mask= (the AR path) the mask is the plain one
     assert (full_a[:, :4] - full_b[:, :4]).abs().max() > 1e-4  # bidirectional: the prompt sees it
     torch.testing.assert_close(a[:, :4], b[:, :4])  # prefix-LM: the prompt does not
     assert (a[:, 4] - b[:, 4]).abs().max() > 1e-4  # the canvas still sees the canvas after it

@@ -43,7 +43,7 @@ def order_nll(
     answer_mask = answer_mask.bool()
     batch_size, length = input_ids.shape
     device = input_ids.device
-    canvases, targets, attn, canvas_of, originals, owner = [], [], [], [], [], []
+    canvases, targets, attn, canvas_mask_of, originals, owner = [], [], [], [], [], []
     for b in range(batch_size):
         positions = answer_mask[b].nonzero()[:, 0]  # (n,)
         n = positions.numel()
@@ -63,20 +63,22 @@ def order_nll(
         originals.append(input_ids[b].expand(n, -1))
         canvases.append(torch.where(masked, dlm.mask_id, originals[-1]))
         targets.append(target)
-        canvas_of.append(answer_mask[b].expand(n, -1))
+        canvas_mask_of.append(answer_mask[b].expand(n, -1))
         if attention_mask is not None:
             attn.append(attention_mask[b].expand(n, -1))
         owner += [b] * n
     out = torch.zeros(batch_size, dtype=torch.float64)
     if not canvases:
         return out
-    xt, tgt, canvas = torch.cat(canvases), torch.cat(targets), torch.cat(canvas_of)
+    xt, tgt, canvas_mask = torch.cat(canvases), torch.cat(targets), torch.cat(canvas_mask_of)
     mask = torch.cat(attn) if attn else None
     x0 = torch.cat(originals)
     ce = torch.zeros(xt.shape[0], dtype=torch.float64)
     for lo in range(0, xt.shape[0], chunk_size):
         sl = slice(lo, lo + chunk_size)
-        logits = dlm.logits_at(xt[sl], tgt[sl], None if mask is None else mask[sl], canvas=canvas[sl])
+        logits = dlm.logits_at(
+            xt[sl], tgt[sl], None if mask is None else mask[sl], canvas_mask=canvas_mask[sl]
+        )
         ce[sl] = F.cross_entropy(logits.float(), x0[sl][tgt[sl]], reduction="none").double().cpu()
     return out.index_add_(0, torch.tensor(owner), ce)
 

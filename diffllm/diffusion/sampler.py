@@ -220,10 +220,10 @@ class _Denoiser:
     """
 
     def __init__(
-        self, dlm: nn.Module, config: SamplerConfig, prompt_mask: torch.Tensor, canvas: torch.Tensor
+        self, dlm: nn.Module, config: SamplerConfig, prompt_mask: torch.Tensor, canvas_mask: torch.Tensor
     ) -> None:
         self.dlm = dlm
-        self.canvas = canvas  # (B, P + G) True on the answer canvas (model.attention=prefix_lm hides it from the prompt)
+        self.canvas_mask = canvas_mask  # (B, P + G) True on the answer canvas (model.attention=prefix_lm hides it from the prompt)
         self.shift = int(dlm.shift)
         self.guided = config.cfg_scale > 0  # classifier-free guidance: a second, unconditional pass
         self.use_cache = config.cache == "prefix"
@@ -238,7 +238,7 @@ class _Denoiser:
     def __call__(
         self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, lo: int, hi: int
     ) -> torch.Tensor:
-        canvas = self.canvas[:, : x.shape[1]]
+        canvas_mask = self.canvas_mask[:, : x.shape[1]]
         if self.guided:  # unconditional copy: the prompt's real tokens become [MASK]
             uncond = x.clone()
             prompt = uncond[:, : self.prompt_mask.shape[1]]
@@ -246,9 +246,9 @@ class _Denoiser:
             x = torch.cat([x, uncond])
             attention_mask = torch.cat([attention_mask, attention_mask])
             position_ids = torch.cat([position_ids, position_ids])
-            canvas = torch.cat([canvas, canvas])
+            canvas_mask = torch.cat([canvas_mask, canvas_mask])
         # canvas over all keys (the cached prefix and the new tokens): model.attention decides its use
-        kwargs: dict = {"use_cache": False, "canvas": canvas}
+        kwargs: dict = {"use_cache": False, "canvas_mask": canvas_mask}
         if self.use_cache:
             if self.cache is None:
                 self.cache = DynamicCache(config=self.dlm.base.config)
@@ -308,17 +308,17 @@ class _DualCacheDenoiser(_Denoiser):
     def __call__(
         self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, lo: int, hi: int
     ) -> torch.Tensor:
-        canvas = self.canvas[:, : x.shape[1]]
+        canvas_mask = self.canvas_mask[:, : x.shape[1]]
         if self.guided:
             x, attention_mask, position_ids = _unconditional_rows(
                 x, attention_mask, position_ids, self.prompt_mask, self.dlm.mask_id
             )
-            canvas = torch.cat([canvas, canvas])
+            canvas_mask = torch.cat([canvas_mask, canvas_mask])
         q_lo = lo - self.shift
         if self.cache is None:  # refresh: the whole canvas, then cut the block's columns out
             self.cache = DynamicCache(config=self.dlm.base.config)
             hidden = self.dlm.hidden_states(
-                x, attention_mask, canvas, position_ids=position_ids, cache=self.cache, use_cache=True
+                x, attention_mask, canvas_mask, position_ids=position_ids, cache=self.cache, use_cache=True
             )
             _drop_columns(self.cache, q_lo, hi)
             return hidden[:, q_lo : hi - self.shift]
@@ -328,7 +328,7 @@ class _DualCacheDenoiser(_Denoiser):
         hidden = self.dlm.hidden_states(
             x[:, q_lo:hi],
             attention_mask[:, order],
-            canvas[:, order],  # model.attention decides its use (prefix_lm: the prompt skips it)
+            canvas_mask[:, order],  # model.attention decides its use (prefix_lm: the prompt skips it)
             position_ids=position_ids[:, q_lo:hi],
             cache=self.cache,
             use_cache=True,
@@ -350,9 +350,9 @@ class _BlockCausalDenoiser(_Denoiser):
     """
 
     def __init__(
-        self, dlm: nn.Module, config: SamplerConfig, prompt_mask: torch.Tensor, canvas: torch.Tensor
+        self, dlm: nn.Module, config: SamplerConfig, prompt_mask: torch.Tensor, canvas_mask: torch.Tensor
     ) -> None:
-        super().__init__(dlm, config, prompt_mask, canvas)
+        super().__init__(dlm, config, prompt_mask, canvas_mask)
         self.use_cache = config.cache == "block"
         self.block_size = int(dlm.block_size)
         self.cached = 0  # columns whose clean keys/values are in the cache
@@ -365,12 +365,12 @@ class _BlockCausalDenoiser(_Denoiser):
         self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, lo: int, hi: int
     ) -> torch.Tensor:
         x, attention_mask, position_ids = x[:, :hi], attention_mask[:, :hi], position_ids[:, :hi]
-        canvas = self.canvas[:, :hi]
+        canvas_mask = self.canvas_mask[:, :hi]
         if self.guided:
             x, attention_mask, position_ids = _unconditional_rows(
                 x, attention_mask, position_ids, self.prompt_mask, self.dlm.mask_id
             )
-            canvas = torch.cat([canvas, canvas])
+            canvas_mask = torch.cat([canvas_mask, canvas_mask])
         start = self.cached if self.use_cache else 0
         kwargs: dict = {"use_cache": False}
         if self.use_cache:
@@ -379,7 +379,7 @@ class _BlockCausalDenoiser(_Denoiser):
             kwargs = {"cache": self.cache, "use_cache": True}
         # model.attention=block_causal builds the mask of the queries [start, hi) over the keys [0, hi)
         hidden = self.dlm.hidden_states(
-            x[:, start:], attention_mask, canvas, position_ids=position_ids[:, start:], **kwargs
+            x[:, start:], attention_mask, canvas_mask, position_ids=position_ids[:, start:], **kwargs
         )  # (B', hi - start, H)
         if self.use_cache:
             self.cache.crop(lo - self.cache.get_seq_length())  # keep the clean columns only
@@ -406,7 +406,7 @@ def block_config(config: SamplerConfig, block_size: int | None) -> SamplerConfig
 
 
 def make_denoiser(
-    dlm: nn.Module, config: SamplerConfig, prompt_mask: torch.Tensor, canvas: torch.Tensor
+    dlm: nn.Module, config: SamplerConfig, prompt_mask: torch.Tensor, canvas_mask: torch.Tensor
 ) -> _Denoiser:
     """The denoiser for this model and ``config.cache``; refuses a cache the model cannot use."""
     block_model = getattr(dlm, "block_size", None) is not None
@@ -419,10 +419,10 @@ def make_denoiser(
         )
         raise ValueError(f"sampler cache={config.cache!r} does not fit {kind}; use {fix}")
     if block_model:
-        return _BlockCausalDenoiser(dlm, config, prompt_mask, canvas)
+        return _BlockCausalDenoiser(dlm, config, prompt_mask, canvas_mask)
     if config.cache == "dual":
-        return _DualCacheDenoiser(dlm, config, prompt_mask, canvas)
-    return _Denoiser(dlm, config, prompt_mask, canvas)
+        return _DualCacheDenoiser(dlm, config, prompt_mask, canvas_mask)
+    return _Denoiser(dlm, config, prompt_mask, canvas_mask)
 
 
 @torch.no_grad()
@@ -460,8 +460,8 @@ def generate(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # (B, P + G), 0 at the first real token
     generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(batch)]
     trajectories = [Trajectory(list(p), mask_id) for p in prompts] if record_trajectory else None
-    canvas = (torch.arange(width + gen) >= width).expand(batch, -1).to(device)  # (B, P + G)
-    denoise = make_denoiser(dlm, config, prompt_mask.to(device), canvas)
+    canvas_mask = (torch.arange(width + gen) >= width).expand(batch, -1).to(device)  # (B, P + G)
+    denoise = make_denoiser(dlm, config, prompt_mask.to(device), canvas_mask)
     block_len, steps_per_block = config.resolved_block_length, config.steps_per_block
     nfe_per_step = 2 if config.cfg_scale > 0 else 1
     steps_taken = 0

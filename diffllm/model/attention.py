@@ -1,11 +1,11 @@
 """Attention of the diffusion model: the causal/bidirectional switches and the one mask builder.
 
 Modes (``model.attention``, ``ATTENTION_MODES``), as a boolean "may attend" pattern over a
-query i and a key j, given the answer canvas (``canvas``, True on answer positions):
+query i and a key j, given the answer canvas (``canvas_mask``, True on answer positions):
 
     causal         j <= i
     bidirectional  always
-    prefix_lm      canvas[i] or not canvas[j]   (the prompt never sees the canvas; the canvas sees all)
+    prefix_lm      canvas_mask[i] or not canvas_mask[j]   (the prompt never sees the canvas; the canvas sees all)
     block_causal   the prompt causal; answer blocks of ``block_size``: the block being denoised (the
                    last key's) sees the prompt, the earlier (clean) blocks and itself; a clean block
                    sees the prompt and the clean blocks up to itself (``diffllm.model.blocks``)
@@ -162,28 +162,28 @@ def causal_pattern(num_queries: int, num_keys: int, device: torch.device | str |
     return torch.arange(num_keys, device=device)[None, :] <= q[:, None]
 
 
-def _causal(canvas: torch.Tensor, num_queries: int, **_: Any) -> torch.Tensor:
-    return causal_pattern(num_queries, canvas.shape[1], canvas.device)[None]  # (1, Lq, Lk)
+def _causal(canvas_mask: torch.Tensor, num_queries: int, **_: Any) -> torch.Tensor:
+    return causal_pattern(num_queries, canvas_mask.shape[1], canvas_mask.device)[None]  # (1, Lq, Lk)
 
 
-def _bidirectional(canvas: torch.Tensor, num_queries: int, **_: Any) -> torch.Tensor:
-    return canvas.new_ones(1, num_queries, canvas.shape[1])  # (1, Lq, Lk)
+def _bidirectional(canvas_mask: torch.Tensor, num_queries: int, **_: Any) -> torch.Tensor:
+    return canvas_mask.new_ones(1, num_queries, canvas_mask.shape[1])  # (1, Lq, Lk)
 
 
-def _prefix_lm(canvas: torch.Tensor, num_queries: int, **_: Any) -> torch.Tensor:
-    query_canvas = canvas[:, -num_queries:]  # (B, Lq)
-    return query_canvas[:, :, None] | ~canvas[:, None, :]  # (B, Lq, Lk)
+def _prefix_lm(canvas_mask: torch.Tensor, num_queries: int, **_: Any) -> torch.Tensor:
+    query_canvas = canvas_mask[:, -num_queries:]  # (B, Lq)
+    return query_canvas[:, :, None] | ~canvas_mask[:, None, :]  # (B, Lq, Lk)
 
 
 def _block_causal(
-    canvas: torch.Tensor, num_queries: int, block_size: int | None = None, **_: Any
+    canvas_mask: torch.Tensor, num_queries: int, block_size: int | None = None, **_: Any
 ) -> torch.Tensor:
     if block_size is None:
         raise ValueError("model.attention=block_causal needs model.block_size (e.g. 4)")
-    return block_causal_pattern(canvas, num_queries, block_size)  # (B, Lq, Lk)
+    return block_causal_pattern(canvas_mask, num_queries, block_size)  # (B, Lq, Lk)
 
 
-# mode -> fn(canvas (B, Lk) bool, num_queries, **options) -> "may attend" (B or 1, Lq, Lk) bool,
+# mode -> fn(canvas_mask (B, Lk) bool, num_queries, **options) -> "may attend" (B or 1, Lq, Lk) bool,
 # padding left out (``may_attend`` adds it). A new mode (block_causal) is one more entry here; its
 # options (e.g. block_size) come from ``DiffusionLM.attention_options``.
 ATTENTION_MODES: dict[str, Callable[..., torch.Tensor]] = {
@@ -239,7 +239,7 @@ def attention_of(node: Mapping[str, Any]) -> str:
 def may_attend(
     attention: str,
     key_ok: torch.Tensor,
-    canvas: torch.Tensor | None,
+    canvas_mask: torch.Tensor | None,
     num_queries: int,
     *,
     extra: torch.Tensor | None = None,
@@ -247,10 +247,10 @@ def may_attend(
 ) -> torch.Tensor:
     """Every attention constraint as one (B, Lq, Lk) boolean "query i may attend to key j".
 
-        allowed[b, i, j] = key_ok[b, j]  and  mode(canvas)[b, i, j]  and  extra[b, i, j]
+        allowed[b, i, j] = key_ok[b, j]  and  mode(canvas_mask)[b, i, j]  and  extra[b, i, j]
 
     key_ok:      (B, Lk) bool, the real (non-padding) keys; a KV cache's keys come first
-    canvas:      (B, Lk) bool, the answer canvas over the same keys (None: no canvas, so
+    canvas_mask:      (B, Lk) bool, the answer canvas over the same keys (None: no canvas, so
                  ``prefix_lm`` is plain bidirectional)
     num_queries: Lq, the queries being the last Lq keys
     extra:       (B, Lq, Lk) bool or None, ANDed in (attention-mask annealing's draw,
@@ -258,12 +258,12 @@ def may_attend(
     options:     passed to the mode's function (``ATTENTION_MODES``)
     """
     key_ok = key_ok.bool()
-    canvas = torch.zeros_like(key_ok) if canvas is None else canvas.bool()
-    if canvas.shape != key_ok.shape:
+    canvas_mask = torch.zeros_like(key_ok) if canvas_mask is None else canvas_mask.bool()
+    if canvas_mask.shape != key_ok.shape:
         raise ValueError(
-            f"canvas {tuple(canvas.shape)} and padding mask {tuple(key_ok.shape)} differ in shape"
+            f"canvas {tuple(canvas_mask.shape)} and padding mask {tuple(key_ok.shape)} differ in shape"
         )
-    allowed = ATTENTION_MODES[check_attention_mode(attention)](canvas, num_queries, **options)
+    allowed = ATTENTION_MODES[check_attention_mode(attention)](canvas_mask, num_queries, **options)
     allowed = allowed & key_ok[:, None, :]  # (B, Lq, Lk)
     if extra is not None:
         allowed = allowed & extra

@@ -89,16 +89,16 @@ def block_causal_allowed(
     return key_ok.bool()[:, None, :] & (clean_key | own_noised)
 
 
-def block_causal_pattern(canvas: torch.Tensor, num_queries: int, block_size: int) -> torch.Tensor:
+def block_causal_pattern(canvas_mask: torch.Tensor, num_queries: int, block_size: int) -> torch.Tensor:
     """(B, Lq, Lk) block-causal "may attend" of one canvas (the sampler's layout), padding left out.
 
-    ``canvas`` (B, Lk) marks the answer over all keys (a KV cache's keys first); the queries are the
+    ``canvas_mask`` (B, Lk) marks the answer over all keys (a KV cache's keys first); the queries are the
     last ``num_queries`` keys. The last key's block is the one being denoised (noised); the prompt
     and every earlier answer block are clean (committed).
     """
-    block_id = answer_block_ids(canvas, block_size)  # (B, Lk)
-    clean = ~canvas.bool() | (block_id < block_id[:, -1:])
-    q = slice(canvas.shape[1] - num_queries, None)
+    block_id = answer_block_ids(canvas_mask, block_size)  # (B, Lk)
+    clean = ~canvas_mask.bool() | (block_id < block_id[:, -1:])
+    q = slice(canvas_mask.shape[1] - num_queries, None)
     return block_causal_allowed(block_id[:, q], clean[:, q], block_id, clean, torch.ones_like(clean))
 
 

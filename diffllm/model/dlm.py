@@ -54,7 +54,7 @@ class DiffusionLM(nn.Module):
     position sees every real position, LLaDA), ``prefix_lm`` (prompt positions attend to the prompt
     only, never to the answer canvas; canvas positions attend to everything: the prompt's
     keys/values never depend on the canvas, as in the AR model, so a prefix KV cache of the prompt
-    is exact) or ``causal``. Callers mark the canvas with ``canvas=`` (B, L_keys) in
+    is exact) or ``causal``. Callers mark the canvas with ``canvas_mask=`` (B, L_keys) in
     ``hidden_states`` / ``logits_at``; without it there is no canvas and ``prefix_lm`` is
     bidirectional. ``attention_options`` go to the mode's mask function (e.g. a block size).
     """
@@ -99,7 +99,7 @@ class DiffusionLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        canvas: torch.Tensor | None = None,
+        canvas_mask: torch.Tensor | None = None,
         *,
         attention: str | None = None,
         extra_mask: torch.Tensor | None = None,
@@ -109,11 +109,11 @@ class DiffusionLM(nn.Module):
 
         attention_mask: (B, L_keys) padding mask (1 = real token) over all keys (a KV cache's
                         positions first, then ``input_ids``), or None (no padding)
-        canvas:         (B, L_keys) bool, the answer-canvas positions over the same keys
+        canvas_mask:         (B, L_keys) bool, the answer-canvas positions over the same keys
         attention:      the mode of this call (default ``self.attention``; the AR path passes ``causal``)
         extra_mask:     (B, L, L_keys) bool ANDed into the mask (attention-mask annealing)
         """
-        mask, is_causal = self.attention_inputs(input_ids, attention_mask, canvas, attention, extra_mask)
+        mask, is_causal = self.attention_inputs(input_ids, attention_mask, canvas_mask, attention, extra_mask)
         switch = nullcontext() if is_causal is None else attention_switch(self.model, is_causal)
         with switch:
             out = self.base.get_decoder()(input_ids=input_ids, attention_mask=mask, **kwargs)
@@ -123,13 +123,13 @@ class DiffusionLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        canvas: torch.Tensor | None,
+        canvas_mask: torch.Tensor | None,
         attention: str | None = None,
         extra_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, bool | None]:
         """(what the decoder gets as ``attention_mask``, the ``is_causal`` switch it needs or None).
 
-        The fast path: a native mode (``causal``, ``bidirectional``; ``prefix_lm`` without a canvas
+        The fast path: a native mode (``causal``, ``bidirectional``; ``prefix_lm`` without a canvas_mask
         is bidirectional) with no ``extra_mask`` hands the (B, L) padding mask to transformers and
         sets the switch. Anything else is ``may_attend``'s (B, Lq, Lk) pattern, converted once by
         ``custom_attention_mask`` for this model's attention implementation (the switch then does
@@ -141,7 +141,7 @@ class DiffusionLM(nn.Module):
                 f"attention_mask must be the (B, L) padding mask, got shape {tuple(attention_mask.shape)}; "
                 "DiffusionLM builds the 4D mask itself (pass extra constraints as extra_mask=)"
             )
-        if mode == "prefix_lm" and canvas is None:
+        if mode == "prefix_lm" and canvas_mask is None:
             mode = "bidirectional"
         if extra_mask is None and mode in NATIVE_MODES:
             return attention_mask, NATIVE_MODES[mode]
@@ -149,10 +149,10 @@ class DiffusionLM(nn.Module):
         if attention_mask is not None:
             key_ok = attention_mask.bool()
         else:
-            num_keys = num_queries if canvas is None else canvas.shape[1]
+            num_keys = num_queries if canvas_mask is None else canvas_mask.shape[1]
             key_ok = torch.ones(input_ids.shape[0], num_keys, dtype=torch.bool, device=input_ids.device)
         allowed = may_attend(
-            mode, key_ok, canvas, num_queries, extra=extra_mask, **self.attention_options
+            mode, key_ok, canvas_mask, num_queries, extra=extra_mask, **self.attention_options
         )  # (B, Lq, Lk)
         return custom_attention_mask(allowed, self.base.config._attn_implementation, self.base.dtype), None
 
@@ -178,14 +178,14 @@ class DiffusionLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        canvas: torch.Tensor | None = None,
+        canvas_mask: torch.Tensor | None = None,
         *,
         attention: str | None = None,
         extra_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, L, V) aligned logits: [:, i] is the prediction for token i."""
         hidden_states = self.hidden_states(
-            input_ids, attention_mask, canvas, attention=attention, extra_mask=extra_mask
+            input_ids, attention_mask, canvas_mask, attention=attention, extra_mask=extra_mask
         )
         return align(self.lm_head(hidden_states), self.shift)
 
@@ -195,7 +195,7 @@ class DiffusionLM(nn.Module):
         targets: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
-        canvas: torch.Tensor | None = None,
+        canvas_mask: torch.Tensor | None = None,
         *,
         attention: str | None = None,
         extra_mask: torch.Tensor | None = None,
@@ -203,7 +203,7 @@ class DiffusionLM(nn.Module):
         """(N, V) predictions for the N True positions of ``targets`` (B, L), in row-major order."""
         if hidden_states is None:
             hidden_states = self.hidden_states(
-                input_ids, attention_mask, canvas, attention=attention, extra_mask=extra_mask
+                input_ids, attention_mask, canvas_mask, attention=attention, extra_mask=extra_mask
             )
         return self.lm_head(hidden_states[source_positions(targets, self.shift)])
 
@@ -225,7 +225,7 @@ class DiffusionLM(nn.Module):
         ``two_copy_sources`` (the first token of a block from the clean copy of the token before it).
         """
         if self.block_size is None:
-            return self.logits_at(xt, targets, attention_mask, canvas=answer_mask, extra_mask=extra_mask)
+            return self.logits_at(xt, targets, attention_mask, canvas_mask=answer_mask, extra_mask=extra_mask)
         if extra_mask is not None:
             raise ValueError(
                 "model.attention=block_causal does not compose with attention annealing (its mask is "
