@@ -18,7 +18,7 @@ BENCH_GPU_SAMPLER_S ?= 180
 SAMPLER_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-fast lint format bench-sampler bench-train bench-tokenize bench-gpu wheelhouse ablation assets real-model eval clean
+.PHONY: help setup train test test-fast docs docs-serve lint format bench-sampler bench-train bench-tokenize bench-gpu wheelhouse ablation assets real-model eval clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -45,6 +45,12 @@ test: $(STAMP)  ## run the test suite (CPU, hermetic)
 
 test-fast: $(STAMP)  ## the suite without the end-to-end runs
 	$(PY) -m pytest -m "not slow" $(ARGS)
+
+docs: $(STAMP)  ## build the documentation site into site/ (mkdocs-material; a broken link or anchor fails)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs-serve: $(STAMP)  ## serve the documentation on http://127.0.0.1:8000 while you edit it
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 lint: $(STAMP)  ## ruff check + format check
 	$(PY) -m ruff check diffllm tests
