@@ -56,4 +56,6 @@ def test_every_relative_link_of_the_readme_resolves():
 
 
 def test_the_slug_rule_matches_a_known_anchor():
-    assert _slug("What `make train` does (the embedded default)") == "what-make-train-does-the-embedded-default"
+    assert (
+        _slug("What `make train` does (the embedded default)") == "what-make-train-does-the-embedded-default"
+    )

@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from diffllm.config.paths import CONF_DIR
-from diffllm.inference.export import export
+from diffllm.inference.export import export, push_to_hub
 from diffllm.model.load import ModelLoadError
 
 
@@ -25,9 +25,23 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         device=cfg.device,
         overwrite=bool(cfg.overwrite),
         trust_remote_code=bool(cfg.trust_remote_code),
+        license_=cfg.get("license"),
     )
     for kind, folder in written.items():
         print(f"{kind:8s} {folder}", flush=True)
+    print(f"{'card':8s} {Path(cfg.out) / 'README.md'}", flush=True)
+    repo = cfg.get("push_to_hub")
+    if repo or cfg.get("push_to_hub_dry_run"):
+        dry = bool(cfg.get("push_to_hub_dry_run"))
+        plan = push_to_hub(
+            cfg.out, repo or "<push_to_hub>", private=bool(cfg.get("private", True)), dry_run=dry
+        )
+        verb = "would upload" if dry else "uploaded"
+        print(
+            f"{verb} {len(plan)} files, {sum(size for _, size in plan):,} bytes to {repo or '<push_to_hub>'}:"
+        )
+        for name, size in plan:
+            print(f"  {size:>12,}  {name}", flush=True)
     return written
 
 

@@ -34,10 +34,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi
 from peft import PeftModel
 
 from diffllm.data.template import TemplateError, get_format
 from diffllm.inference.loading import CARD, FORMAT, KINDS, InferenceModel, load_for_inference
+from diffllm.inference.model_card import checkpoint_step, model_card_text, report_of
 from diffllm.model.attention import set_bidirectional
 from diffllm.model.load import trainable_line
 
@@ -116,8 +118,12 @@ def export_model(
     *,
     source: str = "",
     overwrite: bool = False,
+    report: dict[str, Any] | None = None,
+    license_: str | None = None,
+    steps: int | None = None,
 ) -> dict[str, Path]:
-    """Write ``out/adapter`` and/or ``out/merged`` for a loaded model; returns {kind: folder}."""
+    """Write ``out/adapter`` and/or ``out/merged`` for a loaded model, and the model card
+    ``out/README.md`` (``report``: the run's ``report.json``, for its figures); returns {kind: folder}."""
     unknown = set(formats) - set(KINDS)
     if unknown or not formats:
         raise ValueError(f"formats={list(formats)}: choose one or more of {list(KINDS)}")
@@ -146,9 +152,41 @@ def export_model(
         _write_card(folder, model_card(im, "merged", source))
         written["merged"] = folder
         del merged
+    kinds = [k for k in KINDS if k in written]
+    card = model_card(im, kinds[0], source)
+    readme = model_card_text(card, kinds, report=report, license_=license_, steps=steps)
+    (out / "README.md").write_text(readme)
+    if "adapter" in written:  # PEFT's stub names the local base path: the same card, for the adapter alone
+        (written["adapter"] / "README.md").write_text(
+            model_card_text(card, ["adapter"], report, license_, steps)
+        )
     for kind, folder in written.items():
         log.info("exported %s -> %s", kind, folder)
     return written
+
+
+def upload_plan(out: str | Path) -> list[tuple[str, int]]:
+    """What ``push_to_hub`` uploads from an export folder: (path relative to it, bytes), sorted."""
+    out = Path(out)
+    return sorted((p.relative_to(out).as_posix(), p.stat().st_size) for p in out.rglob("*") if p.is_file())
+
+
+def push_to_hub(
+    out: str | Path, repo_id: str, *, private: bool = True, dry_run: bool = False
+) -> list[tuple[str, int]]:
+    """Upload an export folder (card, ``adapter/``, ``merged/``) to the Hub repo ``repo_id`` with
+    ``huggingface_hub`` (a login or ``HF_TOKEN`` is needed); ``dry_run`` only returns the plan."""
+    plan = upload_plan(out)
+    if not (Path(out) / "README.md").is_file():
+        raise FileNotFoundError(
+            f"{out} has no README.md model card; export it with python -m diffllm.export first"
+        )
+    if dry_run:
+        return plan
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(out), repo_id=repo_id, commit_message="diffllm export")
+    return plan
 
 
 def export(
@@ -159,7 +197,18 @@ def export(
     device: str = "cpu",
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    license_: str | None = None,
 ) -> dict[str, Path]:
-    """A training checkpoint -> ``out/adapter`` and/or ``out/merged``; returns {kind: folder}."""
+    """A training checkpoint -> ``out/adapter`` and/or ``out/merged`` and ``out/README.md`` (with the
+    figures of the run's ``report.json`` when it has one); returns {kind: folder}."""
     im = load_for_inference(ckpt_path, device=device, trust_remote_code=trust_remote_code)
-    return export_model(im, out, formats, source=str(ckpt_path), overwrite=overwrite)
+    return export_model(
+        im,
+        out,
+        formats,
+        source=str(ckpt_path),
+        overwrite=overwrite,
+        report=report_of(ckpt_path),
+        license_=license_,
+        steps=checkpoint_step(ckpt_path),
+    )
