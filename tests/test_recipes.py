@@ -346,17 +346,14 @@ TINY_BASE = [o for o in TINY_RUN if not o.startswith(("trainer.max_steps", "trai
 
 @pytest.mark.slow
 def test_real_runs_killed_and_resumed(tmp_path, monkeypatch, capsys):
-    """The real commands on the tiny model: the runner is SIGKILLed (with its training) once recipe b
-    has a checkpoint; the next invocation skips a, reuses AR-SFT and resumes b from that very
-    checkpoint (its step file untouched) to the end; a third launches nothing; the table's paired
-    differences are eval.json's per-row ones."""
+    """The real commands on the tiny model (4 processes): the runner is SIGKILLed, with the AR-SFT
+    training it runs, once that training has a checkpoint; the next invocation resumes it from that
+    very checkpoint (its step file untouched) to the end, then trains and evaluates the recipe; a
+    third launches nothing; the table's paired differences are eval.json's per-row ones."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     lst = write_list(
         tmp_path / "l.yaml",
-        {
-            "a": "",
-            "b": "model.attention=block_causal model.block_size=4 sampler.cache=block sampler.block_length=4",
-        },
+        {"b": BLOCK4},
         base=" ".join(TINY_BASE),
         eval="rows=16 gen_rows=16 steps_grid=[] quality.enabled=false",
     )
@@ -368,48 +365,47 @@ def test_real_runs_killed_and_resumed(tmp_path, monkeypatch, capsys):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    b_last = out / "b" / "checkpoints" / "last.ckpt"
+    ar = out / f"ar-sft-{rc.ar_key(TINY_BASE, ())}"
+    ar_last = ar / "checkpoints" / "last.ckpt"
     deadline = time.time() + 900
-    while not b_last.exists():
-        assert proc.poll() is None, "the runner ended before b wrote a checkpoint"
+    while not ar_last.exists():
+        assert proc.poll() is None, "the runner ended before AR-SFT wrote a checkpoint"
         assert time.time() < deadline
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = rc.checkpoint_step(b_last)
-    assert 2 <= killed_at < 40, "b finished before it was killed: nothing to resume"
-    kept = out / "b" / "checkpoints" / f"step={killed_at:06d}.ckpt"
+    killed_at = rc.checkpoint_step(ar_last)
+    assert 2 <= killed_at < 40, "AR-SFT finished before it was killed: nothing to resume"
+    kept = ar / "checkpoints" / f"step={killed_at:06d}.ckpt"
     kept_stat = kept.stat()
-    a_eval = (out / "a" / "eval.json").stat().st_mtime_ns
-    assert not (out / "b" / "eval.json").exists() and len(rc.read_results(out / "results.jsonl")) == 1
+    assert not (out / "b").exists() and not (out / "results.jsonl").exists()
 
     assert rc.main(args) == 0
-    ar = next(out.glob("ar-sft-*"))
-    assert len(rc.read_json(ar / rc.STATE)["attempts"]) == 1  # trained once, reused across invocations
-    assert len(rc.read_json(out / "a" / rc.STATE)["attempts"]) == 1
-    assert (out / "a" / "eval.json").stat().st_mtime_ns == a_eval  # a skipped
-    b_state = rc.read_json(out / "b" / rc.STATE)
-    assert [a.get("resume_from_step") for a in b_state["attempts"]] == [None, killed_at]
-    assert b_state["attempts"][1]["command"].endswith(f"ckpt_path={b_last}")
-    assert rc.checkpoint_step(b_last) == 40
+    ar_state = rc.read_json(ar / rc.STATE)
+    assert [a.get("resume_from_step") for a in ar_state["attempts"]] == [None, killed_at]
+    assert ar_state["attempts"][1]["command"].endswith(f"ckpt_path={ar_last}")
+    assert (
+        rc.checkpoint_step(ar_last) == 40
+        and rc.checkpoint_step(out / "b" / "checkpoints" / "last.ckpt") == 40
+    )
     assert (kept.stat().st_mtime_ns, kept.stat().st_ino) == (kept_stat.st_mtime_ns, kept_stat.st_ino)
-    lines = rc.read_results(out / "results.jsonl")
-    assert [x["recipe"] for x in lines] == ["a", "b"] and lines[1]["train_attempts"] == 2
-    assert {x["ar_sft_dir"] for x in lines} == {str(ar)}
+    (line,) = rc.read_results(out / "results.jsonl")
+    assert line["recipe"] == "b" and line["ar_sft_dir"] == str(ar) and line["train_attempts"] == 1
+    assert line["commands"]["ar_sft_train"] == [a["command"] for a in ar_state["attempts"]]
 
     capsys.readouterr()
     assert rc.main(args, launcher=lambda *a: pytest.fail("a finished list launched a command")) == 0
     table = capsys.readouterr().out
-    assert len(rc.read_results(out / "results.jsonl")) == 2
-    for name in ("a", "b"):
-        ev = json.loads((out / name / "eval.json").read_text())
-        assert ev["provenance"]["device_name"].endswith(", 1 torch threads")  # --threads 1 reached it
-        gap, em = hand_figures(ev)
-        cells = table_row(table, name)
-        assert (cells["bound − AR-SFT"], cells["EM − AR-SFT"]) == (gap, em)
-        assert cells["rows / prompts"] == "16 / 16"
-    # the two recipes were scored on the same rows: one AR-SFT figure
-    assert "did not use the same rows" not in table
+    assert len(rc.read_results(out / "results.jsonl")) == 1
+    ev = json.loads((out / "b" / "eval.json").read_text())
+    assert ev["provenance"]["device_name"].endswith(", 1 torch threads")  # --threads 1 reached it
+    gap, em = hand_figures(ev)
+    cells = table_row(table, "b")
+    assert (cells["bound − AR-SFT"], cells["EM − AR-SFT"]) == (gap, em)
+    assert cells["rows / prompts"] == "16 / 16"
+    assert (
+        table_row(table, f"AR-SFT `{line['ar_key']}` (the base budget)")["AR-SFT NLL"] == cells["AR-SFT NLL"]
+    )
 
 
 def test_the_agreement_column_appears_when_an_evaluation_measured_it():
@@ -419,3 +415,22 @@ def test_the_agreement_column_appears_when_an_evaluation_measured_it():
     table = rc.format_table([{**line, "figures": {"nll_bound": 1.0, "reference_free": free}}])
     assert table_row(table, "a")["agreement w/ AR base greedy"] == "0.250 ± 0.050"
     assert table_row(table, "AR-SFT `k` (the base budget)")["agreement w/ AR base greedy"] == "0.750"
+
+
+def test_a_second_runner_waits_for_the_lock_and_takes_over_a_dead_ones(tmp_path):
+    import threading
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    holder = subprocess.Popen(["sleep", "0.5"])
+    threading.Thread(target=holder.wait).start()  # reaped when it ends, as another runner would be
+    (folder / rc.LOCK).write_text(str(holder.pid))
+    said: list[str] = []
+    with rc.folder_lock(folder, said.append, poll=0.05):
+        assert holder.poll() is not None  # entered only once the holder had ended
+        assert (folder / rc.LOCK).read_text() == str(os.getpid())
+    assert len(said) == 1 and f"pid {holder.pid}" in said[0] and not (folder / rc.LOCK).exists()
+    (folder / rc.LOCK).write_text(str(holder.pid))  # a dead runner's lock: taken over at once
+    with rc.folder_lock(folder, said.append, poll=60):
+        assert (folder / rc.LOCK).read_text() == str(os.getpid())
+    assert len(said) == 1

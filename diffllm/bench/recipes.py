@@ -45,6 +45,7 @@ Every run's config is composed and checked before anything runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -58,11 +59,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+
+from diffllm.config.resolvers import compose
+from diffllm.config.schema import check_run_config
 
 LISTS_DIR = Path(__file__).resolve().parent / "recipe_lists"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -256,9 +261,6 @@ def shown(argv: Sequence[str], threads: int) -> str:
 def check_configs(runs: Sequence[Run], evals: Mapping[str, Sequence[str]]) -> dict[str, str]:
     """Compose every training run's config (as ``python -m diffllm.train`` would) and check it
     against the schema, and every evaluation's overrides; {label: the first line of its error}."""
-    from diffllm.config.resolvers import compose
-    from diffllm.config.schema import check_run_config
-
     errors: dict[str, str] = {}
 
     def first_line(err: Exception) -> str:
@@ -298,16 +300,12 @@ def write_json(path: Path, value: Mapping[str, Any]) -> None:
 
 
 def checkpoint_step(path: Path) -> int | None:
-    """``global_step`` of a Lightning checkpoint (read as data), or None when unreadable."""
-    import torch
-
+    """``global_step`` of a Lightning checkpoint, read as data (``weights_only``: no code runs), or
+    None when it cannot be read (the run then starts again)."""
     try:
         return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
-    except Exception:  # noqa: BLE001 - a checkpoint from another torch, or not one at all
-        try:
-            return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
-        except Exception:  # noqa: BLE001
-            return None
+    except Exception:  # noqa: BLE001 - truncated, another format, not a checkpoint
+        return None
 
 
 def finished_eval(folder: Path) -> dict[str, Any] | None:
@@ -337,6 +335,55 @@ def load_avg() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+LOCK = ".runner.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, say: Callable[[str], None], poll: float = 10.0) -> Iterator[None]:
+    """Hold ``folder/.runner.lock`` (this process's id) while working in ``folder``: a second runner
+    on the same ``--out`` (two sharing the cores) waits for the first, then finds its work done.
+    A lock whose process is gone (a killed runner) is taken over."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, waiting = folder / LOCK, False
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                if not waiting:
+                    say(f"[{folder.name}] another runner (pid {pid}) works here: waiting for it")
+                    waiting = True
+                time.sleep(poll)
+            elif pid == 0:
+                time.sleep(0.1)  # just created, its pid not written yet
+                if path.exists() and not path.read_text().strip():
+                    path.unlink(missing_ok=True)
+            else:
+                path.unlink(missing_ok=True)  # its runner is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 Launcher = Callable[[list[str], Path, Mapping[str, str]], int]
@@ -416,7 +463,7 @@ class Runner:
         if not resume and run.folder.exists():
             # killed before its first checkpoint: nothing to keep but the runner's own records
             for child in run.folder.iterdir():
-                if child.name != STATE and not child.name.startswith("runner-"):
+                if child.name not in (STATE, LOCK) and not child.name.startswith("runner-"):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         close_killed_attempts(state, run.folder)
         attempt = {
@@ -443,31 +490,36 @@ class Runner:
 
     # -- one recipe
 
+    def _locked(self, folder: Path) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.dry_run else folder_lock(folder, self.say)
+
     def run_recipe(self, recipe: Recipe, results: Path) -> dict[str, Any] | None:
         """AR-SFT (once per key), the conversion, its evaluation, its results line; None on a dry run."""
         ar, run = ar_run(self.out, self.base, recipe), diffusion_run(self.out, self.base, recipe)
         eval_overrides = (*self.eval, *recipe.eval)
-        done = finished_eval(run.folder)
-        if done is not None:
-            self.say(f"[{recipe.name}] finished, skipped: {run.folder / 'eval.json'}")
-            return None if self.dry_run else self._record(recipe, run, ar, eval_overrides, done, results)
-        self.ensure_trained(ar)
-        state = self.ensure_trained(run)
-        argv = eval_argv(run, ar, eval_overrides)
-        self.say(f"[{recipe.name}] evaluate: {shown(argv, self.threads)}")
-        if self.dry_run:
-            return None
-        started = time.time()
-        state["eval"] = {"command": shown(argv, self.threads), "started": started, "load_avg": load_avg()}
-        write_json(run.folder / STATE, state)
-        log = run.folder / "runner-eval.log"
-        rc = self.launcher(argv, log, self.env())
-        state["eval"].update(rc=rc, seconds=time.time() - started)
-        write_json(run.folder / STATE, state)
-        done = finished_eval(run.folder)
-        if rc != 0 or done is None:
-            raise RunFailed(f"[{recipe.name}] evaluation exited {rc}; log: {log}\n{tail(log)}")
-        return self._record(recipe, run, ar, eval_overrides, done, results)
+        with self._locked(run.folder):
+            done = finished_eval(run.folder)
+            if done is not None:
+                self.say(f"[{recipe.name}] finished, skipped: {run.folder / 'eval.json'}")
+                return None if self.dry_run else self._record(recipe, run, ar, eval_overrides, done, results)
+            with self._locked(ar.folder):  # never held while waiting for a recipe's lock: no deadlock
+                self.ensure_trained(ar)
+            state = self.ensure_trained(run)
+            argv = eval_argv(run, ar, eval_overrides)
+            self.say(f"[{recipe.name}] evaluate: {shown(argv, self.threads)}")
+            if self.dry_run:
+                return None
+            started = time.time()
+            state["eval"] = {"command": shown(argv, self.threads), "started": started, "load_avg": load_avg()}
+            write_json(run.folder / STATE, state)
+            log = run.folder / "runner-eval.log"
+            rc = self.launcher(argv, log, self.env())
+            state["eval"].update(rc=rc, seconds=time.time() - started)
+            write_json(run.folder / STATE, state)
+            done = finished_eval(run.folder)
+            if rc != 0 or done is None:
+                raise RunFailed(f"[{recipe.name}] evaluation exited {rc}; log: {log}\n{tail(log)}")
+            return self._record(recipe, run, ar, eval_overrides, done, results)
 
     def _record(
         self,
