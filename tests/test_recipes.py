@@ -378,7 +378,7 @@ def test_real_runs_killed_and_resumed(tmp_path, monkeypatch, capsys):
     assert 2 <= killed_at < 40, "AR-SFT finished before it was killed: nothing to resume"
     kept = ar / "checkpoints" / f"step={killed_at:06d}.ckpt"
     kept_stat = kept.stat()
-    assert not (out / "b").exists() and not (out / "results.jsonl").exists()
+    assert not (out / "b" / "checkpoints").exists() and not (out / "results.jsonl").exists()
 
     assert rc.main(args) == 0
     ar_state = rc.read_json(ar / rc.STATE)
