@@ -18,7 +18,7 @@ BENCH_GPU_SAMPLER_S ?= 180
 SAMPLER_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-fast docs docs-serve lint format bench-sampler bench-train bench-tokenize bench-gpu wheelhouse ablation assets real-model eval clean
+.PHONY: help setup train test test-fast docs docs-serve lint format bench-sampler bench-train bench-tokenize bench-gpu wheelhouse ablation recipes assets real-model eval clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -88,6 +88,9 @@ bench-tokenize: $(STAMP)  ## tokenisation time (empty cache, then a new run fold
 
 ablation: $(STAMP)  ## schedule x shift x weighting multirun on the embedded default, writes a table
 	$(PY) -m diffllm.bench.ablation $(ARGS)
+
+recipes: $(STAMP)  ## conversion recipes vs AR-SFT at equal budget, resumable, one table: ARGS='--recipes tiny|smollm2-task|smollm2-selfgen|FILE [--only a,b] [--table]'
+	$(PY) -m diffllm.bench.recipes $(ARGS)
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache

@@ -123,6 +123,34 @@ def test_evaluate_report_contents(cli_eval):
         assert f"]({name})" in md
 
 
+def test_eval_json_per_row_figures_give_the_paired_differences_by_hand(cli_eval):
+    """eval.json's per-row sums and matches pool back to its headline figures (computed here from
+    the formulas, not through the scoring core): the paired NLL gap and exact-match difference to
+    AR-SFT with their SEs, and the sampler's tokens per forward pass."""
+    _, r, _ = cli_eval
+    scored, gen = r["per_row"]["scored"], r["per_row"]["generated"]
+    n = np.asarray(scored["tokens"], dtype=float)
+    assert len(n) == r["rows"] and n.sum() == r["answer_tokens"]
+    assert np.sum(scored["diffusion"]) / n.sum() == pytest.approx(r["nll_bound"], rel=1e-12)
+    assert np.sum(scored["ar_sft"]) / n.sum() == pytest.approx(r["ar_sft_nll"], rel=1e-12)
+    d = np.asarray(scored["diffusion"]) - np.asarray(scored["ar_sft"])
+    gap = d.sum() / n.sum()
+    m = len(n)
+    gap_se = np.sqrt(((d - gap * n) ** 2).sum() / (m * (m - 1))) / n.mean()
+    assert (gap, gap_se) == (pytest.approx(r["gap_sft"], rel=1e-12), pytest.approx(r["gap_sft_se"], rel=1e-9))
+    em = np.asarray(gen["diffusion_match"]) - np.asarray(gen["ar_sft_match"])
+    assert len(em) == r["gen_rows"] and set(em) <= {-1.0, 0.0, 1.0}
+    assert em.mean() == pytest.approx(r["diffusion_minus_ar_sft_exact_match"], abs=1e-12)
+    assert em.std(ddof=1) / np.sqrt(len(em)) == pytest.approx(
+        r["diffusion_minus_ar_sft_exact_match_se"], abs=1e-12
+    )
+    assert np.mean(gen["ar_sft_match"]) == pytest.approx(r["ar_sft_exact_match"])
+    # 16 prompts in one batch (gen_batch_size 16): every forward pass is one pass for each of 16 rows
+    produced = sum(gen["diffusion_length"]) + sum(gen["diffusion_ended"])
+    assert r["diffusion_tokens_per_pass"] == pytest.approx(produced / (r["diffusion_nfe"] * 16))
+    assert r["ar_sft_tokens_per_pass"] <= 1.0  # greedy AR: at most one token per pass
+
+
 def test_evaluate_a_data_file_with_sampler_overrides(tiny_run, tmp_path):
     rows = [
         {"instruction": "Reverse these words: cat dog sun", "input": "", "output": "sun dog cat"},

@@ -52,6 +52,10 @@ def installed(tmp_path_factory) -> Path:
     names = set(zipfile.ZipFile(wheel).namelist())
     conf = {p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
     assert {f"diffllm/conf/{c}" for c in conf} <= names, "the wheel lacks configs"
+    lists = {
+        f"diffllm/bench/recipe_lists/{p.name}" for p in (ROOT / "diffllm/bench/recipe_lists").glob("*.yaml")
+    }
+    assert lists and lists <= names, "the wheel lacks the recipe lists of python -m diffllm.bench.recipes"
 
     venv = tmp / "venv"
     sh(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv, cwd=tmp)

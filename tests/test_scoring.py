@@ -21,6 +21,7 @@ from diffllm.evaluation.scoring import (
     ratio_mean_se,
     score_batch,
     score_rows,
+    tokens_per_pass,
 )
 from diffllm.model.attention import set_bidirectional
 from diffllm.model.dlm import DiffusionLM
@@ -173,3 +174,11 @@ def test_quality_reports_length_and_eos_rate_with_their_se():
     assert q["eos_rate"] == 0.75 and q["eos_rate_se"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
     assert q["rougeL"] == pytest.approx(0.5)  # two exact, two with no common word
     assert (q["seconds"], q["nfe"]) == (1.0, 5)
+
+
+def test_tokens_per_pass_counts_every_rows_share_of_a_batch_pass():
+    # 3 rows decoded in one batch of 4 forward passes: 12 row-passes for 2 + 1 + 3 tokens and 2 end tokens
+    answers = Answers(["", "", ""], [2, 1, 3], [True, True, False], 0.0, 4, row_passes=12)
+    assert tokens_per_pass(answers) == pytest.approx((2 + 1 + 3 + 2) / 12)
+    assert quality(answers, ["a", "b", "c"])["tokens_per_pass"] == pytest.approx(8 / 12)
+    assert math.isnan(tokens_per_pass(Answers(["a"], [1], [True], 0.0, 1)))  # passes not counted

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -54,7 +55,13 @@ from diffllm.config.schema import ValLikelihoodNode, check_node, check_positive,
 from diffllm.data.prompt_fit import fit_prompt_rows
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.evaluation import scoring
-from diffllm.evaluation.compare import EVAL_SCHEDULE, compare, exact_match_by_task, likelihood_settings
+from diffllm.evaluation.compare import (
+    EVAL_SCHEDULE,
+    compare,
+    exact_match_by_task,
+    likelihood_settings,
+    per_row_figures,
+)
 from diffllm.evaluation.metrics import bleu
 from diffllm.evaluation.plots import plot_nll_by_length, plot_quality_vs_steps, save_figure
 from diffllm.evaluation.quality import quality_tables
@@ -252,6 +259,7 @@ def format_markdown(r: Mapping[str, Any]) -> str:
                 ("eos_rate", "EOS rate", 3),
                 ("seconds", "generation seconds", 2),
                 ("nfe", "forward passes", 0),
+                ("tokens_per_pass", "tokens per forward pass", 2),
             )
         ),
         *(
@@ -326,7 +334,10 @@ def write_outputs(result: dict[str, Any], out_dir: Path, buckets_fig, steps_fig)
     files["eval.md"] = out_dir / "eval.md"
     files["eval.json"] = out_dir / "eval.json"
     files["eval.md"].write_text(format_markdown(result))
-    files["eval.json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
+    # eval.json last and atomically: its presence means the evaluation finished (bench.recipes skips it)
+    tmp = out_dir / f".eval.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    os.replace(tmp, files["eval.json"])
     return files
 
 
@@ -465,6 +476,7 @@ def evaluate(
         ),
         "steps_grid": grid,
         "steps_skipped": skipped,
+        "per_row": per_row_figures(scores, answers, refs),
         "provenance": provenance(device, time.perf_counter() - started, None),
     }
     ar_q = {"exact_match": result["ar_exact_match"], "rougeL": result["ar_rougeL"]}

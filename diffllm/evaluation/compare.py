@@ -34,6 +34,7 @@ from diffllm.evaluation.scoring import (
     likelihood_figures,
     paired_difference,
     quality,
+    row_matches,
     score_batch,
     score_rows,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "exact_match_by_task",
     "generation_figures",
     "likelihood_settings",
+    "per_row_figures",
     "validation_scores",
 ]
 
@@ -130,6 +132,28 @@ def generation_figures(
             diff, se = paired_difference(answers[model].texts, answers[ref].texts, refs)
             out[f"{model}_minus_{ref}_exact_match"], out[f"{model}_minus_{ref}_exact_match_se"] = diff, se
     return out
+
+
+def per_row_figures(
+    scores: Mapping[str, np.ndarray], answers: Mapping[str, Answers], refs: Sequence[str]
+) -> dict[str, dict[str, list]]:
+    """The per-row figures every headline number is pooled from, as plain lists (for ``eval.json``).
+
+    ``scored``: for each scored row, its token counts (``tokens``, ``tokens_no_end``) and each model's
+    NLL summed over them in nats (keys of ``scoring.score_batch``: ``diffusion``, ``ar_base``,
+    ``ar_sft``, ...); a per-token figure is sum(model) / sum(tokens), a gap sum(a - b) / sum(tokens).
+    ``generated``: for each generated prompt, ``<model>_match`` (1.0 when the answer equals the
+    reference, whitespace-normalised), ``<model>_length`` (tokens before the end token) and
+    ``<model>_ended`` (the end token was produced); an exact-match difference is
+    mean(a_match - b_match), its SE sd / sqrt(m).
+    """
+    scored = {k: [int(x) if k.startswith("tokens") else float(x) for x in v] for k, v in scores.items()}
+    generated: dict[str, list] = {}
+    for model, a in answers.items():
+        generated[f"{model}_match"] = row_matches(a.texts, refs)
+        generated[f"{model}_length"] = [int(n) for n in a.lengths]
+        generated[f"{model}_ended"] = [bool(e) for e in a.ended]
+    return {"scored": scored, "generated": generated}
 
 
 def exact_match_by_task(

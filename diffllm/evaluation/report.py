@@ -182,6 +182,7 @@ def format_report(r: dict[str, Any]) -> str:
         ("rougeL", "ROUGE-L", 3),
         ("answer_length", "answer tokens (mean)", 2),
         ("eos_rate", "EOS rate", 3),
+        ("tokens_per_pass", "tokens per forward pass", 2),
     ):
         lines.append(
             f"  {label:26s}" + "".join(f"{plus_minus(r, f'{k}_{metric}', digits):>18s}" for k, _ in cols)

@@ -31,6 +31,10 @@ per-token SE would be too small):
 * exact match, EOS rate: binomial sqrt(p (1 - p) / m) (at m = 64 one row is 1.6 points);
 * an exact-match difference on the same prompts: sd(d_i) / sqrt(m), d_i in {-1, 0, 1};
 * ROUGE-L and answer length: sd / sqrt(m) of the per-row values.
+
+Decoding speed: ``tokens_per_pass`` = generated tokens (answer + its end token when produced) over
+forward passes per row, summed over rows; a batch's forward pass counts once for every row in it
+(a row that has finished waits for its batch), so AR greedy decoding scores at most 1.
 """
 
 from __future__ import annotations
@@ -205,6 +209,7 @@ class Answers:
     seconds: float
     nfe: int
     tokens: list[list[int]] | None = None  # the answers' token ids before the end token
+    row_passes: int | None = None  # forward passes summed over rows (a batch's pass once per row in it)
 
 
 def diffusion_answers(
@@ -222,7 +227,7 @@ def diffusion_answers(
     ``eos_id``: the end-of-answer id (``diffllm.data.template.end_of_answer_id``).
     """
     eos = eos_id
-    texts, lengths, ended, nfe, t0 = [], [], [], 0, time.perf_counter()
+    texts, lengths, ended, nfe, row_passes, t0 = [], [], [], 0, 0, time.perf_counter()
     tokens: list[list[int]] = []
     for start in range(0, len(prompt_ids), batch_size):
         out = generate(
@@ -238,7 +243,8 @@ def diffusion_answers(
         ended += [bool((row == eos).any()) for row in out.canvas]
         tokens += out.tokens
         nfe += out.nfe
-    return Answers(texts, lengths, ended, time.perf_counter() - t0, nfe, tokens)
+        row_passes += out.nfe * len(out.tokens)
+    return Answers(texts, lengths, ended, time.perf_counter() - t0, nfe, tokens, row_passes)
 
 
 def ar_answers(
@@ -253,7 +259,7 @@ def ar_answers(
 ) -> Answers:
     """Greedy causal answers with a KV cache ([MASK] suppressed): the base model (``adapters=False``) or
     an AR-SFT model (``adapters=True``)."""
-    texts, lengths, ended, nfe, t0 = [], [], [], 0, time.perf_counter()
+    texts, lengths, ended, nfe, row_passes, t0 = [], [], [], 0, 0, time.perf_counter()
     tokens: list[list[int]] = []
     for start in range(0, len(prompt_ids), batch_size):
         out = ar_generate(
@@ -269,7 +275,8 @@ def ar_answers(
         ended += list(out.ended)
         tokens += out.tokens
         nfe += out.nfe
-    return Answers(texts, lengths, ended, time.perf_counter() - t0, nfe, tokens)
+        row_passes += out.nfe * len(out.tokens)
+    return Answers(texts, lengths, ended, time.perf_counter() - t0, nfe, tokens, row_passes)
 
 
 def binomial_se(p: float, n: int) -> float:
@@ -297,8 +304,17 @@ def row_rouge_l(preds: Sequence[str], refs: Sequence[str]) -> list[float]:
     ]
 
 
+def tokens_per_pass(answers: Answers) -> float:
+    """Generated tokens (answer + end token when produced) per forward pass per row (module docstring);
+    NaN when the passes were not counted."""
+    if not answers.row_passes:
+        return float("nan")
+    return (sum(answers.lengths) + sum(bool(e) for e in answers.ended)) / answers.row_passes
+
+
 def quality(answers: Answers, refs: Sequence[str]) -> dict[str, float]:
-    """Exact match, ROUGE-L, mean answer length (tokens), EOS rate, each with its SE; time and NFE."""
+    """Exact match, ROUGE-L, mean answer length (tokens), EOS rate, each with its SE; time, NFE and
+    tokens per forward pass."""
     n = len(refs)
     em = exact_match(answers.texts, refs)
     rouge, rouge_se = mean_se(row_rouge_l(answers.texts, refs))
@@ -315,6 +331,7 @@ def quality(answers: Answers, refs: Sequence[str]) -> dict[str, float]:
         "eos_rate_se": binomial_se(eos_rate, n),
         "seconds": answers.seconds,
         "nfe": answers.nfe,
+        "tokens_per_pass": tokens_per_pass(answers),
     }
 
 
