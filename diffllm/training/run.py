@@ -122,10 +122,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     log.info("%s", trainable_line(module.dlm.model))
     ckpt_path = resume_checkpoint(out_dir, cfg.get("ckpt_path"))
-    if ckpt_path is not None:  # the CSV logs keep the rows up to the checkpoint and append after them
-        step = checkpoint_step(ckpt_path)
+    step = checkpoint_step(ckpt_path) if ckpt_path else None
+    if step is not None:  # the CSV log keeps the rows up to the checkpoint and appends after them
         for logger in loggers:
-            if isinstance(logger, ResumableCSVLogger) and step is not None:
+            if isinstance(logger, ResumableCSVLogger):
                 logger.resume_at(step)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     stop = next((cb.stopped for cb in callbacks if isinstance(cb, StopOnSignal) and cb.stopped), None)
