@@ -9,16 +9,22 @@ from types import SimpleNamespace
 
 import pytest
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from diffllm.config.resolvers import CONF_DIR, compose
+from diffllm.training.loggers import ResumableCSVLogger
 from diffllm.training.samples import write_table
 
 ROWS = [
     {"step": 3, "prompt": "### Instruction:\nCopy: a | b\n", "generated": "a | b", "reference": "a | b"},
     {"step": 3, "prompt": "### Instruction:\nWhat is 2 + 3?\n", "generated": "6", "reference": "5"},
 ]
-EXPECTED = {"csv": [CSVLogger], "tensorboard": [TensorBoardLogger], "many": [CSVLogger, TensorBoardLogger]}
+# csv: Lightning's CSVLogger whose metrics.csv survives a resume (diffllm.training.loggers)
+EXPECTED = {
+    "csv": [ResumableCSVLogger],
+    "tensorboard": [TensorBoardLogger],
+    "many": [ResumableCSVLogger, TensorBoardLogger],
+}
 
 
 def loggers_of(name: str, out) -> list:

@@ -1,16 +1,19 @@
-"""Faithful resume, interruption, numerics and run folders, end to end on the tiny default (CPU).
+"""Faithful resume at every step, interruption and SLURM requeue, the run folder's logs, numerics and
+run folders, end to end on the tiny default (CPU).
 
 The data-order tests are fast; the runs of the diffusion model are ``slow`` (see each docstring).
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,11 +21,13 @@ import yaml
 from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from diffllm.bench.kill_resume import compare
+from diffllm.bench.kill_resume import every_step, kill_and_resume, reference_run
 from diffllm.config.resolvers import compose
 from diffllm.config.run_folder import RunFolderError, check_run_folder, fresh_dir, write_config
 from diffllm.data.order import PassOrder, ResumableLoader, ResumableSampler
+from diffllm.training.loggers import ResumableCSVLogger
 from diffllm.training.run import train
+from diffllm.training.samples import ValidationSamples, write_table
 from diffllm.training.trainer import NoAcceleratorError
 from tests.conftest import TINY_RUN
 
@@ -95,22 +100,135 @@ def test_the_loader_checkpoints_the_trainers_count_not_its_prefetch():
         fresh.load_state_dict({"position": 3, "batches_per_pass": 6})
 
 
-# -- faithful resume -------------------------------------------------------------------------------
+# -- the run folder's logs --------------------------------------------------------------------------
+
+
+def _log(logger: ResumableCSVLogger, rows: list[tuple[int, dict[str, float]]]) -> None:
+    for step, metrics in rows:
+        logger.log_metrics(metrics, step=step)
+    logger.finalize("success")
+
+
+def _metrics(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "logs" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_resumed_csv_log_keeps_the_rows_before_its_checkpoint_and_appends(tmp_path):
+    """Lightning's CSV writer deleted metrics.csv when a run resumed in its folder. Resumed at
+    optimizer step 3 (rows logged under step < 3 belong to it), the file keeps those rows, drops
+    the ones the killed run logged after its checkpoint, and takes the new rows (and a new column)."""
+    first = ResumableCSVLogger(save_dir=tmp_path, name="logs", version="")
+    _log(first, [(s, {"train/loss": 10.0 - s}) for s in range(5)] + [(2, {"val/loss": 7.5})])
+    resumed = ResumableCSVLogger(save_dir=tmp_path, name="logs", version="")
+    resumed.resume_at(3)
+    _log(resumed, [(3, {"train/loss": 6.5}), (3, {"val/loss": 6.0, "val/rougeL": 0.5})])
+    rows = _metrics(tmp_path)
+    assert [(r["step"], r["train/loss"], r["val/loss"], r["val/rougeL"]) for r in rows] == [
+        ("0", "10.0", "", ""),
+        ("1", "9.0", "", ""),
+        ("2", "8.0", "", ""),
+        ("2", "", "7.5", ""),
+        ("3", "6.5", "", ""),
+        ("3", "", "6.0", "0.5"),
+    ]
+    fresh = ResumableCSVLogger(save_dir=tmp_path, name="logs", version="")  # not a resume: Lightning's way
+    _log(fresh, [(0, {"train/loss": 1.0})])
+    assert [(r["step"], r["train/loss"]) for r in _metrics(tmp_path)] == [("0", "1.0")]
+
+
+def test_the_samples_table_keeps_the_rows_written_before_the_checkpoint(tmp_path):
+    """val_samples.csv names the global step of its validation, which cannot tell a validation at
+    the end of step G (before its checkpoint) from one in the middle of step G + 1 (after it):
+    checkpoints hold the rows written, and a resume keeps that many."""
+    logger = ResumableCSVLogger(save_dir=tmp_path, name="logs", version="")
+    tables = [
+        [{"step": s, "prompt": f"p{i}", "generated": "g", "reference": "r"} for i in range(2)]
+        for s in (2, 4, 4)
+    ]
+    for table in tables:
+        write_table([logger], table, table[0]["step"])
+    samples = ValidationSamples()
+    samples.load_state_dict({"rows_written": 4})  # the checkpoint came after the first two tables
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[logger])
+    samples.on_train_start(trainer, None)
+    with open(tmp_path / "logs" / "val_samples.csv", newline="") as f:
+        kept = [(r["step"], r["prompt"]) for r in csv.DictReader(f)]
+    assert kept == [("2", "p0"), ("2", "p1"), ("4", "p0"), ("4", "p1")]
+    assert samples.state_dict() == {"rows_written": 4}
+
+
+# -- faithful resume at every step ------------------------------------------------------------------
+
+# 9 steps of the tiny default (diffllm.bench.kill_resume.BASE) on 24 rows: 3 batches per pass and 2
+# micro-batches per step, so each pass ends with a one-micro-batch step (steps 2, 4, 6, 8); validation
+# every 2 steps = 4 micro-batches: in the middle of step 3's window, at the end of step 5 (mid-pass)
+# and at the end of step 8 (a pass end).
+STEPS, SWEEP = 9, ["trainer.val_every_n_steps=2", "data.limit_train_rows=24"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 9-step run, checkpointing at the end of every step (about 10 s)."""
+    torch.set_num_threads(1)
+    return reference_run(STEPS, seed=0, root=tmp_path_factory.mktemp("resume"), extra=SWEEP)
+
+
+def _all_equal(figures: dict) -> None:
+    assert figures["total"] == 33 and figures["equal"] == 33  # every trainable tensor
+    assert figures["training_state"]  # AdamW moments and step counts, the LR scheduler
+    assert figures["metrics_csv"] and figures["samples_csv"]  # the run folder's logs, row for row
+    assert figures["best_score"]  # BestCheckpoint's verdict
+    assert figures["end_steps"] == (STEPS, STEPS)
 
 
 @pytest.mark.slow
-def test_killed_by_sigterm_and_resumed_equals_the_uninterrupted_run(tmp_path):
-    """SIGTERM (a real one, to this process) after step 3 of 6 with 2 micro-batches per step, LoRA
-    dropout on and passes of 5 batches: the run stops after step 4, and a fresh Trainer resumed
-    from its last.ckpt ends with every trainable tensor and every validation metric equal to the
-    uninterrupted run's (three tiny runs, about 60 s on 2 loaded cores)."""
-    figures = compare(steps=6, kill_at=3, seed=0, root=tmp_path, extra=[])
-    assert figures["stopped_at"] == 4 and figures["exit_code"] == 143
-    assert figures["end_steps"] == (6, 6)
-    assert figures["total"] == 33 and figures["equal"] == figures["total"]
-    assert "val/nll_bound" in figures["metrics"] and "train/loss" in figures["metrics"]
+def test_a_resume_from_the_end_of_every_step_equals_the_uninterrupted_run(reference):
+    """Resumed from each of the 8 step ends (the checkpoint a stop at that step writes), in its run
+    folder as it stood then: every pass end, accumulation window and validation of the run lies
+    inside some resumed tail, and every kind is a resume point (about 60 s on 2 loaded cores)."""
+    validations = [r["step"] for r in _metrics(reference.folder) if r["val/nll_bound"]]
+    assert validations == ["2", "4", "7"]  # logged under the steps done before them: see above
+    results = every_step(reference, reference.folder.parent)
+    assert [r["resumed_from"] for r in results] == list(range(1, STEPS))
+    for figures in results:
+        _all_equal(figures)
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_pass_end_step_after_validations_resumes_exactly(reference, tmp_path):
+    """The issue's case (`bench.resume --steps 12 --kill-at 8`: 0 / 33 equal tensors) has this shape:
+    a stop at a pass's last step, after a validation. The stop set Lightning's should_stop, which ran
+    one more validation; the checkpoint callback then rewrote last.ckpt after it, and resumed from that
+    file at a pass's last batch, Lightning started the next pass one micro-batch late, so every
+    accumulation window after it shifted. Now SIGTERM during step 6 stops at the end of step 6 with
+    its checkpoint and nothing after; resumed in its folder, the run, its metrics.csv and
+    val_samples.csv equal the uninterrupted run's (two runs, about 15 s)."""
+    figures = kill_and_resume(reference, 5, tmp_path)
+    assert figures["stopped_at"] == 6 and figures["exit_code"] == 143
+    assert figures["stop"].path == str(tmp_path / "killed" / "checkpoints" / "last.ckpt")
+    _all_equal(figures)
     for key, (uninterrupted, resumed) in figures["metrics"].items():
         assert uninterrupted == resumed, key
+
+
+@pytest.mark.slow
+def test_sigusr1_under_slurm_requeues_and_the_requeued_job_resumes_exactly(reference, tmp_path, monkeypatch):
+    """SIGUSR1 (SLURM's warning before the time limit) during step 8, a pass end which a validation follows:
+    the stop comes after that validation, writes hpc_ckpt_1.ckpt in the run folder, calls a stub
+    `scontrol requeue 4242` and exits 138; the same command in the same folder (the requeued job, no
+    ckpt_path) resumes from it and ends equal to the uninterrupted run (two runs, about 15 s)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    figures = kill_and_resume(reference, 7, tmp_path, signum=signal.SIGUSR1)
+    assert figures["stopped_at"] == 8 and figures["exit_code"] == 138
+    assert figures["stop"].path == str(tmp_path / "killed" / "hpc_ckpt_1.ckpt")
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    _all_equal(figures)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""SLURM through hydra-submitit-launcher: requeue left to Lightning; the local executor runs a sweep."""
+"""SLURM through hydra-submitit-launcher: USR1 before the time limit reaches the run's StopOnSignal
+(which requeues; tests/test_checkpoints.py), never submitit's handler; the local executor runs a sweep."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from diffllm.config.resolvers import CONF_DIR, register_resolvers
 
 
-def test_slurm_launcher_sends_lightnings_requeue_signal_and_never_requeues_itself(tmp_path, monkeypatch):
+def test_slurm_launcher_sends_usr1_to_the_run_and_never_requeues_itself(tmp_path, monkeypatch):
     """The sbatch script the launcher would submit, captured before submission (no SLURM here)."""
     register_resolvers()
     overrides = ["hydra/launcher=slurm", "trainer=gpu", "trainer.devices=4", "trainer.num_nodes=2"]
@@ -46,8 +47,11 @@ def test_slurm_launcher_sends_lightnings_requeue_signal_and_never_requeues_itsel
     assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4"} <= flags
     assert captured["max_num_timeout"] == 0
     assert submitit.slurm.slurm.SlurmJobEnvironment.USR_SIG == "USR2"  # so USR1 never reaches submitit
+    # Lightning would take USR1 too (its default SLURM environment): build_trainer turns that off
     lightning = SLURMEnvironment()
     assert lightning.auto_requeue and lightning.requeue_signal == signal.SIGUSR1
+    signals = cfg.callbacks.signals
+    assert "SIGUSR1" in signals.signals and list(signals.requeue) == ["SIGUSR1"]
 
 
 @pytest.mark.slow

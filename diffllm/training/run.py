@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -24,8 +26,9 @@ from diffllm.data.order import DataOrderMismatchError
 from diffllm.data.reader import DataError
 from diffllm.evaluation.report import build_report, format_report, provenance, write_report
 from diffllm.model.load import ModelLoadError, build_diffusion_model, build_from_config, trainable_line
-from diffllm.training.callbacks import NonFiniteLossError, StopOnSignal
+from diffllm.training.callbacks import NonFiniteLossError, StopOnSignal, requeue_checkpoints
 from diffllm.training.checkpoints import load_ar_sft
+from diffllm.training.loggers import ResumableCSVLogger
 from diffllm.training.trainer import (
     CheckpointWriteError,
     NoAcceleratorError,
@@ -60,6 +63,27 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
     line = trainable_line(dlm.model)
     print(line, flush=True)
     return {"trainable_line": line, "mask_id": dlm.mask_id}
+
+
+def resume_checkpoint(out_dir: Path, ckpt_path: str | None) -> str | None:
+    """The checkpoint this run resumes from: ``ckpt_path``, else the newest requeue checkpoint
+    (``hpc_ckpt_<n>.ckpt``, written by ``StopOnSignal`` on SIGUSR1) of the run folder: a requeued
+    SLURM job starts again in its folder with the same command and resumes where it stopped."""
+    if ckpt_path:
+        return str(ckpt_path)
+    found = requeue_checkpoints(out_dir)
+    if not found:
+        return None
+    log.info("resuming from the requeue checkpoint %s", found[-1])
+    return str(found[-1])
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The optimizer step a checkpoint was written at (None when the file is not there: Lightning
+    then says so)."""
+    if not Path(path).is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
 def build_module(node: DictConfig) -> L.LightningModule:
@@ -97,7 +121,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
 
     log.info("%s", trainable_line(module.dlm.model))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_path = resume_checkpoint(out_dir, cfg.get("ckpt_path"))
+    step = checkpoint_step(ckpt_path) if ckpt_path else None
+    if step is not None:  # the CSV log keeps the rows up to the checkpoint and appends after them
+        for logger in loggers:
+            if isinstance(logger, ResumableCSVLogger):
+                logger.resume_at(step)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     stop = next((cb.stopped for cb in callbacks if isinstance(cb, StopOnSignal) and cb.stopped), None)
     if stop is not None:
         raise stop  # after its checkpoint: no report, exit 128 + signal

@@ -9,6 +9,11 @@ a CSV file (``val_samples.csv`` in the logger's folder), TensorBoard text, a W&B
 With ``quality_rows > 0`` (a diffusion run) it also logs the reference-free quality of the first
 ``quality_rows`` answers (``diffllm.evaluation.quality``): ``val/ar_scored_nll``, ``val/ar_agreement``,
 ``val/eos_rate``, ``val/repetition``, ``val/answer_length``, at the cost of one AR greedy decode.
+
+Resume: checkpoints hold the number of table rows written so far; a run resumed in the same folder
+keeps that many rows of ``val_samples.csv`` (the rows of the validations before its checkpoint) and
+appends after them. (A row's ``step`` cannot tell: a validation in the middle of an accumulation
+window comes after the checkpoint of the step it names.)
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing_extensions import override
 from diffllm.evaluation.metrics import exact_match, rouge_l
 from diffllm.evaluation.quality import head, reference_free
 from diffllm.evaluation.scoring import Answers, ar_answers
+from diffllm.training.loggers import keep_rows
 
 QUALITY_KEYS = ("ar_scored_nll", "ar_agreement", "eos_rate", "repetition", "answer_length")
 
@@ -39,6 +45,21 @@ class ValidationSamples(Callback):
             )
         self.quality_rows = int(quality_rows)
         self.prompts: list[dict[str, Any]] = []
+        self.rows_written = 0  # table rows this run has written (rank 0), resumed runs included
+        self._resumed = False
+
+    @override
+    def state_dict(self) -> dict[str, int]:
+        return {"rows_written": self.rows_written}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.rows_written, self._resumed = int(state_dict.get("rows_written", 0)), True
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._resumed and trainer.is_global_zero:  # drop the rows written after the checkpoint
+            keep_table_rows(trainer.loggers, self.rows_written)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -80,6 +101,7 @@ class ValidationSamples(Callback):
             for p, g, r in zip(self.prompts, preds, refs)
         ]
         write_table(trainer.loggers, rows, trainer.global_step)
+        self.rows_written += len(rows)
         return rows
 
     def log_quality(self, pl_module: Any, prompt_ids: list[list[int]], answers: Answers) -> None:
@@ -108,6 +130,21 @@ class ValidationSamples(Callback):
             pl_module.log(f"val/{key}", float(figures[key]), rank_zero_only=True)
 
 
+def _table_file(logger: Any) -> Path | None:
+    """``val_samples.csv`` in the folder of a logger that takes the table as a file (CSV), else None."""
+    if hasattr(logger, "log_text") or hasattr(getattr(logger, "experiment", None), "add_text"):
+        return None  # W&B, TensorBoard
+    return Path(logger.log_dir) / "val_samples.csv" if getattr(logger, "log_dir", None) else None
+
+
+def keep_table_rows(loggers: list[Any], rows: int) -> None:
+    """Keep the first ``rows`` rows of every logger's ``val_samples.csv`` (a resume: the rest came after)."""
+    for logger in loggers:
+        path = _table_file(logger)
+        if path is not None:
+            keep_rows(path, lambda table: table[:rows])
+
+
 def write_table(loggers: list[Any], rows: list[dict[str, Any]], step: int) -> None:
     """The table to every logger in the form it takes: CSV file, TensorBoard text, W&B table."""
     for logger in loggers:
@@ -118,8 +155,7 @@ def write_table(loggers: list[Any], rows: list[dict[str, Any]], step: int) -> No
                 f"| {r['prompt']!r} | {r['generated']!r} | {r['reference']!r} |" for r in rows
             )
             logger.experiment.add_text("val/samples", md, step)
-        elif getattr(logger, "log_dir", None):  # CSV (and anything with a folder)
-            path = Path(logger.log_dir) / "val_samples.csv"
+        elif (path := _table_file(logger)) is not None:  # CSV (and anything with a folder)
             new = not path.exists()
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", newline="") as f:

@@ -17,6 +17,12 @@ weights.
 
 ``check_accelerator``: a GPU trainer on a machine without one is refused in one line, before the
 model or the data are loaded.
+
+Under SLURM the Trainer gets ``SLURMEnvironment(auto_requeue=False)``: requeueing is
+``diffllm.training.callbacks.StopOnSignal``'s (USR1 stops at the end of the current optimizer step,
+writes the checkpoint there, then requeues). Lightning's own requeue, on by default, handles USR1
+inside the signal handler: it writes a checkpoint wherever training happens to be (mid-step, with a
+half-accumulated gradient lost) and requeues, and the two would fight over the signal.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+from omegaconf import ListConfig
+
+from diffllm.training.callbacks import step_end_order
 
 
 class NonFiniteCheckpointError(RuntimeError):
@@ -123,7 +133,8 @@ def build_trainer(
     """``lightning.Trainer(**trainer_kwargs)`` validating every ``val_every_n_steps`` optimizer steps.
 
     ``val_every_n_steps=None`` leaves validation to Lightning's own keys (``val_check_interval``,
-    ``check_val_every_n_epoch``).
+    ``check_val_every_n_epoch``). The callbacks are put in ``step_end_order`` (the resume checkpoints
+    last); under SLURM, Lightning's requeue is off (``without_lightning_requeue``).
     """
     if val_every_n_steps is not None:
         if trainer_kwargs.get("val_check_interval") is not None:
@@ -138,6 +149,30 @@ def build_trainer(
                 "optimizer steps (or null to use Lightning's val_check_interval)"
             )
         trainer_kwargs["val_check_interval"] = int(val_every_n_steps) * int(accumulate_grad_batches)
-    if trainer_kwargs.get("plugins") is not None:  # Hydra hands a ListConfig of instantiated objects
-        trainer_kwargs["plugins"] = list(trainer_kwargs["plugins"])
+    plugins = trainer_kwargs.get("plugins")  # Hydra hands a ListConfig of instantiated objects
+    if plugins is None:
+        plugins = []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple, ListConfig)) else [plugins]
+    trainer_kwargs["plugins"] = without_lightning_requeue(plugins) or None
+    if trainer_kwargs.get("callbacks"):
+        trainer_kwargs["callbacks"] = step_end_order(list(trainer_kwargs["callbacks"]))
     return L.Trainer(accumulate_grad_batches=accumulate_grad_batches, **trainer_kwargs)
+
+
+def without_lightning_requeue(plugins: list[Any]) -> list[Any]:
+    """``plugins`` plus ``SLURMEnvironment(auto_requeue=False)`` under SLURM (module docstring).
+
+    A SLURM environment given with Lightning's requeue on is refused: it would write a mid-step
+    checkpoint and requeue from inside its USR1 handler, beside ``StopOnSignal``'s.
+    """
+    given = [p for p in plugins if isinstance(p, ClusterEnvironment)]
+    for env in given:
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue:
+            raise ValueError(
+                "trainer.plugins holds SLURMEnvironment(auto_requeue=True): Lightning's requeue writes a "
+                "checkpoint mid-step from its USR1 handler; give auto_requeue=False (callbacks.signals "
+                "requeues at the end of the step)"
+            )
+    if not given and SLURMEnvironment.detect():
+        plugins = [*plugins, SLURMEnvironment(auto_requeue=False)]
+    return plugins
