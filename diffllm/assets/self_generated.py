@@ -439,7 +439,9 @@ def build(
     rows: list[dict[str, str]] = []
     ended_rows = unexamined = rounds = 0
     answer_tokens = 0
-    seconds = {"instructions": 0.0, "answers": 0.0}
+    seconds = {"instructions": 0.0, "answers": 0.0}  # wall
+    cpu = {"instructions": 0.0, "answers": 0.0}  # this process's CPU time: what the load does not change
+    cpu_started = time.process_time()
     max_rounds = 5 + 50 * math.ceil(settings.rows / settings.batch_size)  # below 2 % kept: give up
     say(
         f"self-generated data: {settings.rows} rows from {settings.model} (max_length {max_length}, "
@@ -452,7 +454,7 @@ def build(
                 f"{settings.batch_size} samples; rejected: {dict(filt.counts)}. Fix: drop filters from "
                 "data.self_generated.filters (not_a_request is English only), or use another model"
             )
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         samples = sample_instructions(
             model,
             tokenizer,
@@ -463,6 +465,7 @@ def build(
             round_seed(settings.seed, rounds),
         )
         seconds["instructions"] += time.perf_counter() - t0
+        cpu["instructions"] += time.process_time() - c0
         rounds += 1
         kept: list[str] = []
         for n, (text, ended) in enumerate(samples):
@@ -471,9 +474,10 @@ def build(
                 break
             if filt.reason(text, ended) is None:
                 kept.append(text)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         answers = greedy_answers(model, tokenizer, kept, max_length, end_id, settings.batch_size)
         seconds["answers"] += time.perf_counter() - t0
+        cpu["answers"] += time.process_time() - c0
         for instruction, answer in zip(kept, answers):
             text = "" if answer is None else tokenizer.decode(answer.tokens, skip_special_tokens=False)
             why = answer_reason(instruction, answer, text, tokenizer, max_length, end_id)
@@ -487,7 +491,8 @@ def build(
             answer_tokens += len(answer.tokens[: answer.room])
         say(
             f"  round {rounds}: {len(samples)} samples, {len(kept)} instructions kept, {len(rows)}/{settings.rows} "
-            f"rows ({seconds['instructions']:.0f} s instructions, {seconds['answers']:.0f} s answers)"
+            f"rows ({seconds['instructions']:.0f} s instructions, {seconds['answers']:.0f} s answers; "
+            f"CPU {cpu['instructions']:.0f} s, {cpu['answers']:.0f} s)"
         )
     train, val = split_rows(rows, settings.val_rows, settings.seed)
     out = Path(out)
@@ -524,10 +529,16 @@ def build(
             **{k: round(v, 1) for k, v in seconds.items()},
             "wall": round(time.perf_counter() - started, 1),
         },
+        "cpu_seconds": {
+            **{k: round(v, 1) for k, v in cpu.items()},
+            "all": round(time.process_time() - cpu_started, 1),
+        },
         "rate": {
             "instructions_kept_per_s": round(filt.counts["kept"] / max(seconds["instructions"], 1e-9), 3),
             "samples_per_s": round((rounds * settings.batch_size) / max(seconds["instructions"], 1e-9), 3),
             "answers_per_s": round(answered / max(seconds["answers"], 1e-9), 3),
+            "instructions_kept_per_cpu_s": round(filt.counts["kept"] / max(cpu["instructions"], 1e-9), 3),
+            "answers_per_cpu_s": round(answered / max(cpu["answers"], 1e-9), 3),
         },
         "machine": {
             "device": str(next(model.parameters()).device),
