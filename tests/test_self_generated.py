@@ -369,3 +369,44 @@ def test_missing_files_name_the_rebuild(tmp_path, tiny_tok):
         DataError, match="self-generated data set this run was trained on is not in this machine"
     ):
         dm.setup()
+
+
+def test_the_assets_command_refuses_a_model_without_chat_template(capsys):
+    from diffllm.assets.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["self_generated", "data.self_generated.rows=10", "data.self_generated.val_rows=2"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data=self_generated needs a chat model")
+    with pytest.raises(SystemExit):  # overrides belong to self_generated only
+        main(["tiny", "data.self_generated.rows=10"])
+
+
+def test_a_stopped_build_resumes_to_the_same_rows(built, monkeypatch, tmp_path):
+    settings, folder, info = built
+    assert info["instructions"]["rounds"] >= 2 and info["sessions"] == 1
+    sample = sg.sample_instructions
+    calls = []
+
+    def stop_in_round_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a kill after the first round's state was saved
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(sg, "sample_instructions", stop_in_round_two)
+    other = replace(settings, cache=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        ensure_self_generated(other, MAX_LENGTH, chat_template=TEST_TEMPLATE, quiet=True)
+    partial = dataset_dir(other, MAX_LENGTH, TEST_TEMPLATE)
+    partial = partial.parent / f".{partial.name}.partial"
+    assert json.loads((partial / sg.STATE).read_text())["rounds"] == 1
+    monkeypatch.setattr(sg, "sample_instructions", sample)
+    again = ensure_self_generated(other, MAX_LENGTH, chat_template=TEST_TEMPLATE, quiet=True)
+    resumed = json.loads((again / BUILD_INFO).read_text())
+    assert resumed["sessions"] == 2 and not partial.exists()
+    for name in SPLIT_FILES.values():
+        assert (again / name).read_bytes() == (folder / name).read_bytes()
+    for key in ("instructions", "answers"):
+        assert resumed[key]["counts"] == info[key]["counts"]

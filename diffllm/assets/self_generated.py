@@ -39,7 +39,6 @@ import math
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -173,7 +172,7 @@ class InstructionFilter:
     special_tokens: Sequence[str] = ()
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
-    _seen: set[str] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)  # the kept instructions, normalised
 
     def _first_reason(self, text: str, ended: bool) -> str | None:
         checks = {
@@ -183,7 +182,7 @@ class InstructionFilter:
             "too_short": lambda: len(text.split()) < self.min_words,
             "repetitive": lambda: is_repetitive(text),
             "not_a_request": lambda: not is_request(text),
-            "duplicate": lambda: normalise_instruction(text) in self._seen,
+            "duplicate": lambda: normalise_instruction(text) in self.seen,
         }
         for name in REASONS:  # the documented order
             if (name in ALWAYS or name in self.filters) and checks[name]():
@@ -194,7 +193,7 @@ class InstructionFilter:
         why = self._first_reason(text, ended)
         self.counts[why or "kept"] += 1
         if why is None:
-            self._seen.add(normalise_instruction(text))
+            self.seen.add(normalise_instruction(text))
         elif len(self.examples.setdefault(why, [])) < SAMPLES_SHOWN:
             self.examples[why].append(text)
         return why
@@ -413,6 +412,45 @@ def load_chat_model(settings: SelfGeneratedNode, chat_template: str | None = Non
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
 
+@dataclass
+class BuildState:
+    """Everything a build has made so far, saved after every round (``STATE``): a build that is
+    stopped resumes at its next round and ends with the rows an uninterrupted build writes."""
+
+    rounds: int = 0
+    rows: list[dict[str, str]] = field(default_factory=list)
+    instruction_counts: Counter = field(default_factory=Counter)
+    instruction_examples: dict[str, list[str]] = field(default_factory=dict)
+    seen: list[str] = field(default_factory=list)  # kept instructions, normalised (``duplicate``)
+    unexamined: int = 0
+    answer_counts: Counter = field(default_factory=Counter)
+    answer_examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    ended_rows: int = 0
+    answer_tokens: int = 0
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"instructions": 0.0, "answers": 0.0, "wall": 0.0}
+    )
+    cpu_seconds: dict[str, float] = field(
+        default_factory=lambda: {"instructions": 0.0, "answers": 0.0, "all": 0.0}
+    )
+    sessions: int = 0  # processes that worked on the build (1: never interrupted)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(vars(self), ensure_ascii=False))  # (asdict breaks a Counter)
+        tmp.replace(path)  # atomic: a kill leaves the previous round's state
+
+    @classmethod
+    def load(cls, path: Path) -> BuildState:
+        values = json.loads(path.read_text())
+        for key in ("instruction_counts", "answer_counts"):
+            values[key] = Counter(values[key])
+        return cls(**values)
+
+
+STATE = "state.json"
+
+
 def build(
     settings: SelfGeneratedNode,
     max_length: int,
@@ -425,32 +463,39 @@ def build(
 
     Rounds of ``batch_size`` instruction samples until ``rows`` rows are made; a round examines its
     samples only until the rows still needed are kept (the rest are counted as ``unexamined``).
+    The state is saved in ``out/state.json`` after every round; a build that finds one resumes.
     Returns the build info.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = BuildState.load(out / STATE) if (out / STATE).is_file() else BuildState()
+    state.sessions += 1
+    wall0, cpu0 = dict(state.seconds), dict(state.cpu_seconds)
     model, tokenizer = load_chat_model(settings, chat_template)
     prompt_ids, user_end_id = instruction_prompt(tokenizer, settings.model)
     end_id = ChatFormat().end_id(tokenizer)
     special = [t for t in tokenizer.all_special_tokens if t]
-    filt = InstructionFilter(settings.filters, settings.min_instruction_words, special)
-    answer_counts: Counter = Counter()
-    answer_examples: dict[str, list[dict[str, str]]] = {}
-    rows: list[dict[str, str]] = []
-    ended_rows = unexamined = rounds = 0
-    answer_tokens = 0
-    seconds = {"instructions": 0.0, "answers": 0.0}  # wall
-    cpu = {"instructions": 0.0, "answers": 0.0}  # this process's CPU time: what the load does not change
-    cpu_started = time.process_time()
+    filt = InstructionFilter(
+        settings.filters,
+        settings.min_instruction_words,
+        special,
+        state.instruction_counts,
+        state.instruction_examples,
+        set(state.seen),
+    )
     max_rounds = 5 + 50 * math.ceil(settings.rows / settings.batch_size)  # below 2 % kept: give up
     say(
         f"self-generated data: {settings.rows} rows from {settings.model} (max_length {max_length}, "
         f"seed {settings.seed}, temperature {settings.temperature}, top-p {settings.top_p})"
+        + (f"; resuming at round {state.rounds + 1} with {len(state.rows)} rows" if state.rounds else "")
     )
+    rows = state.rows
     while len(rows) < settings.rows:
-        if rounds >= max_rounds or (rounds >= 5 and filt.counts["kept"] == 0):
+        if state.rounds >= max_rounds or (state.rounds >= 5 and filt.counts["kept"] == 0):
             raise SelfGeneratedError(
-                f"data.self_generated: {len(rows)} of {settings.rows} rows after {rounds} rounds of "
+                f"data.self_generated: {len(rows)} of {settings.rows} rows after {state.rounds} rounds of "
                 f"{settings.batch_size} samples; rejected: {dict(filt.counts)}. Fix: drop filters from "
                 "data.self_generated.filters (not_a_request is English only), or use another model"
             )
@@ -462,44 +507,48 @@ def build(
             user_end_id,
             settings.batch_size,
             settings,
-            round_seed(settings.seed, rounds),
+            round_seed(settings.seed, state.rounds),
         )
-        seconds["instructions"] += time.perf_counter() - t0
-        cpu["instructions"] += time.process_time() - c0
-        rounds += 1
+        state.seconds["instructions"] += time.perf_counter() - t0
+        state.cpu_seconds["instructions"] += time.process_time() - c0
         kept: list[str] = []
         for n, (text, ended) in enumerate(samples):
             if len(kept) == settings.rows - len(rows):
-                unexamined += len(samples) - n
+                state.unexamined += len(samples) - n
                 break
             if filt.reason(text, ended) is None:
                 kept.append(text)
         t0, c0 = time.perf_counter(), time.process_time()
         answers = greedy_answers(model, tokenizer, kept, max_length, end_id, settings.batch_size)
-        seconds["answers"] += time.perf_counter() - t0
-        cpu["answers"] += time.process_time() - c0
+        state.seconds["answers"] += time.perf_counter() - t0
+        state.cpu_seconds["answers"] += time.process_time() - c0
         for instruction, answer in zip(kept, answers):
             text = "" if answer is None else tokenizer.decode(answer.tokens, skip_special_tokens=False)
             why = answer_reason(instruction, answer, text, tokenizer, max_length, end_id)
-            answer_counts[why or "kept"] += 1
+            state.answer_counts[why or "kept"] += 1
             if why is not None:
-                if len(answer_examples.setdefault(why, [])) < SAMPLES_SHOWN:
-                    answer_examples[why].append(chat_row(instruction, text))
+                if len(state.answer_examples.setdefault(why, [])) < SAMPLES_SHOWN:
+                    state.answer_examples[why].append(chat_row(instruction, text))
                 continue
             rows.append(chat_row(instruction, text))
-            ended_rows += answer.ended
-            answer_tokens += len(answer.tokens[: answer.room])
+            state.ended_rows += answer.ended
+            state.answer_tokens += len(answer.tokens[: answer.room])
+        state.rounds += 1
+        state.seen = sorted(filt.seen)
+        state.seconds["wall"] = wall0["wall"] + time.perf_counter() - started
+        state.cpu_seconds["all"] = cpu0["all"] + time.process_time() - cpu_started
+        state.save(out / STATE)
         say(
-            f"  round {rounds}: {len(samples)} samples, {len(kept)} instructions kept, {len(rows)}/{settings.rows} "
-            f"rows ({seconds['instructions']:.0f} s instructions, {seconds['answers']:.0f} s answers; "
-            f"CPU {cpu['instructions']:.0f} s, {cpu['answers']:.0f} s)"
+            f"  round {state.rounds}: {len(samples)} samples, {len(kept)} instructions kept, "
+            f"{len(rows)}/{settings.rows} rows ({state.seconds['instructions']:.0f} s instructions, "
+            f"{state.seconds['answers']:.0f} s answers; CPU {state.cpu_seconds['instructions']:.0f} s, "
+            f"{state.cpu_seconds['answers']:.0f} s)"
         )
     train, val = split_rows(rows, settings.val_rows, settings.seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(train, out / SPLIT_FILES["train"])
     _write_jsonl(val, out / SPLIT_FILES["val"])
-    answered = sum(answer_counts.values())
+    answered = sum(state.answer_counts.values())
+    wall, cpu = state.seconds, state.cpu_seconds
     info = {
         "settings": {**asdict(settings), "max_length": max_length},
         "key": build_key(settings, max_length, chat_template),
@@ -509,35 +558,33 @@ def build(
         "answer_end_token": tokenizer.convert_ids_to_tokens(end_id),
         "rows": {"train": len(train), "val": len(val)},
         "instructions": {
-            "rounds": rounds,
-            "sampled": rounds * settings.batch_size,
-            "unexamined": unexamined,
+            "rounds": state.rounds,
+            "sampled": state.rounds * settings.batch_size,
+            "unexamined": state.unexamined,
             "counts": dict(filt.counts.most_common()),
             "reasons": REASONS,
             "rejected_examples": filt.examples,
         },
         "answers": {
             "answered": answered,
-            "counts": dict(answer_counts.most_common()),
+            "counts": dict(state.answer_counts.most_common()),
             "reasons": ANSWER_REASONS,
-            "rejected_examples": answer_examples,
-            "ended_within_max_length": ended_rows,
-            "cut_at_max_length": len(rows) - ended_rows,
-            "mean_tokens_trained": round(answer_tokens / max(len(rows), 1), 2),
+            "rejected_examples": state.answer_examples,
+            "ended_within_max_length": state.ended_rows,
+            "cut_at_max_length": len(rows) - state.ended_rows,
+            "mean_tokens_trained": round(state.answer_tokens / max(len(rows), 1), 2),
         },
-        "seconds": {
-            **{k: round(v, 1) for k, v in seconds.items()},
-            "wall": round(time.perf_counter() - started, 1),
-        },
-        "cpu_seconds": {
-            **{k: round(v, 1) for k, v in cpu.items()},
-            "all": round(time.process_time() - cpu_started, 1),
-        },
+        "seconds": {k: round(v, 1) for k, v in wall.items()},
+        "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
+        "sessions": state.sessions,
         "rate": {
-            "instructions_kept_per_s": round(filt.counts["kept"] / max(seconds["instructions"], 1e-9), 3),
-            "samples_per_s": round((rounds * settings.batch_size) / max(seconds["instructions"], 1e-9), 3),
-            "answers_per_s": round(answered / max(seconds["answers"], 1e-9), 3),
+            "instructions_kept_per_s": round(filt.counts["kept"] / max(wall["instructions"], 1e-9), 3),
+            "samples_per_s": round(state.rounds * settings.batch_size / max(wall["instructions"], 1e-9), 3),
+            "answers_per_s": round(answered / max(wall["answers"], 1e-9), 3),
             "instructions_kept_per_cpu_s": round(filt.counts["kept"] / max(cpu["instructions"], 1e-9), 3),
+            "samples_per_cpu_s": round(
+                state.rounds * settings.batch_size / max(cpu["instructions"], 1e-9), 3
+            ),
             "answers_per_cpu_s": round(answered / max(cpu["answers"], 1e-9), 3),
         },
         "machine": {
@@ -546,6 +593,7 @@ def build(
             "torch": torch.__version__,
         },
     }
+    (out / STATE).unlink()
     (out / BUILD_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")  # last: the marker
     say(f"  done in {info['seconds']['wall']:.0f} s: {len(train)} train + {len(val)} val rows -> {out}")
     return info
@@ -560,7 +608,11 @@ def ensure_self_generated(
     quiet: bool = False,
 ) -> Path:
     """The data set's folder, built first if absent (or ``force``); one build per key at a time
-    (a file lock: ranks or runs that start together wait for the first)."""
+    (a file lock: ranks or runs that start together wait for the first).
+
+    The build happens in ``.<folder name>.partial`` beside it, renamed when complete, so the folder
+    appears complete or not at all; a stopped build resumes there (``force`` starts it afresh).
+    """
     folder = dataset_dir(settings, max_length, chat_template)
     if is_built(folder) and not force:
         return folder
@@ -568,14 +620,15 @@ def ensure_self_generated(
     with FileLock(str(folder) + ".lock"):
         if is_built(folder) and not force:
             return folder
-        with tempfile.TemporaryDirectory(prefix=f".{folder.name}-", dir=folder.parent) as tmp:
-            staged = Path(tmp) / folder.name
-            info = build(settings, max_length, staged, chat_template=chat_template, quiet=quiet)
-            info["folder"] = str(folder)
-            (staged / BUILD_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
-            if folder.exists():
-                shutil.rmtree(folder)
-            staged.rename(folder)  # same file system: the folder appears complete or not at all
+        staged = folder.parent / f".{folder.name}.partial"
+        if force and staged.exists():
+            shutil.rmtree(staged)
+        info = build(settings, max_length, staged, chat_template=chat_template, quiet=quiet)
+        info["folder"] = str(folder)
+        (staged / BUILD_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        staged.rename(folder)  # same file system
     return folder
 
 
