@@ -410,3 +410,14 @@ def test_a_stopped_build_resumes_to_the_same_rows(built, monkeypatch, tmp_path):
         assert (again / name).read_bytes() == (folder / name).read_bytes()
     for key in ("instructions", "answers"):
         assert resumed[key]["counts"] == info[key]["counts"]
+
+
+def test_the_settings_reach_the_checkpoint_as_plain_values(tiny_tok, tmp_path):
+    """Hydra hands the datamodule its ``self_generated`` node as a DictConfig; Lightning saves the
+    datamodule's hyperparameters in the checkpoint, which must load with ``weights_only=True``."""
+    node = OmegaConf.create({"model": "m", "rows": 24, "filters": ["duplicate"]})
+    dm = AlpacaDataModule(tiny_tok, path="unused.jsonl", template="chat", self_generated=node)
+    assert dm.hparams["self_generated"] == {"model": "m", "rows": 24, "filters": ["duplicate"]}
+    torch.save({"datamodule_hyper_parameters": dict(dm.hparams)}, tmp_path / "x.ckpt")
+    loaded = torch.load(tmp_path / "x.ckpt", weights_only=True)
+    assert loaded["datamodule_hyper_parameters"]["self_generated"]["filters"] == ["duplicate"]

@@ -28,6 +28,7 @@ from typing import Any
 
 import datasets
 import lightning as L
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -179,6 +180,8 @@ class AlpacaDataModule(L.LightningDataModule):
         self_generated: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(self_generated, DictConfig):  # plain values in the checkpoint (weights_only loads)
+            self_generated = OmegaConf.to_container(self_generated, resolve=True)
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
         self.format = get_format(template)  # fails early on an unknown data.template
