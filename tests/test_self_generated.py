@@ -167,7 +167,8 @@ def test_the_instruction_prompt_is_the_template_up_to_the_user_message(tiny_tok)
     assert end_id == tiny_tok.eos_token_id
 
 
-def test_a_model_without_chat_template_gets_one_line():
+def test_a_model_without_chat_template_gets_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("DIFFLLM_CACHE", str(tmp_path))
     tok = load_tokenizer(str(TINY_AR_BASE))
     with pytest.raises(
         SelfGeneratedError, match="has no chat template. Fix: `\\+experiment=smollm2 data=self_generated`"
@@ -177,6 +178,7 @@ def test_a_model_without_chat_template_gets_one_line():
     cfg = compose(["data=self_generated", "output_dir=unused"])
     with pytest.raises(SelfGeneratedError, match="has no chat template"):
         prepare_assets(cfg)
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written to the cache
 
 
 def test_smollm2_instruction_prompt_is_its_system_prompt_and_user_header():
@@ -371,14 +373,17 @@ def test_missing_files_name_the_rebuild(tmp_path, tiny_tok):
         dm.setup()
 
 
-def test_the_assets_command_refuses_a_model_without_chat_template(capsys):
+def test_the_assets_command_refuses_a_model_without_chat_template(capsys, monkeypatch, tmp_path):
     from diffllm.assets.__main__ import main
+
+    monkeypatch.setenv("DIFFLLM_CACHE", str(tmp_path))
 
     with pytest.raises(SystemExit) as stop:
         main(["self_generated", "data.self_generated.rows=10", "data.self_generated.val_rows=2"])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: data=self_generated needs a chat model")
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(SystemExit):  # overrides belong to self_generated only
         main(["tiny", "data.self_generated.rows=10"])
 

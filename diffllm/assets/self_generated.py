@@ -399,15 +399,21 @@ def _write_jsonl(rows: Iterable[Mapping[str, Any]], path: Path) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def load_chat_model(settings: SelfGeneratedNode, chat_template: str | None = None) -> tuple[Any, Any]:
-    """(the causal LM in float32, eval mode, on the GPU when there is one; its tokenizer)."""
+def check_chat_model(settings: SelfGeneratedNode, chat_template: str | None = None) -> Any:
+    """The model's tokenizer, checked: the folder exists and the tokenizer has a chat template."""
     missing = missing_folder_help(settings.model)
     if missing is not None:
         raise SelfGeneratedError(f"data.self_generated.model: {missing}")
     tokenizer = load_tokenizer(settings.model)
     if chat_template is not None:  # tests: a template for a model without one (never written to disk)
         tokenizer.chat_template = chat_template
-    instruction_prompt(tokenizer, settings.model)  # no chat template: one line, before the weights load
+    instruction_prompt(tokenizer, settings.model)
+    return tokenizer
+
+
+def load_chat_model(settings: SelfGeneratedNode, chat_template: str | None = None) -> tuple[Any, Any]:
+    """(the causal LM in float32, eval mode, on the GPU when there is one; its tokenizer)."""
+    tokenizer = check_chat_model(settings, chat_template)  # before the weights load
     model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
@@ -469,11 +475,11 @@ def build(
     started, cpu_started = time.perf_counter(), time.process_time()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     out = Path(out)
+    model, tokenizer = load_chat_model(settings, chat_template)
     out.mkdir(parents=True, exist_ok=True)
     state = BuildState.load(out / STATE) if (out / STATE).is_file() else BuildState()
     state.sessions += 1
     wall0, cpu0 = dict(state.seconds), dict(state.cpu_seconds)
-    model, tokenizer = load_chat_model(settings, chat_template)
     prompt_ids, user_end_id = instruction_prompt(tokenizer, settings.model)
     end_id = ChatFormat().end_id(tokenizer)
     special = [t for t in tokenizer.all_special_tokens if t]
@@ -616,6 +622,7 @@ def ensure_self_generated(
     folder = dataset_dir(settings, max_length, chat_template)
     if is_built(folder) and not force:
         return folder
+    check_chat_model(settings, chat_template)  # a model without chat template: one line, nothing written
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if is_built(folder) and not force:
