@@ -23,6 +23,7 @@ LAYERS = [
     ("diffllm.model", "model"),
     ("diffllm.diffusion", "diffusion"),
     ("diffllm.assets.smollm2", "config"),
+    ("diffllm.assets.self_generated", "config"),
     ("diffllm.config", "config"),
     ("diffllm.evaluation", "evaluation"),
     ("diffllm.training", "training"),
@@ -79,6 +80,12 @@ FUNCTION_LEVEL = {
         "diffllm.assets.build",
     ): "the builder pulls in torch/transformers; only a rebuild needs it",
     ("diffllm.assets.__main__", "diffllm.assets.smollm2"): "only `python -m diffllm.assets smollm2` needs it",
+    (
+        "diffllm.assets.__main__",
+        "diffllm.assets.self_generated",
+    ): "only `python -m diffllm.assets self_generated` needs it (torch, transformers)",
+    ("diffllm.assets.__main__", "diffllm.config.resolvers"): "as above (compose)",
+    ("diffllm.assets.__main__", "diffllm.model.load"): "as above (its error class)",
     ("diffllm.assets.smollm2", "torch"): "fetching the wheel needs no torch; only the conversion does",
     (
         "diffllm.data.reader",
@@ -93,6 +100,10 @@ FUNCTION_LEVEL = {
         "diffllm.config.resolvers",
         "diffllm.assets.smollm2",
     ): "a resolver: the registry fetch only when a config names it",
+    (
+        "diffllm.config.resolvers",
+        "diffllm.assets.self_generated",
+    ): "a resolver: the data set is built (or found) only when a config names it",
     (
         "diffllm.config.resolvers",
         "hydra",

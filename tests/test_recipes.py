@@ -434,3 +434,33 @@ def test_a_second_runner_waits_for_the_lock_and_takes_over_a_dead_ones(tmp_path)
     with rc.folder_lock(folder, said.append, poll=60):
         assert (folder / rc.LOCK).read_text() == str(os.getpid())
     assert len(said) == 1
+
+
+def test_the_alpaca_agreement_columns_appear_when_an_evaluation_measured_them():
+    line = {"recipe": "a", "ar_key": "k", "figures": {"nll_bound": 1.0}, "shared": []}
+    assert "Alpaca" not in rc.format_table([line])
+    models = {
+        "diffusion": {
+            "exact_match": 0.25,
+            "exact_match_se": 0.05,
+            "first_difference": 3.5,
+            "first_difference_se": 0.5,
+        },
+        "ar_sft": {
+            "exact_match": 0.75,
+            "exact_match_se": 0.04,
+            "first_difference": 9.0,
+            "first_difference_se": 1.0,
+        },
+    }
+    table = rc.format_table([{**line, "figures": {"nll_bound": 1.0, "agreement": {"models": models}}}])
+    cells, baseline = table_row(table, "a"), table_row(table, "AR-SFT `k` (the base budget)")
+    assert (cells["Alpaca: EM w/ base greedy"], cells["Alpaca: first diff (tokens)"]) == (
+        "0.250 ± 0.050",
+        "3.50 ± 0.50",
+    )
+    assert (baseline["Alpaca: EM w/ base greedy"], baseline["Alpaca: first diff (tokens)"]) == (
+        "0.750 ± 0.040",
+        "9.00 ± 1.00",
+    )
+    assert "agreement w/ AR base greedy" not in table  # the reference-free column: not measured here

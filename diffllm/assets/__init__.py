@@ -8,6 +8,9 @@
                              AutoModelForCausalLM / AutoTokenizer.from_pretrained(AR_BASE_DIR)
     build_info.json          build config, sizes and the measured AR figures
     README.md                the same, for people
+
+``ALPACA_SAMPLE``: the first 100 records of the Stanford Alpaca data (CC BY-NC 4.0, not Apache-2.0:
+``alpaca/README.md``), prompts no run trains on, for ``python -m diffllm.evaluate agreement_file=...``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ TINY_TRAIN = TINY_DIR / TRAIN_FILE
 TINY_VAL = TINY_DIR / VAL_FILE
 TINY_AR_BASE = TINY_DIR / AR_BASE
 TINY_TEMPLATE = "short"
+ALPACA_SAMPLE = TINY_DIR.parent / "alpaca" / "alpaca_sample.json"
 
 _REQUIRED = (
     TRAIN_FILE,

@@ -614,6 +614,12 @@ def _agreement(f: Mapping[str, Any], model: str) -> dict[str, Any]:
     return ((f.get("reference_free") or {}).get(model)) or {}
 
 
+def _alpaca(f: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """A model's agreement with the base's greedy answers on ``evaluate``'s ``agreement_file``
+    (``diffllm.evaluation.agreement``: exact match, first differing token)."""
+    return (((f.get("agreement") or {}).get("models") or {}).get(model)) or {}
+
+
 # (header, cell of a recipe's figures, cell of its AR-SFT baseline's figures)
 COLUMNS: tuple[tuple[str, Callable[[Mapping], str], Callable[[Mapping], str]], ...] = (
     ("bound ± SE", lambda f: _pm(f, "nll_bound"), lambda f: "—"),
@@ -633,14 +639,30 @@ COLUMNS: tuple[tuple[str, Callable[[Mapping], str], Callable[[Mapping], str]], .
         lambda f: _num(f.get("diffusion_tokens_per_pass"), 2),
         lambda f: _num(f.get("ar_sft_tokens_per_pass"), 2),
     ),
+    (
+        "Alpaca: EM w/ base greedy",
+        lambda f: _pm(_alpaca(f, "diffusion"), "exact_match"),
+        lambda f: _pm(_alpaca(f, "ar_sft"), "exact_match"),
+    ),
+    (
+        "Alpaca: first diff (tokens)",
+        lambda f: _pm(_alpaca(f, "diffusion"), "first_difference", 2),
+        lambda f: _pm(_alpaca(f, "ar_sft"), "first_difference", 2),
+    ),
     ("rows / prompts", lambda f: f"{f.get('rows', '—')} / {f.get('gen_rows', '—')}", None),
 )
+# Columns shown only when some line measured them.
+OPTIONAL_COLUMNS: dict[str, Callable[[Mapping], bool]] = {
+    "agreement w/ AR base greedy": lambda f: bool(_agreement(f, "diffusion")),
+    "Alpaca: EM w/ base greedy": lambda f: bool(_alpaca(f, "diffusion")),
+    "Alpaca: first diff (tokens)": lambda f: bool(_alpaca(f, "diffusion")),
+}
 
 
 def format_table(lines: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: one row per recipe (its latest line) and one per AR-SFT baseline (its figures from
     its latest recipe); every figure ± its SE, gaps and exact-match differences paired over the same
-    rows and prompts. The agreement column appears when some evaluation measured it."""
+    rows and prompts. The agreement columns appear when some evaluation measured them."""
     latest: dict[str, Mapping[str, Any]] = {}
     for line in lines:
         latest.pop(line["recipe"], None)  # re-run: the latest line, at its new place
@@ -648,8 +670,7 @@ def format_table(lines: Sequence[Mapping[str, Any]]) -> str:
     columns = [
         c
         for c in COLUMNS
-        if not c[0].startswith("agreement")
-        or any(_agreement(x["figures"], "diffusion") for x in latest.values())
+        if c[0] not in OPTIONAL_COLUMNS or any(OPTIONAL_COLUMNS[c[0]](x["figures"]) for x in latest.values())
     ]
     head = ["recipe", *(c[0] for c in columns), "train s", "eval s"]
     out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]

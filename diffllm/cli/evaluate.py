@@ -16,7 +16,10 @@ On the same answers (the run's validation split by default, or ``data_path``):
 * generation: exact match, ROUGE-L, BLEU, answer length and EOS rate (± SE) for the diffusion
   sampler (the checkpoint's sampler config with ``sampler.*`` overrides), the AR-SFT model and the
   base model (greedy, [MASK] suppressed), exact-match differences against AR-SFT, time and forward
-  passes; and diffusion quality against the number of steps.
+  passes; and diffusion quality against the number of steps;
+* with ``agreement_file`` (e.g. ``diffllm.assets.ALPACA_SAMPLE``, 100 real Alpaca instructions): how
+  close the diffusion model's and AR-SFT's answers stay to the base model's greedy answers on those
+  prompts (``diffllm.evaluation.agreement``: exact match, first differing token).
 
 Writes ``eval.json``, ``eval.md``, ``nll_by_length.png`` and ``quality_vs_steps.png`` into the run
 folder (``<run>/`` for ``<run>/checkpoints/x.ckpt``, ``<folder>/eval`` for an exported folder) or
@@ -55,6 +58,7 @@ from diffllm.config.schema import ValLikelihoodNode, check_node, check_positive,
 from diffllm.data.prompt_fit import fit_prompt_rows
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.evaluation import scoring
+from diffllm.evaluation.agreement import agreement_on_file, format_agreement
 from diffllm.evaluation.compare import (
     EVAL_SCHEDULE,
     compare,
@@ -312,6 +316,13 @@ def format_markdown(r: Mapping[str, Any]) -> str:
     ]
     lines += [f"\n(steps={s['steps']} skipped: {s['reason']})" for s in r["steps_skipped"]]
     lines += quality_tables(r, markdown=True)
+    if r.get("agreement"):
+        lines += [
+            "",
+            "## Agreement with the base model",
+            "",
+            *format_agreement(r["agreement"], markdown=True),
+        ]
     lines += ["", *(f"![{name}]({Path(path).name})" for name, path in r["plots"].items()), ""]
     lines += ["## Examples", "", "| prompt | reference | " + " | ".join(n for _, n in cols) + " |"]
     lines += ["|---|---|" + "---|" * len(cols)]
@@ -365,6 +376,7 @@ def evaluate(
     prompt_overflow: str = "error",
     order_nll: bool = True,
     quality_cfg: Mapping[str, Any] | None = None,
+    agreement_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint or exported folder; writes the report files and returns ``eval.json``'s content.
 
@@ -373,7 +385,9 @@ def evaluate(
     replacing the run's ``val_likelihood``; sampler: fields replacing the checkpoint's sampler;
     steps_grid: step counts for the quality-vs-steps sweep (None: G/8, G/4, G/2, G);
     prompt_overflow: ``error`` or ``truncate_left`` for prompts longer than the model's positions
-    minus ``gen_length`` (``diffllm.data.prompt_fit``).
+    minus ``gen_length`` (``diffllm.data.prompt_fit``); agreement_file: Alpaca rows on which every
+    model's answers are compared with the base model's (``evaluation.agreement``; ``eval.json``'s
+    ``agreement``).
     """
     started = time.perf_counter()
     # the arguments against the schema, before anything is read
@@ -381,6 +395,11 @@ def evaluate(
         {"rows": rows, "gen_rows": gen_rows, "batch_size": batch_size, "gen_batch_size": gen_batch_size}
     )
     check_sampler_overrides(dict(sampler or {}))
+    if agreement_file is not None and not Path(agreement_file).is_file():
+        raise FileNotFoundError(
+            f"agreement_file={str(agreement_file)!r} does not exist; pass a .json/.jsonl file of Alpaca rows "
+            "(the 100 shipped with diffllm: agreement_file='${asset:alpaca/alpaca_sample.json}')"
+        )
     lk_given = {k: v for k, v in dict(likelihood or {}).items() if v is not None}
     if lk_given:
         check_node(ValLikelihoodNode, lk_given)
@@ -479,6 +498,25 @@ def evaluate(
         "per_row": per_row_figures(scores, answers, refs),
         "provenance": provenance(device, time.perf_counter() - started, None),
     }
+    if agreement_file is not None:
+        base = ar_model if ar_model is not None else ar_baseline_model(im, device)
+        if base is None:
+            raise ModelLoadError(
+                "agreement_file needs the base model, and none could be loaded (see the log)"
+            )
+        result["agreement"] = agreement_on_file(
+            agreement_file,
+            prompt_format=dm.format,
+            tokenizer=tok,
+            eos_id=im.eos_id,
+            config=config,
+            seed=seed,
+            batch_size=gen_batch_size,
+            base=base,
+            diffusion=im.dlm,
+            ar_sft=ar_sft,
+            prompt_overflow=prompt_overflow,
+        )
     ar_q = {"exact_match": result["ar_exact_match"], "rougeL": result["ar_rougeL"]}
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt_path)
     files = write_outputs(
@@ -572,6 +610,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         prompt_overflow=cfg.prompt_overflow,
         order_nll=cfg.order_nll,
         quality_cfg=OmegaConf.to_container(cfg.quality),
+        agreement_file=cfg.agreement_file,
     )
     path = Path(cfg.ckpt_path)
     if path.is_dir() and multirun_jobs(path):  # a multirun folder: every job, then one table
@@ -582,12 +621,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print("\n" + format_report(result), flush=True)
     cols = [k for k in ("diffusion", "ar_sft", "ar") if f"{k}_bleu" in result]
     print(f"  {'BLEU-4 (corpus)':26s}" + "".join(f"{result[f'{k}_bleu']:>18.3f}" for k in cols), flush=True)
+    if result.get("agreement"):
+        print("\n" + "\n".join(format_agreement(result["agreement"])), flush=True)
     print("\n" + "\n".join(f"  {name:18s} {path}" for name, path in result["files"].items()), flush=True)
     return result
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except (ModelLoadError, FileNotFoundError, ValueError) as err:
@@ -595,6 +636,12 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """``python -m diffllm.evaluate`` / ``diffllm-evaluate``: the resolvers first (a value may use
+    ``${asset:...}``, e.g. ``agreement_file``), then Hydra."""
     register_resolvers()
+    _hydra_main()
+
+
+if __name__ == "__main__":
     main()

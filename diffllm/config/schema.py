@@ -133,6 +133,47 @@ class LoraNode:
 
 
 # -- data --------------------------------------------------------------------------------------------
+# The filters of the self-generated data's instructions (``diffllm.assets.self_generated.REASONS``).
+# ``empty`` and ``too_long`` always apply; these are optional.
+INSTRUCTION_FILTERS = ("not_plain", "too_short", "repetitive", "not_a_request", "duplicate")
+
+
+@dataclass
+class SelfGeneratedNode:
+    """How ``data=self_generated`` is built (``diffllm.assets.self_generated``): instructions sampled
+    from the chat model itself, then its own greedy answers. Every key (with ``data.max_length`` and
+    the model's content hash in place of its path, ``cache`` aside) is part of the build's cache key."""
+
+    model: str = MISSING  # the chat model folder (conf/data/self_generated.yaml: ${model.pretrained})
+    rows: int = 1500  # rows in all, train + val
+    val_rows: int = 200
+    seed: int = 0
+    temperature: float = 1.0  # instruction sampling (answers are greedy)
+    top_p: float = 0.95
+    max_instruction_tokens: int = 64  # a sample without the end of the user turn by then: too_long
+    min_instruction_words: int = 3  # fewer words: too_short
+    # the instruction filters applied, in this order (each rejection counted under its name)
+    filters: list[str] = field(default_factory=lambda: list(INSTRUCTION_FILTERS))
+    batch_size: int = 64  # prompts per generate call (changes the sampled instructions: keyed)
+    cache: str | None = None  # null: $DIFFLLM_CACHE (default ~/.cache/diffllm)
+
+    def __post_init__(self) -> None:
+        k = "data.self_generated"
+        _require(self.rows >= 2, f"{k}.rows", self.rows, "an integer >= 2 (train and val rows)")
+        _require(
+            1 <= self.val_rows < self.rows, f"{k}.val_rows", self.val_rows, f"1 .. {self.rows - 1} (rows - 1)"
+        )
+        _require(self.temperature > 0, f"{k}.temperature", self.temperature, "> 0 (instructions are sampled)")
+        _require(0 < self.top_p <= 1, f"{k}.top_p", self.top_p, "0 < top_p <= 1")
+        for key in ("max_instruction_tokens", "batch_size"):
+            _require(getattr(self, key) >= 1, f"{k}.{key}", getattr(self, key), "an integer >= 1")
+        _require(
+            self.min_instruction_words >= 0, f"{k}.min_instruction_words", self.min_instruction_words, ">= 0"
+        )
+        unknown = [f for f in self.filters if f not in INSTRUCTION_FILTERS]
+        _require(not unknown, f"{k}.filters", self.filters, f"a list of {', '.join(INSTRUCTION_FILTERS)}")
+
+
 @dataclass
 class DataNode:
     """``diffllm.data.datamodule.AlpacaDataModule`` arguments (the ``data`` group), tokenizer aside."""
@@ -156,9 +197,18 @@ class DataNode:
     strict: bool = False
     report_dir: str | None = None
     pad_to_multiple_of: int | None = None
+    # data=self_generated: how its rows are built (the path and val_path resolvers read it)
+    self_generated: SelfGeneratedNode | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_length >= 1, "data.max_length", self.max_length, "an integer >= 1")
+        if self.self_generated is not None:  # answers are the model's continuations of chat prompts
+            _require(
+                self.template == "chat",
+                "data.template",
+                self.template,
+                "chat with data=self_generated (its answers continue the chat template's prompt)",
+            )
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
         for key in (
             "eval_batch_size",
@@ -562,6 +612,12 @@ def plain_for_check(cfg: Any) -> dict[str, Any]:
             OmegaConf.to_container(node).get("pretrained")
         ):
             node.pretrained = "<smollm2>"
+    data = cfg.get("data")
+    if isinstance(data, DictConfig):  # ${self_generated:...} would build the data set
+        raw_data = OmegaConf.to_container(data, resolve=False)
+        for key in ("path", "val_path"):
+            if "${self_generated:" in str(raw_data.get(key)):
+                data[key] = f"<self_generated {key}>"
     if OmegaConf.is_interpolation(cfg, "output_dir"):
         try:
             cfg.output_dir  # noqa: B018 - resolvable inside @hydra.main only

@@ -28,6 +28,7 @@ from typing import Any
 
 import datasets
 import lightning as L
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -149,7 +150,11 @@ def load_rows(path: str, split: str = "train") -> datasets.Dataset:
 
 
 class AlpacaDataModule(L.LightningDataModule):
-    """Alpaca (hub or local file) -> train / val dataloaders of padded prompt/answer batches."""
+    """Alpaca (hub or local file) -> train / val dataloaders of padded prompt/answer batches.
+
+    ``self_generated``: the build settings of ``data=self_generated`` (``path`` and ``val_path`` are
+    its files); kept with the run's hyperparameters, and named when the files are missing.
+    """
 
     def __init__(
         self,
@@ -172,8 +177,11 @@ class AlpacaDataModule(L.LightningDataModule):
         report_dir: str | None = None,
         pad_to_multiple_of: int | None = None,
         group_by_length: bool = False,
+        self_generated: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(self_generated, DictConfig):  # plain values in the checkpoint (weights_only loads)
+            self_generated = OmegaConf.to_container(self_generated, resolve=True)
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
         self.format = get_format(template)  # fails early on an unknown data.template
@@ -192,6 +200,12 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def _read(self, path: str, split: str) -> datasets.Dataset:
         """The usable rows of ``path``; every other row is counted and recorded with its line."""
+        if self.hparams.self_generated and not Path(path).exists():  # a run from another machine
+            raise DataError(
+                f"{self._key(split)}={path}: the self-generated data set this run was trained on is not in "
+                "this machine's cache. Fix: rebuild it with the run's settings (`python -m diffllm.assets "
+                "self_generated` with the run's data.self_generated.* and model overrides), or copy its folder"
+            )
         ds, rejected = read_rows(path, self.hparams.split)
         self.report.rows += len(ds) + len(rejected)
         self.report.rejected.extend(dataclasses.replace(r, split=split) for r in rejected)
