@@ -92,6 +92,7 @@ FUNCTION_LEVEL = {
         "datasets",
     ): "parsing and DataError need no datasets (train.py imports DataError)",
     ("diffllm.assets.smollm2", "transformers"): "as torch: only the conversion",
+    ("diffllm.assets.smollm2", "tokenizers"): "as torch: only the conversion",
     (
         "diffllm.config.resolvers",
         "diffllm.assets",

@@ -68,6 +68,14 @@ def _rows(path, n):
         return [json.loads(line) for _, line in zip(range(n), f)]
 
 
+def test_the_tokenizer_splits_digits_as_the_model_writes_them(smollm2_tok):
+    """The GGUF's metadata has no digit split: without it "\n\n1." encodes as Ċ Ċ 1 ., a split the
+    model never writes (its greedy numbered lists use ĊĊ), so a trained answer would not be its own."""
+    tokens = smollm2_tok.convert_ids_to_tokens(smollm2_tok("Steps:\n\n1. Mix 2023 eggs")["input_ids"])
+    assert tokens[tokens.index("ĊĊ") :][:3] == ["ĊĊ", "1", "."]
+    assert ["2", "0", "2", "3"] == tokens[-5:-1]
+
+
 def test_parameter_counts(smollm2_module):
     line = trainable_line(smollm2_module.dlm.model)
     assert line.startswith("trainable params: 922,176 || all params: 135,437,760 ||")

