@@ -73,7 +73,7 @@ def test_the_tokenizer_splits_digits_as_the_model_writes_them(smollm2_tok):
     model never writes (its greedy numbered lists use ĊĊ), so a trained answer would not be its own."""
     tokens = smollm2_tok.convert_ids_to_tokens(smollm2_tok("Steps:\n\n1. Mix 2023 eggs")["input_ids"])
     assert tokens[tokens.index("ĊĊ") :][:3] == ["ĊĊ", "1", "."]
-    assert ["2", "0", "2", "3"] == tokens[-5:-1]
+    assert tokens[-5:-1] == ["2", "0", "2", "3"]
 
 
 def test_parameter_counts(smollm2_module):
