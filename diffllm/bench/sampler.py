@@ -32,10 +32,12 @@ The diffusion rows run a copy of the model with the LoRA adapters merged into th
 ``diffllm.inference.export``'s merged folder holds; ``--no-merge`` keeps the adapter layers), the AR row the
 original weights with the adapters off: both are plain linear layers in the same eager stack.
 
-Tokens/s counts answer-canvas tokens: rows x G for every method, EOS fill included, whether the
-method computed them or not; it is "answers of budget G per second", so the ratio columns are
-wall-clock speed-ups. NFE is the number of forward passes over all batches (AR: prefill + one per
-new token). Exact match compares the decoded answers (up to the first EOS) with the references.
+Answer tokens/s counts, for every method alike (AR included), each row's answer tokens up to and
+including its end token (EOS), or all G when it has none, per second of wall time: the positions
+after the EOS (the EOS fill, AR's padding of rows that ended early) count for nothing, whether the
+method computed them or not. NFE beside it is the number of forward passes over all batches (AR:
+prefill + one per new token). Exact match compares the decoded answers (up to the first EOS) with
+the references.
 
 ``build_table`` and ``check_goals`` are pure: they turn measurements into the markdown table.
 """
@@ -86,17 +88,17 @@ class Measurement:
     method: str
     gen_length: int
     seconds: float  # wall-clock for all rows (best of the repeats)
-    tokens: int  # answer-canvas tokens counted: rows x gen_length
+    tokens: int  # answer tokens over all rows, each up to and including its EOS (G if it has none)
     nfe: int  # forward passes over all batches
     exact_match: float  # fraction in [0, 1]
     settings: str = ""
     batches: int = 1  # sampler / AR calls the rows were split into
+    rows: int = 1  # prompts answered
 
     @property
     def tokens_per_forward(self) -> float:
-        """Answer positions settled per row per forward pass (EOS fill included): G x batches / NFE."""
-        rows_per_batch = self.tokens / self.gen_length / self.batches
-        return self.tokens / rows_per_batch / self.nfe if self.nfe else float("inf")
+        """Answer tokens per row per forward pass of its batch: (tokens / rows) / (NFE / batches)."""
+        return self.tokens * self.batches / (self.rows * self.nfe) if self.nfe else float("inf")
 
     @property
     def tokens_per_s(self) -> float:
@@ -114,6 +116,14 @@ class Goal:
     def line(self) -> str:
         status = {True: "PASS", False: "MISS", None: "N/A"}[self.passed]
         return f"- {status}: {self.text}: {self.value}"
+
+
+def answer_tokens(tokens: Sequence[Sequence[int]], ended: Sequence[bool]) -> int:
+    """Answer tokens up to and including the end token: len(answer) + 1 for a row that produced its
+    EOS, len(answer) (= G) for one that did not. ``tokens`` are the answers with the EOS removed."""
+    if len(tokens) != len(ended):
+        raise ValueError(f"{len(tokens)} answers but {len(ended)} end flags")
+    return sum(len(t) + int(e) for t, e in zip(tokens, ended))
 
 
 def sampler_settings(method: str, gen_length: int, block: int = 8, future: str = "hidden") -> dict[str, Any]:
@@ -173,7 +183,7 @@ def build_table(
     """The markdown table: one line per (length, method), ratios against naive and AR at that length."""
     by_key = {(m.gen_length, m.method): m for m in measurements}
     head = (
-        "| G | method | settings | NFE | seconds | tokens/s | × naive | × AR | exact match | tokens / forward |\n"
+        "| G | method | settings | NFE | seconds | answer tokens/s | × naive | × AR | exact match | tokens / forward |\n"
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     title = (
@@ -275,10 +285,11 @@ def build_report(
     table = build_table(measurements, rows=rows, batch_size=batch_size, threads=threads, device=device)
     notes = [
         "",
-        "tokens/s counts answer-canvas tokens: rows × G for every method (EOS fill included, "
-        "computed or not), so × naive / × AR are wall-clock speed-ups for the same answers with a "
-        "budget of G tokens. NFE = forward passes over all batches (AR: prefill + one per new token; "
-        "it stops once every row has produced EOS). Greedy decoding everywhere; times are the best "
+        "answer tokens/s counts every row's answer tokens up to and including its end token (all G "
+        "if it has none), for every method alike: what follows the EOS (EOS fill, padding) counts for "
+        "nothing; tokens / forward = answer tokens per row per forward pass of its batch. NFE = forward "
+        "passes over all batches (AR: prefill + one per new token; it stops once every row has "
+        "produced EOS). Greedy decoding everywhere; times are the best "
         f"of the repeats after one warm-up; one row is {100 / max(rows, 1):.1f} exact-match points. "
         + (
             "Diffusion rows: LoRA merged into a copy of the weights; AR: the original weights."
@@ -351,18 +362,22 @@ def measure(
             return sampler_settings(method, gen_length, block_dlm.block_size, "hidden")
         return sampler_settings(method, gen_length, block, future)
 
-    def run(method: str, gen_length: int, todo: list[list[list[int]]]) -> tuple[list[list[int]], int]:
-        tokens, nfe = [], 0
+    def run(
+        method: str, gen_length: int, todo: list[list[list[int]]]
+    ) -> tuple[list[list[int]], list[bool], int]:
+        tokens, ended, nfe = [], [], 0
         for batch in todo:
             if method == AR:
                 out = ar_generate(dlm, batch, max_new_tokens=gen_length, eos_id=eos, pad_id=pad)
+                ended += out.ended
             else:
                 config = SamplerConfig(**settings_of(method, gen_length))
                 model_of = block_dlm if method in BLOCK_METHODS else fast_dlm
                 out = generate(model_of, batch, config, eos_id=eos, pad_id=pad, seed=0)
+                ended += (out.canvas == eos).any(-1).tolist()
             tokens += out.tokens
             nfe += out.nfe
-        return tokens, nfe
+        return tokens, ended, nfe
 
     with torch.inference_mode():
         for method in methods:  # warm-up: allocator, kernels, lazy imports
@@ -370,17 +385,20 @@ def measure(
         results = []
         for gen_length in lengths:
             for method in methods:
-                seconds, (tokens, nfe) = _time(lambda m=method, g=gen_length: run(m, g, batches), repeats)
+                seconds, (tokens, ended, nfe) = _time(
+                    lambda m=method, g=gen_length: run(m, g, batches), repeats
+                )
                 preds = [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
                 m = Measurement(
                     method=method,
                     gen_length=gen_length,
                     seconds=seconds,
-                    tokens=len(prompt_ids) * gen_length,
+                    tokens=answer_tokens(tokens, ended),
                     nfe=nfe,
                     exact_match=exact_match(preds, references),
                     settings=_short(method, gen_length, *_block_future(method, block_dlm, block, future)),
                     batches=len(batches),
+                    rows=len(prompt_ids),
                 )
                 log(
                     f"G={gen_length:<4} {method:<16} {seconds:7.2f} s  nfe {nfe:<5} EM {100 * m.exact_match:5.1f} %"
