@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -464,7 +465,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--profile",
         choices=list(METHODS),
         default=None,
-        help="after the table, run this method once at the largest G under torch.profiler and print a summary",
+        help="after the table, profile this method on the first batch at the largest G: time per step, "
+        "model calls vs the sampler's own code, torch.profiler's top ops",
     )
     return p.parse_args(argv)
 
@@ -497,6 +499,90 @@ def profile_summary(fn: Callable[[], Any], rows: int = 12) -> str:
         f"{table}\nwall {wall:.2f} s under the profiler; self time in matmul/attention ops {compute:.2f} s "
         f"({100 * compute / wall:.0f} % of wall); in all aten ops {ops:.2f} s ({100 * ops / wall:.0f} %); "
         f"the rest is Python, the sampler loop and the profiler itself (torch {torch.__version__})"
+    )
+
+
+class _ModelClock:
+    """Sums the wall time spent inside a DiffusionLM's model calls (``hidden_states`` and ``lm_head``)
+    while active: the rest of a sampler call is the sampler's own work (strategy, commits, fills)."""
+
+    def __init__(self, dlm: Any) -> None:
+        self.dlm, self.seconds, self.calls = dlm, 0.0, 0
+
+    def __enter__(self) -> _ModelClock:
+        inner = self.dlm.hidden_states
+
+        def timed_hidden_states(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+
+        self.dlm.hidden_states = timed_hidden_states  # instance attribute: shadows the method
+        started: list[float] = []
+        head = self.dlm.lm_head
+        self._hooks = [
+            head.register_forward_pre_hook(lambda *_: started.append(time.perf_counter())),
+            head.register_forward_hook(lambda *_: self._add(time.perf_counter() - started.pop())),
+        ]
+        return self
+
+    def _add(self, seconds: float) -> None:
+        self.seconds += seconds
+
+    def __exit__(self, *_: object) -> None:
+        del self.dlm.hidden_states
+        for hook in self._hooks:
+            hook.remove()
+
+
+def step_profile(
+    dlm: Any,
+    prompts: list[list[int]],
+    config: SamplerConfig,
+    *,
+    eos_id: int,
+    pad_id: int | None,
+    rows: int = 12,
+) -> str:
+    """Where a sampler call's time goes, on one batch after a warm-up call.
+
+    Without the profiler (best of 3): wall per step, and the share spent inside the model calls
+    (``hidden_states`` + LM head, Hugging Face's Python included) against the sampler's own code.
+    Then one call under torch.profiler: the top ops and the share of wall time in aten ops; what is
+    left is Python (the model's modules and the sampler) and the profiler's own bookkeeping.
+    """
+    run = lambda: generate(dlm, prompts, config, eos_id=eos_id, pad_id=pad_id, seed=0)  # noqa: E731
+    run()
+    best = None
+    for _ in range(3):
+        with _ModelClock(dlm) as clock:
+            t0 = time.perf_counter()
+            out = run()
+            wall = time.perf_counter() - t0
+        if best is None or wall < best[0]:
+            best = (wall, clock.seconds, out.steps)
+    wall, model_s, steps = best
+    sampler_s = wall - model_s
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    prof_wall = time.perf_counter() - t0
+    averages = prof.key_averages()
+    compute = sum(e.self_cpu_time_total for e in averages if e.key.startswith(COMPUTE_OPS)) / 1e6
+    ops = sum(e.self_cpu_time_total for e in averages if e.key.startswith("aten::")) / 1e6
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=rows)
+    return (
+        f"batch {len(prompts)}, G={config.gen_length}, {steps} steps; best of 3 without the profiler: "
+        f"{1e3 * wall / steps:.2f} ms per step, of which {1e3 * model_s / steps:.2f} ms in the model calls "
+        f"({100 * model_s / wall:.0f} %) and {1e3 * sampler_s / steps:.2f} ms in the sampler's own code "
+        f"({100 * sampler_s / wall:.0f} %)\n"
+        f"{table}\nunder the profiler: wall {1e3 * prof_wall / steps:.2f} ms per step; self time in "
+        f"matmul/attention ops {100 * compute / prof_wall:.0f} % of wall, in all aten ops "
+        f"{100 * ops / prof_wall:.0f} %; the rest ({100 * (1 - ops / prof_wall):.0f} %) is Python (the "
+        f"model's modules, the sampler) and the profiler itself (torch {torch.__version__})"
     )
 
 
@@ -569,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         block_model=block_model,
         methods=args.methods or METHODS,
     )
-    command = "python -m diffllm.bench.sampler " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m diffllm.bench.sampler " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = build_report(
         measurements,
         rows=len(prompt_ids),
@@ -580,24 +666,29 @@ def main(argv: Sequence[str] | None = None) -> str:
         merged=not args.no_merge,
     )
     if args.profile:
-        target = block_model if args.profile in BLOCK_METHODS else model
         g = max(args.lengths)
+        first = prompt_ids[: args.batch_size]
         with torch.inference_mode():
-            summary = profile_summary(
-                lambda: measure(
-                    model,
-                    prompt_ids,
-                    references,
-                    [g],
-                    batch_size=args.batch_size,
-                    block=block,
-                    future=args.future,
-                    merge=not args.no_merge,
-                    methods=[args.profile],
-                    block_model=block_model if target is block_model else None,
+            if args.profile == AR:
+                summary = profile_summary(
+                    lambda: ar_generate(
+                        model.dlm,
+                        first,
+                        max_new_tokens=g,
+                        eos_id=model.eos_id,
+                        pad_id=model.tokenizer.pad_token_id,
+                    )
                 )
-            )
-        report += f"\n\nProfile of `{args.profile}` at G={g} (warm-up and timed run):\n\n```\n{summary}\n```"
+            else:
+                source = block_model if args.profile in BLOCK_METHODS else model
+                dlm = source.dlm.merged_copy().eval() if not args.no_merge else source.dlm
+                width = dlm.block_size if args.profile in BLOCK_METHODS else block
+                future = "hidden" if args.profile in BLOCK_METHODS else args.future
+                config = SamplerConfig(**sampler_settings(args.profile, g, width, future))
+                summary = step_profile(
+                    dlm, first, config, eos_id=model.eos_id, pad_id=model.tokenizer.pad_token_id
+                )
+        report += f"\n\nProfile of `{args.profile}` at G={g}, the first batch:\n\n```\n{summary}\n```"
     print(report, flush=True)
     if args.out:
         Path(args.out).write_text(report + "\n")

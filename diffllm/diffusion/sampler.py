@@ -480,6 +480,63 @@ def schedule_counts(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
     return base[:, None] + (torch.arange(steps, device=num_masked.device)[None] < extra[:, None]).long()
 
 
+@dataclass
+class BlockPlan:
+    """How many steps a block may take, and how many commits each schedule step makes.
+
+    ``schedule`` (B, S): the schedule's k_s per row (None with a threshold); ``budget`` (B,): the
+    steps the row's block may take in all (remasking's extra steps included); ``max_steps``: the
+    largest budget, the length of the block's step loop.
+    """
+
+    schedule: torch.Tensor | None
+    budget: torch.Tensor
+    max_steps: int
+
+    def must_run(self, step: int) -> bool:
+        """A schedule step runs even when no row has a [MASK] left (``stop_early=false``: nfe = steps)."""
+        return self.schedule is not None and step < self.schedule.shape[1]
+
+
+def plan_block(masked: torch.Tensor, config: SamplerConfig) -> BlockPlan:
+    """The plan of a block whose still-masked positions at its start are ``masked`` (B, b).
+
+    Schedule: S steps (+ ``remask_steps`` with remasking), k_s = ``schedule_counts``. Threshold: a
+    row's block takes at most one step per [MASK] (+ ``remask_steps``), as each step commits one.
+    """
+    extra = config.remask_steps if config.remask else 0
+    num_masked = masked.sum(-1)  # (B,)
+    if config.steps_per_block is None:
+        return BlockPlan(None, num_masked + extra, masked.shape[1] + extra)
+    steps = config.steps_per_block + extra
+    return BlockPlan(
+        schedule_counts(num_masked, config.steps_per_block), torch.full_like(num_masked, steps), steps
+    )
+
+
+def commit(
+    block: torch.Tensor,
+    proposal: Proposal,
+    masked: torch.Tensor,
+    plan: BlockPlan,
+    step: int,
+    threshold: float | None,
+) -> torch.Tensor:
+    """Write the chosen proposals into ``block`` (B, b) in place; returns the (B, b) chosen mask.
+
+    Threshold: every masked position with c_i > τ, at least the most confident. Schedule: the k_s
+    most confident; the schedule's last step (and remasking's extra steps) commit all that is left.
+    """
+    if plan.schedule is None:
+        chosen = choose_positions(proposal.confidence, masked, threshold=threshold)
+    else:
+        last = step >= plan.schedule.shape[1] - 1
+        num = block.shape[1] if last else plan.schedule[:, step]
+        chosen = choose_positions(proposal.confidence, masked, num=num)
+    block.copy_(torch.where(chosen, proposal.tokens, block))
+    return chosen
+
+
 def _fill_after_eos(answer: torch.Tensor, eos_id: int, mask_id: int, rows: torch.Tensor) -> torch.Tensor:
     """Set every [MASK] after the first EOS of each row of ``answer`` (B, G), for the ``rows`` (B,)
     only, to EOS in place; returns the (B, G) bool mask of the positions set."""
@@ -495,9 +552,8 @@ def remask(
     block_logits: torch.Tensor,
     eligible: torch.Tensor,
     config: SamplerConfig,
-    *,
+    plan: BlockPlan,
     step: int,
-    budget: torch.Tensor,
     mask_id: int,
     eos_id: int,
 ) -> torch.Tensor:
@@ -507,14 +563,14 @@ def remask(
 
     ``eligible`` (B, b): tokens the strategy committed at an earlier step of this block (never a
     prompt token, a committed block or an EOS fill; never an EOS with ``fill_after_eos``, whose fill
-    would be left without its cause). ``budget`` (B,): the steps the row's block may take in all;
-    a row only hides what its remaining steps can commit again (threshold: one per step at least;
-    schedule: the steps after the schedule's last commit everything), the least probable first.
+    would be left without its cause). A row only hides what the rest of its ``plan.budget`` can
+    commit again (threshold: one per step at least; schedule: the steps from the schedule's last on
+    commit everything), the least probable first.
     """
     probability = token_probability(block_logits, config.sampling, block)  # (B, b) float64
     if config.fill_after_eos:
         eligible = eligible & (block != eos_id)
-    later = budget - (step + 1)  # (B,) steps left to the row's block after this one
+    later = plan.budget - (step + 1)  # (B,) steps left to the row's block after this one
     if config.threshold is not None:
         room = later - (block == mask_id).sum(-1)
     else:
@@ -590,9 +646,7 @@ def generate(
     trajectories = [Trajectory(list(p), mask_id) for p in prompts] if record_trajectory else None
     canvas_mask = (torch.arange(width + gen) >= width).expand(batch, -1).to(device)  # (B, P + G)
     denoise = make_denoiser(dlm, config, prompt_mask.to(device), canvas_mask)
-    block_len, steps_per_block = config.resolved_block_length, config.steps_per_block
-    threshold = config.threshold
-    extra_steps = config.remask_steps if config.remask else 0
+    block_len = config.resolved_block_length
     nfe_per_step = 2 if config.cfg_scale > 0 else 1
     steps_taken = 0
 
@@ -603,62 +657,32 @@ def generate(
             lo = width + block * block_len
             hi = lo + block_len
             denoise.new_block()
-            masked = x[:, lo:hi] == mask_id  # (B, b)
-            if steps_per_block is None:  # threshold: at most one step per [MASK] (+ remasking's extra)
-                max_steps = block_len + extra_steps
-                budget = masked.sum(-1) + extra_steps  # (B,) steps the row's block may take
-                schedule = None
-            else:
-                max_steps = steps_per_block + extra_steps
-                budget = torch.full((batch,), max_steps, device=device)
-                schedule = schedule_counts(masked.sum(-1), steps_per_block)  # (B, S)
-            committed_before = torch.zeros_like(masked)  # (B, b) committed by the strategy at an earlier step
-            for step in range(max_steps):
+            plan = plan_block(x[:, lo:hi] == mask_id, config)
+            committed_before = torch.zeros(batch, block_len, dtype=torch.bool, device=device)  # (B, b)
+            for step in range(plan.max_steps):
                 masked = x[:, lo:hi] == mask_id  # (B, b)
                 active = masked.any(-1)  # (B,) rows with a [MASK] left in the block
-                if not active.any() and (config.stop_early or schedule is None or step >= steps_per_block):
+                if not active.any() and (config.stop_early or not plan.must_run(step)):
                     break
                 end = hi if config.future_blocks == "hidden" else x.shape[1]
                 hidden_states = denoise(x[:, :end], attention_mask[:, :end], position_ids[:, :end], lo, hi)
-                block_logits = denoise.block_logits(
-                    hidden_states, config.cfg_scale
-                )  # (B, b, V) one head call
+                block_logits = denoise.block_logits(hidden_states, config.cfg_scale)  # (B, b, V)
                 steps_taken += 1
                 proposal = propose(block_logits, masked, config, generators, eos_id)
-                if schedule is None:
-                    chosen = choose_positions(proposal.confidence, masked, threshold=threshold)
-                else:  # the schedule's count; its last step (and remasking's extra ones) take the rest
-                    num = schedule[:, step] if step < steps_per_block - 1 else block_len
-                    chosen = choose_positions(proposal.confidence, masked, num=num)
-                x[:, lo:hi] = torch.where(chosen, proposal.tokens, x[:, lo:hi])
-                filled = (
-                    _fill_after_eos(x[:, width:], eos_id, mask_id, active) if config.fill_after_eos else None
-                )
-                remasked = None
+                chosen = commit(x[:, lo:hi], proposal, masked, plan, step, config.threshold)
+                filled = remasked = None
+                if config.fill_after_eos:
+                    filled = _fill_after_eos(x[:, width:], eos_id, mask_id, active)
                 if config.remask:
                     eligible = committed_before & active[:, None]
                     remasked = remask(
-                        x[:, lo:hi],
-                        block_logits,
-                        eligible,
-                        config,
-                        step=step,
-                        budget=budget,
-                        mask_id=mask_id,
-                        eos_id=eos_id,
+                        x[:, lo:hi], block_logits, eligible, config, plan, step, mask_id, eos_id
                     )
                     committed_before = (committed_before | chosen) & ~remasked
                 if trajectories is not None:
+                    answer = x[:, width:]
                     _record(
-                        trajectories,
-                        x[:, width:],
-                        block,
-                        lo - width,
-                        active,
-                        chosen,
-                        proposal,
-                        filled,
-                        remasked,
+                        trajectories, answer, block, lo - width, active, chosen, proposal, filled, remasked
                     )
     finally:
         dlm.train(was_training)
