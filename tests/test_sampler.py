@@ -128,6 +128,11 @@ def test_choose_positions_ties_threshold_and_counts():
     assert chosen(torch.tensor([[True, False, True, True]]), num=2) == [0, 2]
     assert chosen(torch.tensor([[True, False, False, True]]), threshold=0.9) == [0]
     assert chosen(torch.zeros(1, 4, dtype=torch.bool), threshold=0.0) == []  # a full block commits nothing
+    # a candidate scored -inf still ranks before every position that is no candidate
+    low = torch.tensor([[float("-inf"), 0.5, float("-inf")]], dtype=torch.float64)
+    only_ends = torch.tensor([[True, False, True]])
+    assert choose_positions(low, only_ends, num=1).tolist() == [[True, False, False]]
+    assert choose_positions(low, only_ends, threshold=0.9).tolist() == [[True, False, False]]
 
 
 def test_choose_positions_rows_are_independent():

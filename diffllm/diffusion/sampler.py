@@ -540,9 +540,8 @@ def commit(
 def _fill_after_eos(answer: torch.Tensor, eos_id: int, mask_id: int, rows: torch.Tensor) -> torch.Tensor:
     """Set every [MASK] after the first EOS of each row of ``answer`` (B, G), for the ``rows`` (B,)
     only, to EOS in place; returns the (B, G) bool mask of the positions set."""
-    is_eos = (answer == eos_id).long()
-    after_eos = (is_eos.cumsum(-1) - is_eos) > 0  # an EOS strictly before the position
-    fill = after_eos & (answer == mask_id) & rows[:, None]
+    from_eos = (answer == eos_id).cumsum(-1) > 0  # an EOS at or before the position (an EOS is no [MASK])
+    fill = from_eos & (answer == mask_id) & rows[:, None]
     answer.masked_fill_(fill, eos_id)
     return fill
 

@@ -171,17 +171,21 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
+def _ranking_key(confidence: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(B, N) float64: the confidence of every candidate (clamped to the lowest finite value, so
+    that even a -inf candidate ranks before every non-candidate), -inf for the rest."""
+    lowest = torch.finfo(torch.float64).min
+    return torch.where(candidates, confidence.double().clamp_min(lowest), float("-inf"))
+
+
 def confidence_rank(confidence: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """(B, N) rank of every candidate position among its row's candidates, most confident first.
 
-    Ties go to the lower index; non-candidates rank after every candidate. Two stable sorts: by
-    confidence (descending), then candidates before the rest, keeping that order.
+    Ties go to the lower index (a stable sort); non-candidates rank after every candidate.
     """
-    by_confidence = torch.sort(confidence, dim=-1, descending=True, stable=True).indices  # (B, N)
-    first = torch.sort((~candidates).gather(-1, by_confidence).byte(), dim=-1, stable=True).indices
-    order = by_confidence.gather(-1, first)  # (B, N) positions, best candidate first
+    order = torch.sort(_ranking_key(confidence, candidates), dim=-1, descending=True, stable=True).indices
     ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, ranks)
+    return torch.empty_like(order).scatter_(-1, order, ranks)  # (B, N)
 
 
 def choose_positions(
@@ -197,13 +201,14 @@ def choose_positions(
     ((B,) or one int for all rows) most confident candidates. Ties go to the lower index, so the
     choice is deterministic. A row without candidates commits nothing.
     """
-    rank = confidence_rank(confidence, candidates)  # (B, N)
     if threshold is not None:
         if isinstance(threshold, torch.Tensor):
             threshold = threshold[:, None]
-        return candidates & ((confidence > threshold) | (rank == 0))
+        best = _ranking_key(confidence, candidates).argmax(dim=-1, keepdim=True)  # first of the maxima
+        is_best = torch.arange(confidence.shape[-1], device=confidence.device) == best  # (B, N)
+        return candidates & ((confidence > threshold) | is_best)
     if num is None:
         raise ValueError("choose_positions needs either num or threshold")
     if isinstance(num, torch.Tensor):
         num = num[:, None]
-    return candidates & (rank < num)
+    return candidates & (confidence_rank(confidence, candidates) < num)
