@@ -652,9 +652,12 @@ def generate(
     was_training = dlm.training
     dlm.eval()
     try:
+        skip_full = config.stop_early or config.threshold is not None  # a full block takes no step
         for block in range(config.num_blocks):
             lo = width + block * block_len
             hi = lo + block_len
+            if skip_full and not (x[:, lo:] == mask_id).any():
+                break  # this block and every later one are full (EOS fill): nothing left to decode
             denoise.new_block()
             plan = plan_block(x[:, lo:hi] == mask_id, config)
             committed_before = torch.zeros(batch, block_len, dtype=torch.bool, device=device)  # (B, b)
