@@ -367,10 +367,10 @@ def test_benchmark_block_rows_tokens_per_forward_and_goals():
 
     g, rows = 256, 32
     runs = [
-        Measurement(NAIVE, g, 16.0, rows * g, 512, 0.50, "s", batches=2),  # 2 batches x 256 steps
-        Measurement(BLOCK_NAIVE, g, 16.0, rows * g, 512, 0.50, "s", batches=2),
-        Measurement(BLOCK_CACHED, g, 2.0, rows * g, 64, 0.50 - 1 / 32, "s", batches=2),
-        Measurement(AR, g, 4.0, rows * g, 18, 0.5, "s", batches=2),
+        Measurement(NAIVE, g, 16.0, rows * g, 512, 0.50, "s", batches=2, rows=rows),  # 2 batches x 256 steps
+        Measurement(BLOCK_NAIVE, g, 16.0, rows * g, 512, 0.50, "s", batches=2, rows=rows),
+        Measurement(BLOCK_CACHED, g, 2.0, rows * g, 64, 0.50 - 1 / 32, "s", batches=2, rows=rows),
+        Measurement(AR, g, 4.0, rows * g, 18, 0.5, "s", batches=2, rows=rows),
     ]
     assert [m.tokens_per_forward for m in runs] == [1.0, 1.0, 8.0, 256 * 2 / 18]
     table = build_table(runs, rows=rows, batch_size=16, threads=2, device="cpu")

@@ -20,6 +20,7 @@ from diffllm.bench.sampler import (
     SCHEDULE,
     THRESHOLD,
     Measurement,
+    answer_tokens,
     build_table,
     check_goals,
     sampler_settings,
@@ -258,10 +259,10 @@ def test_generate_yaml_lists_every_sampler_field():
 
 def test_benchmark_table_ratios_and_goals():
     rows, g = 32, 256
-    tokens = rows * g  # 8192 canvas tokens per method
+    tokens = rows * g  # 8192 answer tokens per method (answers that fill the canvas)
 
     def m(method: str, seconds: float, em: float, nfe: int) -> Measurement:
-        return Measurement(method, g, seconds, tokens, nfe, em, settings="s")
+        return Measurement(method, g, seconds, tokens, nfe, em, settings="s", rows=rows)
 
     runs = [
         m(NAIVE, 16.0, 0.50, 256),
@@ -289,6 +290,20 @@ def test_benchmark_table_ratios_and_goals():
     # a naive sampler with no exact match leaves no quality to lose: the EM goal cannot be judged
     hopeless = [dataclasses.replace(r, exact_match=0.0) if r.method in (NAIVE, CACHED) else r for r in runs]
     assert check_goals(hopeless)[1].passed is None and check_goals(hopeless)[1].line().startswith("- N/A:")
+
+
+def test_benchmark_counts_answer_tokens_through_the_end_token():
+    # answers with the EOS removed; ended: the row produced its EOS within G
+    assert answer_tokens([[5, 6, 7], [8], []], [True, True, True]) == 4 + 2 + 1
+    assert answer_tokens([[5] * 16, [8]], [False, True]) == 16 + 2  # no EOS: all G positions count
+    with pytest.raises(ValueError, match="2 answers but 1"):
+        answer_tokens([[1], [2]], [True])
+    # 32 rows of 3 tokens + EOS in 0.5 s, one batch of 6 forward passes: 256 answer tokens/s,
+    # 4 / 6 tokens per forward (the canvas budget G does not enter)
+    short = Measurement(CACHED, 256, 0.5, answer_tokens([[1, 2, 3]] * 32, [True] * 32), 6, 1.0, "s", rows=32)
+    assert short.tokens_per_s == 256 and short.tokens_per_forward == pytest.approx(4 / 6)
+    table = build_table([short], rows=32, batch_size=32, threads=1, device="cpu")
+    assert "| answer tokens/s |" in table and "| 6 | 0.50 | 256 | – | – | 100.0 % | 0.67 |" in table
 
 
 def test_benchmark_methods_differ_only_in_commits_and_cache():

@@ -113,26 +113,53 @@ def test_threshold_commits_exactly_the_positions_above_tau():
 
 
 def test_choose_positions_ties_threshold_and_counts():
-    conf = torch.tensor([0.2, 0.7, 0.7, 0.1], dtype=torch.float64)
-    assert choose_positions(conf, 2, None).tolist() == [1, 2]
-    assert choose_positions(conf, 1, None).tolist() == [1]  # tie -> lower index
-    assert choose_positions(conf, 9, None).tolist() == [0, 1, 2, 3]
-    assert choose_positions(conf, None, 0.15).tolist() == [0, 1, 2]
-    assert choose_positions(conf, None, 0.9).tolist() == [1]  # none above: the most confident one
+    conf = torch.tensor([0.2, 0.7, 0.7, 0.1], dtype=torch.float64)[None]  # (1, 4)
+    every = torch.ones(1, 4, dtype=torch.bool)
+
+    def chosen(candidates=every, **kwargs):
+        return choose_positions(conf, candidates, **kwargs)[0].nonzero().squeeze(-1).tolist()
+
+    assert chosen(num=2) == [1, 2]
+    assert chosen(num=1) == [1]  # tie -> lower index
+    assert chosen(num=9) == [0, 1, 2, 3]
+    assert chosen(threshold=0.15) == [0, 1, 2]
+    assert chosen(threshold=0.9) == [1]  # none above: the most confident one
+    # only candidates count: position 1 is already committed, so the best of the rest is 2, then 0
+    assert chosen(torch.tensor([[True, False, True, True]]), num=2) == [0, 2]
+    assert chosen(torch.tensor([[True, False, False, True]]), threshold=0.9) == [0]
+    assert chosen(torch.zeros(1, 4, dtype=torch.bool), threshold=0.0) == []  # a full block commits nothing
+    # a candidate scored -inf still ranks before every position that is no candidate
+    low = torch.tensor([[float("-inf"), 0.5, float("-inf")]], dtype=torch.float64)
+    only_ends = torch.tensor([[True, False, True]])
+    assert choose_positions(low, only_ends, num=1).tolist() == [[True, False, False]]
+    assert choose_positions(low, only_ends, threshold=0.9).tolist() == [[True, False, False]]
+
+
+def test_choose_positions_rows_are_independent():
+    conf = torch.tensor([[0.2, 0.7, 0.7, 0.1], [0.9, 0.1, 0.3, 0.95]], dtype=torch.float64)
+    candidates = torch.tensor([[True, True, True, True], [True, True, False, True]])
+    assert choose_positions(conf, candidates, num=torch.tensor([1, 2])).tolist() == [
+        [False, True, False, False],
+        [True, False, False, True],
+    ]
+    assert choose_positions(conf, candidates, threshold=torch.tensor([0.5, 0.92])).tolist() == [
+        [False, True, True, False],
+        [False, False, False, True],
+    ]
 
 
 def test_strategy_confidences_match_their_formulas():
-    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]))
-    greedy = TokenSampling()
-    conf, tokens = STRATEGIES["low_confidence"](logits, greedy, None)
-    assert tokens.tolist() == [0, 2] and conf.dtype == torch.float64
-    assert conf.tolist() == pytest.approx([0.6, 0.6])
-    assert STRATEGIES["margin"](logits, greedy, None)[0].tolist() == pytest.approx([0.3, 0.4])
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]))[None]  # (1, 2, 3)
+    greedy, everywhere = TokenSampling(), torch.ones(1, 2, dtype=torch.bool)
+    conf, tokens = STRATEGIES["low_confidence"](logits, greedy, None, everywhere)
+    assert tokens.tolist() == [[0, 2]] and conf.dtype == torch.float64
+    assert conf[0].tolist() == pytest.approx([0.6, 0.6])
+    assert STRATEGIES["margin"](logits, greedy, None, everywhere)[0][0].tolist() == pytest.approx([0.3, 0.4])
     neg_h = [
         0.6 * math.log(0.6) + 0.3 * math.log(0.3) + 0.1 * math.log(0.1),
         0.4 * math.log(0.2) + 0.6 * math.log(0.6),
     ]
-    assert STRATEGIES["entropy"](logits, greedy, None)[0].tolist() == pytest.approx(neg_h)
+    assert STRATEGIES["entropy"](logits, greedy, None, everywhere)[0][0].tolist() == pytest.approx(neg_h)
 
 
 def test_top_k_and_top_p_filters():
@@ -142,8 +169,24 @@ def test_top_k_and_top_p_filters():
     assert torch.isinf(filter_logits(logits, None, 0.81)).tolist() == [[False, False, False, True]]
     sampling = TokenSampling(temperature=1.0, top_k=2)
     gen = torch.Generator().manual_seed(0)
-    draws = {int(STRATEGIES["low_confidence"](logits.expand(200, 4), sampling, gen)[1].max())}
-    assert draws == {1}  # only tokens 0 and 1 are ever drawn, and 1 is drawn
+    draw_at = torch.ones(1, 200, dtype=torch.bool)
+    tokens = STRATEGIES["low_confidence"](logits.expand(1, 200, 4), sampling, [gen], draw_at)[1]
+    assert set(tokens.flatten().tolist()) == {0, 1}  # only tokens 0 and 1 are ever drawn, both are
+
+
+def test_draws_happen_only_where_asked_from_each_rows_generator():
+    # row 0 draws at columns 1 and 3, row 1 nowhere: row 0's draws equal one multinomial call on its
+    # two columns, and row 1's generator is left untouched
+    logits = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(1))
+    draw_at = torch.tensor([[False, True, False, True], [False, False, False, False]])
+    gens = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
+    conf, tokens = STRATEGIES["random"](logits, TokenSampling(temperature=1.0), gens, draw_at)
+    ref = torch.Generator().manual_seed(7)
+    expected_tokens = torch.multinomial(logits[0, [1, 3]].softmax(-1), 1, generator=ref).squeeze(-1)
+    expected_conf = torch.rand(2, generator=ref, dtype=torch.float64)
+    assert tokens[0, [1, 3]].tolist() == expected_tokens.tolist()
+    assert conf[0, [1, 3]].tolist() == expected_conf.tolist()
+    assert torch.equal(gens[1].get_state(), torch.Generator().manual_seed(8).get_state())
 
 
 # ---------------------------------------------------------------- schedule, blocks, EOS handling

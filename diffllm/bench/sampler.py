@@ -32,10 +32,12 @@ The diffusion rows run a copy of the model with the LoRA adapters merged into th
 ``diffllm.inference.export``'s merged folder holds; ``--no-merge`` keeps the adapter layers), the AR row the
 original weights with the adapters off: both are plain linear layers in the same eager stack.
 
-Tokens/s counts answer-canvas tokens: rows x G for every method, EOS fill included, whether the
-method computed them or not; it is "answers of budget G per second", so the ratio columns are
-wall-clock speed-ups. NFE is the number of forward passes over all batches (AR: prefill + one per
-new token). Exact match compares the decoded answers (up to the first EOS) with the references.
+Answer tokens/s counts, for every method alike (AR included), each row's answer tokens up to and
+including its end token (EOS), or all G when it has none, per second of wall time: the positions
+after the EOS (the EOS fill, AR's padding of rows that ended early) count for nothing, whether the
+method computed them or not. NFE beside it is the number of forward passes over all batches (AR:
+prefill + one per new token). Exact match compares the decoded answers (up to the first EOS) with
+the references.
 
 ``build_table`` and ``check_goals`` are pure: they turn measurements into the markdown table.
 """
@@ -45,6 +47,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -86,17 +89,17 @@ class Measurement:
     method: str
     gen_length: int
     seconds: float  # wall-clock for all rows (best of the repeats)
-    tokens: int  # answer-canvas tokens counted: rows x gen_length
+    tokens: int  # answer tokens over all rows, each up to and including its EOS (G if it has none)
     nfe: int  # forward passes over all batches
     exact_match: float  # fraction in [0, 1]
     settings: str = ""
     batches: int = 1  # sampler / AR calls the rows were split into
+    rows: int = 1  # prompts answered
 
     @property
     def tokens_per_forward(self) -> float:
-        """Answer positions settled per row per forward pass (EOS fill included): G x batches / NFE."""
-        rows_per_batch = self.tokens / self.gen_length / self.batches
-        return self.tokens / rows_per_batch / self.nfe if self.nfe else float("inf")
+        """Answer tokens per row per forward pass of its batch: (tokens / rows) / (NFE / batches)."""
+        return self.tokens * self.batches / (self.rows * self.nfe) if self.nfe else float("inf")
 
     @property
     def tokens_per_s(self) -> float:
@@ -114,6 +117,14 @@ class Goal:
     def line(self) -> str:
         status = {True: "PASS", False: "MISS", None: "N/A"}[self.passed]
         return f"- {status}: {self.text}: {self.value}"
+
+
+def answer_tokens(tokens: Sequence[Sequence[int]], ended: Sequence[bool]) -> int:
+    """Answer tokens up to and including the end token: len(answer) + 1 for a row that produced its
+    EOS, len(answer) (= G) for one that did not. ``tokens`` are the answers with the EOS removed."""
+    if len(tokens) != len(ended):
+        raise ValueError(f"{len(tokens)} answers but {len(ended)} end flags")
+    return sum(len(t) + int(e) for t, e in zip(tokens, ended))
 
 
 def sampler_settings(method: str, gen_length: int, block: int = 8, future: str = "hidden") -> dict[str, Any]:
@@ -173,7 +184,7 @@ def build_table(
     """The markdown table: one line per (length, method), ratios against naive and AR at that length."""
     by_key = {(m.gen_length, m.method): m for m in measurements}
     head = (
-        "| G | method | settings | NFE | seconds | tokens/s | × naive | × AR | exact match | tokens / forward |\n"
+        "| G | method | settings | NFE | seconds | answer tokens/s | × naive | × AR | exact match | tokens / forward |\n"
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     title = (
@@ -275,10 +286,11 @@ def build_report(
     table = build_table(measurements, rows=rows, batch_size=batch_size, threads=threads, device=device)
     notes = [
         "",
-        "tokens/s counts answer-canvas tokens: rows × G for every method (EOS fill included, "
-        "computed or not), so × naive / × AR are wall-clock speed-ups for the same answers with a "
-        "budget of G tokens. NFE = forward passes over all batches (AR: prefill + one per new token; "
-        "it stops once every row has produced EOS). Greedy decoding everywhere; times are the best "
+        "answer tokens/s counts every row's answer tokens up to and including its end token (all G "
+        "if it has none), for every method alike: what follows the EOS (EOS fill, padding) counts for "
+        "nothing; tokens / forward = answer tokens per row per forward pass of its batch. NFE = forward "
+        "passes over all batches (AR: prefill + one per new token; it stops once every row has "
+        "produced EOS). Greedy decoding everywhere; times are the best "
         f"of the repeats after one warm-up; one row is {100 / max(rows, 1):.1f} exact-match points. "
         + (
             "Diffusion rows: LoRA merged into a copy of the weights; AR: the original weights."
@@ -351,18 +363,22 @@ def measure(
             return sampler_settings(method, gen_length, block_dlm.block_size, "hidden")
         return sampler_settings(method, gen_length, block, future)
 
-    def run(method: str, gen_length: int, todo: list[list[list[int]]]) -> tuple[list[list[int]], int]:
-        tokens, nfe = [], 0
+    def run(
+        method: str, gen_length: int, todo: list[list[list[int]]]
+    ) -> tuple[list[list[int]], list[bool], int]:
+        tokens, ended, nfe = [], [], 0
         for batch in todo:
             if method == AR:
                 out = ar_generate(dlm, batch, max_new_tokens=gen_length, eos_id=eos, pad_id=pad)
+                ended += out.ended
             else:
                 config = SamplerConfig(**settings_of(method, gen_length))
                 model_of = block_dlm if method in BLOCK_METHODS else fast_dlm
                 out = generate(model_of, batch, config, eos_id=eos, pad_id=pad, seed=0)
+                ended += (out.canvas == eos).any(-1).tolist()
             tokens += out.tokens
             nfe += out.nfe
-        return tokens, nfe
+        return tokens, ended, nfe
 
     with torch.inference_mode():
         for method in methods:  # warm-up: allocator, kernels, lazy imports
@@ -370,17 +386,20 @@ def measure(
         results = []
         for gen_length in lengths:
             for method in methods:
-                seconds, (tokens, nfe) = _time(lambda m=method, g=gen_length: run(m, g, batches), repeats)
+                seconds, (tokens, ended, nfe) = _time(
+                    lambda m=method, g=gen_length: run(m, g, batches), repeats
+                )
                 preds = [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
                 m = Measurement(
                     method=method,
                     gen_length=gen_length,
                     seconds=seconds,
-                    tokens=len(prompt_ids) * gen_length,
+                    tokens=answer_tokens(tokens, ended),
                     nfe=nfe,
                     exact_match=exact_match(preds, references),
                     settings=_short(method, gen_length, *_block_future(method, block_dlm, block, future)),
                     batches=len(batches),
+                    rows=len(prompt_ids),
                 )
                 log(
                     f"G={gen_length:<4} {method:<16} {seconds:7.2f} s  nfe {nfe:<5} EM {100 * m.exact_match:5.1f} %"
@@ -446,7 +465,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--profile",
         choices=list(METHODS),
         default=None,
-        help="after the table, run this method once at the largest G under torch.profiler and print a summary",
+        help="after the table, profile this method on the first batch at the largest G: time per step, "
+        "model calls vs the sampler's own code, torch.profiler's top ops",
     )
     return p.parse_args(argv)
 
@@ -479,6 +499,90 @@ def profile_summary(fn: Callable[[], Any], rows: int = 12) -> str:
         f"{table}\nwall {wall:.2f} s under the profiler; self time in matmul/attention ops {compute:.2f} s "
         f"({100 * compute / wall:.0f} % of wall); in all aten ops {ops:.2f} s ({100 * ops / wall:.0f} %); "
         f"the rest is Python, the sampler loop and the profiler itself (torch {torch.__version__})"
+    )
+
+
+class _ModelClock:
+    """Sums the wall time spent inside a DiffusionLM's model calls (``hidden_states`` and ``lm_head``)
+    while active: the rest of a sampler call is the sampler's own work (strategy, commits, fills)."""
+
+    def __init__(self, dlm: Any) -> None:
+        self.dlm, self.seconds, self.calls = dlm, 0.0, 0
+
+    def __enter__(self) -> _ModelClock:
+        inner = self.dlm.hidden_states
+
+        def timed_hidden_states(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+
+        self.dlm.hidden_states = timed_hidden_states  # instance attribute: shadows the method
+        started: list[float] = []
+        head = self.dlm.lm_head
+        self._hooks = [
+            head.register_forward_pre_hook(lambda *_: started.append(time.perf_counter())),
+            head.register_forward_hook(lambda *_: self._add(time.perf_counter() - started.pop())),
+        ]
+        return self
+
+    def _add(self, seconds: float) -> None:
+        self.seconds += seconds
+
+    def __exit__(self, *_: object) -> None:
+        del self.dlm.hidden_states
+        for hook in self._hooks:
+            hook.remove()
+
+
+def step_profile(
+    dlm: Any,
+    prompts: list[list[int]],
+    config: SamplerConfig,
+    *,
+    eos_id: int,
+    pad_id: int | None,
+    rows: int = 12,
+) -> str:
+    """Where a sampler call's time goes, on one batch after a warm-up call.
+
+    Without the profiler (best of 3): wall per step, and the share spent inside the model calls
+    (``hidden_states`` + LM head, Hugging Face's Python included) against the sampler's own code.
+    Then one call under torch.profiler: the top ops and the share of wall time in aten ops; what is
+    left is Python (the model's modules and the sampler) and the profiler's own bookkeeping.
+    """
+    run = lambda: generate(dlm, prompts, config, eos_id=eos_id, pad_id=pad_id, seed=0)  # noqa: E731
+    run()
+    best = None
+    for _ in range(3):
+        with _ModelClock(dlm) as clock:
+            t0 = time.perf_counter()
+            out = run()
+            wall = time.perf_counter() - t0
+        if best is None or wall < best[0]:
+            best = (wall, clock.seconds, out.steps)
+    wall, model_s, steps = best
+    sampler_s = wall - model_s
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    prof_wall = time.perf_counter() - t0
+    averages = prof.key_averages()
+    compute = sum(e.self_cpu_time_total for e in averages if e.key.startswith(COMPUTE_OPS)) / 1e6
+    ops = sum(e.self_cpu_time_total for e in averages if e.key.startswith("aten::")) / 1e6
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=rows)
+    return (
+        f"batch {len(prompts)}, G={config.gen_length}, {steps} steps; best of 3 without the profiler: "
+        f"{1e3 * wall / steps:.2f} ms per step, of which {1e3 * model_s / steps:.2f} ms in the model calls "
+        f"({100 * model_s / wall:.0f} %) and {1e3 * sampler_s / steps:.2f} ms in the sampler's own code "
+        f"({100 * sampler_s / wall:.0f} %)\n"
+        f"{table}\nunder the profiler: wall {1e3 * prof_wall / steps:.2f} ms per step; self time in "
+        f"matmul/attention ops {100 * compute / prof_wall:.0f} % of wall, in all aten ops "
+        f"{100 * ops / prof_wall:.0f} %; the rest ({100 * (1 - ops / prof_wall):.0f} %) is Python (the "
+        f"model's modules, the sampler) and the profiler itself (torch {torch.__version__})"
     )
 
 
@@ -551,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         block_model=block_model,
         methods=args.methods or METHODS,
     )
-    command = "python -m diffllm.bench.sampler " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m diffllm.bench.sampler " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = build_report(
         measurements,
         rows=len(prompt_ids),
@@ -562,24 +666,29 @@ def main(argv: Sequence[str] | None = None) -> str:
         merged=not args.no_merge,
     )
     if args.profile:
-        target = block_model if args.profile in BLOCK_METHODS else model
         g = max(args.lengths)
+        first = prompt_ids[: args.batch_size]
         with torch.inference_mode():
-            summary = profile_summary(
-                lambda: measure(
-                    model,
-                    prompt_ids,
-                    references,
-                    [g],
-                    batch_size=args.batch_size,
-                    block=block,
-                    future=args.future,
-                    merge=not args.no_merge,
-                    methods=[args.profile],
-                    block_model=block_model if target is block_model else None,
+            if args.profile == AR:
+                summary = profile_summary(
+                    lambda: ar_generate(
+                        model.dlm,
+                        first,
+                        max_new_tokens=g,
+                        eos_id=model.eos_id,
+                        pad_id=model.tokenizer.pad_token_id,
+                    )
                 )
-            )
-        report += f"\n\nProfile of `{args.profile}` at G={g} (warm-up and timed run):\n\n```\n{summary}\n```"
+            else:
+                source = block_model if args.profile in BLOCK_METHODS else model
+                dlm = source.dlm.merged_copy().eval() if not args.no_merge else source.dlm
+                width = dlm.block_size if args.profile in BLOCK_METHODS else block
+                future = "hidden" if args.profile in BLOCK_METHODS else args.future
+                config = SamplerConfig(**sampler_settings(args.profile, g, width, future))
+                summary = step_profile(
+                    dlm, first, config, eos_id=model.eos_id, pad_id=model.tokenizer.pad_token_id
+                )
+        report += f"\n\nProfile of `{args.profile}` at G={g}, the first batch:\n\n```\n{summary}\n```"
     print(report, flush=True)
     if args.out:
         Path(args.out).write_text(report + "\n")

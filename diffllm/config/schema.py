@@ -294,6 +294,9 @@ class SamplerNode:
     stop_early: bool = True
     fill_after_eos: bool = False
     future_blocks: str = "visible"
+    remask: bool = False
+    remask_bound: float = 0.1
+    remask_steps: int = 4
 
     def __post_init__(self) -> None:
         check_sampler(self, "sampler")
@@ -323,6 +326,10 @@ def check_sampler(node: Any, prefix: str = "sampler") -> None:
         node.top_p is None or 0 < node.top_p <= 1, f"{prefix}.top_p", node.top_p, "0 < top_p <= 1 or null"
     )
     _require(node.cfg_scale >= 0, f"{prefix}.cfg_scale", node.cfg_scale, "a number >= 0")
+    _require(
+        0 < node.remask_bound <= 1, f"{prefix}.remask_bound", node.remask_bound, "a probability in (0, 1]"
+    )
+    _require(node.remask_steps >= 1, f"{prefix}.remask_steps", node.remask_steps, "an integer >= 1")
     if node.threshold is not None:
         _require(0 < node.threshold <= 1, f"{prefix}.threshold", node.threshold, "0 < threshold <= 1 or null")
         if node.strategy not in THRESHOLD_STRATEGIES:

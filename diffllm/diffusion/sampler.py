@@ -14,8 +14,22 @@ positions, decoded left to right (LLaDA semi-autoregressive sampling); inside a 
    * threshold τ (Fast-dLLM parallel decoding): every masked position with c_i > τ, at least the
      single most confident one; the block ends when it has no [MASK] left.
 
-Committed tokens are never changed again (no remasking), the prompt is never changed, and the
-[MASK] token itself is never proposed, so the output holds no [MASK].
+The batch advances together: a step is one model call, one LM-head call and one strategy call
+(``propose``) for every row; which positions each row commits (``choose_positions``: per-row counts
+or the threshold, over a (B, b) mask of the still-masked positions) is tensor arithmetic, with no
+Python loop over rows (only sampling's random draws loop, because every row owns its generator).
+
+Committed tokens are never changed again unless ``remask`` is on, the prompt is never changed, and
+the [MASK] token itself is never proposed, so the output holds no [MASK].
+
+Remasking (``remask``, ReMDM inside the block): after a step's commits, a token the strategy
+committed at an earlier step of the *current* block whose probability under this step's logits has
+fallen below ``remask_bound`` is hidden again, to be committed again with the context it now has.
+A block may take at most ``remask_steps`` steps more than it could without (schedule: S + extra,
+the steps after the schedule's last commit everything left; threshold: n + extra for its n [MASK]s
+at the start), and a row only hides what its remaining steps can commit again. A block, once the
+sampler has moved past it, never changes: the exact block cache and ``fill_after_eos`` rely on it
+(with ``fill_after_eos`` an EOS is never hidden again: the EOS it filled would lose its cause).
 
 Options: classifier-free guidance (LLaDA): a second pass with the prompt replaced by [MASK],
 ``logits = uncond + (cfg_scale + 1) * (cond - uncond)``; ``eos_penalty`` lowers c_i where x_i is
@@ -66,7 +80,7 @@ from transformers import DynamicCache
 
 from diffllm.config.schema import CACHE_MODES, FUTURE_MODES, check_sampler
 from diffllm.data.collate import left_pad, truncate_at_eos
-from diffllm.diffusion.strategies import STRATEGIES, TokenSampling, choose_positions
+from diffllm.diffusion.strategies import STRATEGIES, TokenSampling, choose_positions, token_probability
 from diffllm.diffusion.trajectory import Trajectory, TrajectoryStep
 
 
@@ -94,6 +108,13 @@ class SamplerConfig:
     # view, as block diffusion): a model trained on short answers then never faces a canvas longer
     # than one block, and a long budget costs what the answer needs.
     future_blocks: str = "visible"
+    # ReMDM inside the current block: a token the strategy committed at an earlier step of the block
+    # is hidden again when its probability under a later step's logits is below remask_bound; a
+    # block may take up to remask_steps steps more than it could without (schedule: S + remask_steps;
+    # threshold: n + remask_steps, n its [MASK]s at the start). Committed blocks never change.
+    remask: bool = False
+    remask_bound: float = 0.1
+    remask_steps: int = 4
 
     def __post_init__(self) -> None:
         if self.gen_length < 1:
@@ -425,6 +446,170 @@ def make_denoiser(
     return _Denoiser(dlm, config, prompt_mask, canvas_mask)
 
 
+@dataclass
+class Proposal:
+    """The strategy's proposal for every row's current block, all (B, b)."""
+
+    tokens: torch.Tensor  # token ids x_i (meaningful where the position is still [MASK])
+    confidence: torch.Tensor  # float64 c_i, EOS penalty applied
+
+
+def propose(
+    block_logits: torch.Tensor,
+    masked: torch.Tensor,
+    config: SamplerConfig,
+    generators: list[torch.Generator],
+    eos_id: int,
+) -> Proposal:
+    """One strategy call for the whole batch: x_i and c_i at every position of the block.
+
+    ``block_logits`` (B, b, V); ``masked`` (B, b) the positions still [MASK]: the only ones where a
+    row draws from its generator, so it draws what it would draw alone. ``c_i -= eos_penalty`` where
+    x_i is EOS.
+    """
+    strategy = STRATEGIES[config.strategy]
+    confidence, tokens = strategy(block_logits, config.sampling, generators, masked)  # (B, b), (B, b)
+    if config.eos_penalty:
+        confidence = confidence - config.eos_penalty * (tokens == eos_id).double()
+    return Proposal(tokens=tokens, confidence=confidence)
+
+
+def schedule_counts(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B, S) ``transfer_schedule`` of every row: k_s = floor(n / S) + [s < n mod S]."""
+    base, extra = num_masked // steps, num_masked % steps  # (B,)
+    return base[:, None] + (torch.arange(steps, device=num_masked.device)[None] < extra[:, None]).long()
+
+
+@dataclass
+class BlockPlan:
+    """How many steps a block may take, and how many commits each schedule step makes.
+
+    ``schedule`` (B, S): the schedule's k_s per row (None with a threshold); ``budget`` (B,): the
+    steps the row's block may take in all (remasking's extra steps included); ``max_steps``: the
+    largest budget, the length of the block's step loop.
+    """
+
+    schedule: torch.Tensor | None
+    budget: torch.Tensor
+    max_steps: int
+
+    def must_run(self, step: int) -> bool:
+        """A schedule step runs even when no row has a [MASK] left (``stop_early=false``: nfe = steps)."""
+        return self.schedule is not None and step < self.schedule.shape[1]
+
+
+def plan_block(masked: torch.Tensor, config: SamplerConfig) -> BlockPlan:
+    """The plan of a block whose still-masked positions at its start are ``masked`` (B, b).
+
+    Schedule: S steps (+ ``remask_steps`` with remasking), k_s = ``schedule_counts``. Threshold: a
+    row's block takes at most one step per [MASK] (+ ``remask_steps``), as each step commits one.
+    """
+    extra = config.remask_steps if config.remask else 0
+    num_masked = masked.sum(-1)  # (B,)
+    if config.steps_per_block is None:
+        return BlockPlan(None, num_masked + extra, masked.shape[1] + extra)
+    steps = config.steps_per_block + extra
+    return BlockPlan(
+        schedule_counts(num_masked, config.steps_per_block), torch.full_like(num_masked, steps), steps
+    )
+
+
+def commit(
+    block: torch.Tensor,
+    proposal: Proposal,
+    masked: torch.Tensor,
+    plan: BlockPlan,
+    step: int,
+    threshold: float | None,
+) -> torch.Tensor:
+    """Write the chosen proposals into ``block`` (B, b) in place; returns the (B, b) chosen mask.
+
+    Threshold: every masked position with c_i > τ, at least the most confident. Schedule: the k_s
+    most confident; the schedule's last step (and remasking's extra steps) commit all that is left.
+    """
+    if plan.schedule is None:
+        chosen = choose_positions(proposal.confidence, masked, threshold=threshold)
+    else:
+        last = step >= plan.schedule.shape[1] - 1
+        num = block.shape[1] if last else plan.schedule[:, step]
+        chosen = choose_positions(proposal.confidence, masked, num=num)
+    block.copy_(torch.where(chosen, proposal.tokens, block))
+    return chosen
+
+
+def _fill_after_eos(answer: torch.Tensor, eos_id: int, mask_id: int, rows: torch.Tensor) -> torch.Tensor:
+    """Set every [MASK] after the first EOS of each row of ``answer`` (B, G), for the ``rows`` (B,)
+    only, to EOS in place; returns the (B, G) bool mask of the positions set."""
+    from_eos = (answer == eos_id).cumsum(-1) > 0  # an EOS at or before the position (an EOS is no [MASK])
+    fill = from_eos & (answer == mask_id) & rows[:, None]
+    answer.masked_fill_(fill, eos_id)
+    return fill
+
+
+def remask(
+    block: torch.Tensor,
+    block_logits: torch.Tensor,
+    eligible: torch.Tensor,
+    config: SamplerConfig,
+    plan: BlockPlan,
+    step: int,
+    mask_id: int,
+    eos_id: int,
+) -> torch.Tensor:
+    """ReMDM inside the block: hide again, in place, the eligible committed tokens of ``block``
+    (B, b) whose probability p_i(x_i) under this step's ``block_logits`` (B, b, V) is below
+    ``config.remask_bound``; returns the (B, b) mask of the positions hidden.
+
+    ``eligible`` (B, b): tokens the strategy committed at an earlier step of this block (never a
+    prompt token, a committed block or an EOS fill; never an EOS with ``fill_after_eos``, whose fill
+    would be left without its cause). A row only hides what the rest of its ``plan.budget`` can
+    commit again (threshold: one per step at least; schedule: the steps from the schedule's last on
+    commit everything), the least probable first.
+    """
+    probability = token_probability(block_logits, config.sampling, block)  # (B, b) float64
+    if config.fill_after_eos:
+        eligible = eligible & (block != eos_id)
+    later = plan.budget - (step + 1)  # (B,) steps left to the row's block after this one
+    if config.threshold is not None:
+        room = later - (block == mask_id).sum(-1)
+    else:
+        room = torch.where(later > 0, block.shape[1], 0)
+    below = eligible & (probability < config.remask_bound)
+    hidden = choose_positions(-probability, below, num=room.clamp_min(0))
+    block.masked_fill_(hidden, mask_id)
+    return hidden
+
+
+def _record(
+    trajectories: list[Trajectory],
+    answer: torch.Tensor,
+    block: int,
+    offset: int,
+    active: torch.Tensor,
+    chosen: torch.Tensor,
+    proposal: Proposal,
+    filled: torch.Tensor | None,
+    remasked: torch.Tensor | None,
+) -> None:
+    """Append this step to the trajectory of every row that had a [MASK] in its block (``active``).
+
+    ``answer`` (B, G) after the step; ``chosen``/``remasked`` (B, b) block columns, ``offset`` the
+    block's first answer position; ``filled`` (B, G) answer positions.
+    """
+    for row in active.nonzero().squeeze(-1).tolist():
+        cols = chosen[row].nonzero().squeeze(-1)
+        trajectories[row].steps.append(
+            TrajectoryStep(
+                block=block,
+                canvas=answer[row].tolist(),
+                committed=(cols + offset).tolist(),
+                confidences=proposal.confidence[row, cols].tolist(),
+                filled=[] if filled is None else filled[row].nonzero().squeeze(-1).tolist(),
+                remasked=[] if remasked is None else (remasked[row].nonzero().squeeze(-1) + offset).tolist(),
+            )
+        )
+
+
 @torch.no_grad()
 def generate(
     dlm: nn.Module,
@@ -444,8 +629,6 @@ def generate(
     attention mask hides (None = use ``eos_id``, as for LLaMA tokenizers without a pad token).
     """
     config = block_config(config, getattr(dlm, "block_size", None))
-    strategy = STRATEGIES[config.strategy]
-    sampling = config.sampling
     device = _device(dlm)
     mask_id = int(dlm.mask_id)
     if mask_id == eos_id:
@@ -462,59 +645,47 @@ def generate(
     trajectories = [Trajectory(list(p), mask_id) for p in prompts] if record_trajectory else None
     canvas_mask = (torch.arange(width + gen) >= width).expand(batch, -1).to(device)  # (B, P + G)
     denoise = make_denoiser(dlm, config, prompt_mask.to(device), canvas_mask)
-    block_len, steps_per_block = config.resolved_block_length, config.steps_per_block
+    block_len = config.resolved_block_length
     nfe_per_step = 2 if config.cfg_scale > 0 else 1
     steps_taken = 0
 
     was_training = dlm.training
     dlm.eval()
     try:
+        skip_full = config.stop_early or config.threshold is not None  # a full block takes no step
         for block in range(config.num_blocks):
             lo = width + block * block_len
             hi = lo + block_len
+            if skip_full and not (x[:, lo:] == mask_id).any():
+                break  # this block and every later one are full (EOS fill): nothing left to decode
             denoise.new_block()
-            masked = x[:, lo:hi] == mask_id  # (B, b)
-            schedule = None
-            if steps_per_block is not None:
-                schedule = [transfer_schedule(int(n), steps_per_block) for n in masked.sum(-1)]
-            max_steps = block_len if steps_per_block is None else steps_per_block
-            for step in range(max_steps):
+            plan = plan_block(x[:, lo:hi] == mask_id, config)
+            committed_before = torch.zeros(batch, block_len, dtype=torch.bool, device=device)  # (B, b)
+            for step in range(plan.max_steps):
                 masked = x[:, lo:hi] == mask_id  # (B, b)
-                active = masked.any(-1)  # (B,)
-                if not active.any() and (config.stop_early or steps_per_block is None):
+                active = masked.any(-1)  # (B,) rows with a [MASK] left in the block
+                if not active.any() and (config.stop_early or not plan.must_run(step)):
                     break
                 end = hi if config.future_blocks == "hidden" else x.shape[1]
                 hidden_states = denoise(x[:, :end], attention_mask[:, :end], position_ids[:, :end], lo, hi)
-                block_logits = denoise.block_logits(
-                    hidden_states, config.cfg_scale
-                )  # (B, b, V) one head call
+                block_logits = denoise.block_logits(hidden_states, config.cfg_scale)  # (B, b, V)
                 steps_taken += 1
-                last = steps_per_block is not None and step == steps_per_block - 1
-                for row in range(batch):
-                    if not active[row]:
-                        continue  # no draw from this row's generator: it would not step alone
-                    cols = masked[row].nonzero().squeeze(-1)  # (n,) block columns still masked
-                    logits = block_logits[row, cols]  # (n, V)
-                    confidence, tokens = strategy(logits, sampling, generators[row])  # (n,), (n,)
-                    confidence = confidence - config.eos_penalty * (tokens == eos_id).double()
-                    if schedule is None:
-                        chosen = choose_positions(confidence, None, config.threshold)
-                    else:
-                        num = cols.numel() if last else schedule[row][step]
-                        chosen = choose_positions(confidence, num, None)
-                    positions = lo + cols[chosen]
-                    x[row, positions] = tokens[chosen]
-                    filled = _fill_after_eos(x[row, width:], eos_id, mask_id) if config.fill_after_eos else []
-                    if trajectories is not None:
-                        trajectories[row].steps.append(
-                            TrajectoryStep(
-                                block=block,
-                                canvas=x[row, width:].tolist(),
-                                committed=(positions - width).tolist(),
-                                confidences=confidence[chosen].tolist(),
-                                filled=filled,
-                            )
-                        )
+                proposal = propose(block_logits, masked, config, generators, eos_id)
+                chosen = commit(x[:, lo:hi], proposal, masked, plan, step, config.threshold)
+                filled = remasked = None
+                if config.fill_after_eos:
+                    filled = _fill_after_eos(x[:, width:], eos_id, mask_id, active)
+                if config.remask:
+                    eligible = committed_before & active[:, None]
+                    remasked = remask(
+                        x[:, lo:hi], block_logits, eligible, config, plan, step, mask_id, eos_id
+                    )
+                    committed_before = (committed_before | chosen) & ~remasked
+                if trajectories is not None:
+                    answer = x[:, width:]
+                    _record(
+                        trajectories, answer, block, lo - width, active, chosen, proposal, filled, remasked
+                    )
     finally:
         dlm.train(was_training)
 
@@ -529,14 +700,3 @@ def generate(
         steps=steps_taken,
         trajectories=trajectories,
     )
-
-
-def _fill_after_eos(answer: torch.Tensor, eos_id: int, mask_id: int) -> list[int]:
-    """Set every [MASK] after the first EOS of ``answer`` (G,) to EOS in place; returns those positions."""
-    eos_at = (answer == eos_id).nonzero()
-    if eos_at.numel() == 0:
-        return []
-    after = torch.arange(answer.numel(), device=answer.device) > eos_at[0, 0]
-    fill = after & (answer == mask_id)
-    answer[fill] = eos_id
-    return fill.nonzero().squeeze(-1).tolist()

@@ -7,7 +7,9 @@ the canvas positions committed at that step with their confidences, and the posi
 Positions index the answer span: 0 is the first generated token.
 
 Without remasking every answer position appears exactly once across ``committed + filled`` of
-all steps, and the last step's canvas is the sampler's output canvas.
+all steps, and the last step's canvas is the sampler's output canvas. With remasking
+(``sampler.remask``) a step also lists the positions it hid again (``remasked``); such a position is
+committed again at a later step of its block, and its last commit is the one that counts.
 
 Statistics of a trajectory (step s commits some answer positions p with a confidence c):
 ``commit_steps`` gives, per position, the step and confidence of its commit; ``commit_grid`` lays
@@ -42,6 +44,7 @@ class TrajectoryStep:
     committed: list[int]  # answer positions unmasked by the strategy at this step
     confidences: list[float]  # their confidences, same order
     filled: list[int] = field(default_factory=list)  # positions set to EOS by fill_after_eos
+    remasked: list[int] = field(default_factory=list)  # positions hidden again (sampler.remask)
 
 
 @dataclass
@@ -59,13 +62,18 @@ class Trajectory:
         return self.steps[-1].canvas
 
     def commit_step(self) -> dict[int, int]:
-        """answer position -> index of the step that committed (or filled) it."""
+        """answer position -> index of the step that last committed (or filled) it.
+
+        Raises if a position is committed twice without being hidden again (``remasked``) between.
+        """
         out: dict[int, int] = {}
         for i, step in enumerate(self.steps):
             for pos in step.committed + step.filled:
                 if pos in out:
                     raise ValueError(f"position {pos} committed twice (steps {out[pos]} and {i})")
                 out[pos] = i
+            for pos in step.remasked:
+                del out[pos]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,7 +136,7 @@ def trajectories_from_json(text: str) -> list[Trajectory]:
 
 
 def commit_steps(traj: Trajectory) -> tuple[np.ndarray, np.ndarray]:
-    """(G,) index of the step that committed each answer position, (G,) its confidence.
+    """(G,) index of the step that (last) committed each answer position, (G,) its confidence.
 
     Positions set to EOS by ``fill_after_eos`` get their step and a NaN confidence (the model did
     not choose them). Raises if a position was never committed (an incomplete trajectory).
