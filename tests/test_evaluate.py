@@ -396,5 +396,5 @@ def test_evaluate_a_block_diffusion_checkpoint(block_ckpt, tmp_path):
     assert [(q["tokens_per_step"], q["steps"]) for q in qc] == [(1, 16), (2, 8), (4, 4), (8, 2)]
     assert "over 4 blocks" in qc[-1]["skipped"] and "nfe" not in qc[-1]
     assert qc[0]["exact_match"] == at16["exact_match"]  # the same sweep on the same 4 prompts
-    assert qc[2]["nfe"] == 4  # one forward pass per step: 4 steps, one per block
+    assert 1 <= qc[2]["nfe"] <= qc[2]["steps"] == 4  # at most one forward pass per step (stop_early)
     assert "diffusion quality vs compute" in printed

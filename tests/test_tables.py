@@ -135,3 +135,29 @@ def test_renamed_keys_are_written_beside_the_new_ones():
     for kept in ("ar_nll", "ar_sft_exact_match", "ar_scored_nll", "gap", "nll_bound"):
         assert deprecated_name(kept) is None, kept
     assert math.isnan(with_deprecated_keys({"ar_base_nfe": float("nan")})["ar_nfe"])
+
+
+def test_a_report_written_before_the_rename_reads_with_todays_names():
+    """report.json / eval.json of an older version (the base model under ``ar``): every table and plot
+    shows its base-model rows; the old and the new names map onto each other."""
+    from diffllm.evaluation.names import current_name, with_current_keys
+
+    new = _report(ar_sft=True)
+    old = {
+        (deprecated_name(k) or k): v
+        for k, v in new.items()
+        if not (k.startswith("ar_base") or "_minus_ar_base_" in k)
+    }
+    old.update(
+        {deprecated_name(k): v for k, v in new.items() if k.startswith("ar_base") or "_minus_ar_base_" in k}
+    )
+    assert "ar_exact_match" in old and not any(k.startswith("ar_base") for k in old)
+    assert with_current_keys(old)["ar_base_exact_match"] == new["ar_base_exact_match"]
+    assert generation_table(with_current_keys(old)).header == ["metric", "diffusion", "AR-SFT", "AR base"]
+    assert format_report(old) == format_report(new)
+    assert quality_vs_steps_data(old)["references"] == quality_vs_steps_data(new)["references"]
+    for key in ("ar_base_exact_match", "ar_base_rougeL_se", "ar_base_minus_ar_sft_exact_match", "ar_base"):
+        assert current_name(deprecated_name(key)) == key
+    assert current_name("diffusion_minus_ar_exact_match_se") == "diffusion_minus_ar_base_exact_match_se"
+    for kept in ("ar_nll", "ar_nll_se", "ar_sft_nll", "ar_scored_nll", "ar_ckpt_path", "ar_ppl"):
+        assert current_name(kept) is None, kept

@@ -98,9 +98,12 @@ def reference_model(models: Iterable[str]) -> str:
 
 # ----------------------------------------------------------------------------------- renamed keys
 
-# Keys renamed in report.json and eval.json (the base model was ``ar`` in answers and ``ar_base`` in
-# scores; it is ``ar_base`` everywhere now). Deprecated: for one release the old key is written
-# beside the new one with the same value (``with_deprecated_keys``); read the new key.
+# Keys renamed in report.json and eval.json in 0.1.0 (the base model was ``ar`` in answers and
+# ``ar_base`` in scores; it is ``ar_base`` everywhere now): the generation figures ``ar_<metric>``,
+# the differences ``<model>_minus_ar_exact_match``, the ``ar`` entries of ``reference_free``,
+# ``examples`` and ``by_task``. Deprecated: for one release the old key is written beside the new
+# one with the same value (``with_deprecated_keys``); read the new key. A report written before
+# the rename reads with today's names (``with_current_keys``, every table does it).
 RENAMED_MODELS = {"ar_base": "ar"}
 # eval.json's per-row scores (``per_row.scored``) are keyed by score row, always ``ar_base``; their one
 # renamed row is the left-to-right NLL (``diffusion_l2r`` before)
@@ -136,4 +139,35 @@ def with_deprecated_keys(r: Any, path: str = "") -> Any:
             old = deprecated_name(key) if isinstance(key, str) else None
         if old is not None and old not in r:
             out[old] = out[key]
+    return out
+
+
+def current_name(key: str) -> str | None:
+    """Today's name of a key a report written before the rename holds (``ar_exact_match`` ->
+    ``ar_base_exact_match``), or None when the key was not renamed (``ar_nll``, ``ar_scored_nll``)."""
+    for new, old in RENAMED_MODELS.items():
+        if key == old:
+            return new
+        if any(key in (f"{old}_{metric}", f"{old}_{metric}_se") for metric in GENERATION):
+            return new + key[len(old) :]
+        if key.startswith(f"{old}_minus_"):
+            return new + key[len(old) :]
+        if key.endswith(f"_minus_{old}_exact_match") or key.endswith(f"_minus_{old}_exact_match_se"):
+            return key.replace(f"_minus_{old}_", f"_minus_{new}_")
+    return None
+
+
+def with_current_keys(r: Any) -> Any:
+    """``r`` (a report, nested dicts and lists) with today's name added for every key an older
+    version wrote under its old name (the old key kept); keys already present are left alone."""
+    if isinstance(r, list):
+        return [with_current_keys(v) for v in r]
+    if not isinstance(r, dict):
+        return r
+    out: dict[str, Any] = {}
+    for key, value in r.items():
+        out[key] = with_current_keys(value)
+        new = current_name(key) if isinstance(key, str) else None
+        if new is not None and new not in r:
+            out[new] = out[key]
     return out

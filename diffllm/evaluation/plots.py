@@ -21,7 +21,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from diffllm.diffusion.trajectory import Trajectory, commit_grid, order_tau
-from diffllm.evaluation.names import FIGURES, models_in
+from diffllm.evaluation.names import FIGURES, models_in, with_current_keys
 
 # ----------------------------------------------------------------------------------------- plots
 
@@ -145,6 +145,7 @@ def quality_vs_steps_data(r: Mapping[str, Any]) -> dict[str, Any]:
     step count of ``steps_grid`` (skipped counts left out), and a horizontal line per metric for
     every other model of the generation table (``names.models_in``: AR-SFT whenever it is in the
     table) with a finite value."""
+    r = with_current_keys(r)
     done = [g for g in r.get("steps_grid") or [] if "skipped" not in g]
     metrics = {"exact_match": "exact match", "rougeL": "ROUGE-L"}
     return {

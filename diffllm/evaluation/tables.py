@@ -25,6 +25,7 @@ from diffllm.evaluation.names import (
     SHORT,
     models_in,
     reference_model,
+    with_current_keys,
 )
 
 
@@ -269,7 +270,9 @@ def agreement_with_base_table(r: Mapping[str, Any]) -> Table | None:
 
 
 def report_tables(r: Mapping[str, Any]) -> list[Table]:
-    """The tables of the end-of-run report and ``evaluate``'s terminal view (those with figures)."""
+    """The tables of the end-of-run report and ``evaluate``'s terminal view (those with figures); a
+    report written before a key was renamed reads with today's names."""
+    r = with_current_keys(r)
     tables = [
         likelihood_table(r),
         generation_table(r),
@@ -291,6 +294,7 @@ def format_report(r: Mapping[str, Any]) -> str:
 
 def format_markdown(r: Mapping[str, Any]) -> str:
     """``eval.md``: the settings, then every table of ``evaluate``'s report, its plots and examples."""
+    r = with_current_keys(r)
     lk = r["likelihood"]
     lines = [
         "# diffllm evaluation",
@@ -348,6 +352,7 @@ COMPARISON = (
 
 def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> Table:
     """A row per job (``job name -> eval.json content``), each figure ± SE; the figures some job has."""
+    results = {job: with_current_keys(r) for job, r in results.items()}
     figures = {
         job: {**r, **(r.get("reference_free") or {}).get("diffusion", {})} for job, r in results.items()
     }
