@@ -161,3 +161,14 @@ def test_a_report_written_before_the_rename_reads_with_todays_names():
     assert current_name("diffusion_minus_ar_exact_match_se") == "diffusion_minus_ar_base_exact_match_se"
     for kept in ("ar_nll", "ar_nll_se", "ar_sft_nll", "ar_scored_nll", "ar_ckpt_path", "ar_ppl"):
         assert current_name(kept) is None, kept
+    # eval.json's per-row scores were always keyed ar_base; their l2r row was diffusion_l2r
+    per_row = {
+        "per_row": {"scored": {"ar_base": [1.0], "diffusion_l2r": [2.0]}, "generated": {"ar_match": [1.0]}}
+    }
+    assert with_current_keys(per_row)["per_row"] == {
+        "scored": {"ar_base": [1.0], "diffusion_l2r": [2.0], "l2r_nll": [2.0]},
+        "generated": {"ar_match": [1.0], "ar_base_match": [1.0]},
+    }
+    assert with_deprecated_keys({"per_row": {"scored": {"ar_base": [1.0], "l2r_nll": [2.0]}}}) == {
+        "per_row": {"scored": {"ar_base": [1.0], "l2r_nll": [2.0], "diffusion_l2r": [2.0]}}
+    }

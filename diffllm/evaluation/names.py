@@ -108,6 +108,7 @@ RENAMED_MODELS = {"ar_base": "ar"}
 # eval.json's per-row scores (``per_row.scored``) are keyed by score row, always ``ar_base``; their one
 # renamed row is the left-to-right NLL (``diffusion_l2r`` before)
 SCORE_PATH = "per_row.scored"
+PER_ROW = ("match", "length", "ended")  # per_row.generated: <model>_match, <model>_length, <model>_ended
 RENAMED_SCORES = {"l2r_nll": "diffusion_l2r"}
 
 
@@ -148,7 +149,7 @@ def current_name(key: str) -> str | None:
     for new, old in RENAMED_MODELS.items():
         if key == old:
             return new
-        if any(key in (f"{old}_{metric}", f"{old}_{metric}_se") for metric in GENERATION):
+        if any(key in (f"{old}_{metric}", f"{old}_{metric}_se") for metric in (*GENERATION, *PER_ROW)):
             return new + key[len(old) :]
         if key.startswith(f"{old}_minus_"):
             return new + key[len(old) :]
@@ -157,17 +158,21 @@ def current_name(key: str) -> str | None:
     return None
 
 
-def with_current_keys(r: Any) -> Any:
+def with_current_keys(r: Any, path: str = "") -> Any:
     """``r`` (a report, nested dicts and lists) with today's name added for every key an older
-    version wrote under its old name (the old key kept); keys already present are left alone."""
+    version wrote under its old name (the old key kept); keys already present are left alone.
+    ``path``: where ``r`` sits in the report."""
     if isinstance(r, list):
-        return [with_current_keys(v) for v in r]
+        return [with_current_keys(v, path) for v in r]
     if not isinstance(r, dict):
         return r
     out: dict[str, Any] = {}
     for key, value in r.items():
-        out[key] = with_current_keys(value)
-        new = current_name(key) if isinstance(key, str) else None
+        out[key] = with_current_keys(value, f"{path}.{key}" if path else str(key))
+        if path == SCORE_PATH:
+            new = {old: new for new, old in RENAMED_SCORES.items()}.get(key)
+        else:
+            new = current_name(key) if isinstance(key, str) else None
         if new is not None and new not in r:
             out[new] = out[key]
     return out
