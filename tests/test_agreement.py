@@ -18,10 +18,11 @@ from diffllm.evaluation.agreement import (
     agreement_on_file,
     agreement_table,
     first_difference,
-    format_agreement,
     paired_agreement,
 )
+from diffllm.evaluation.names import with_deprecated_keys
 from diffllm.evaluation.scoring import Answers
+from diffllm.evaluation.tables import agreement_with_base_table, render
 from diffllm.model.load import build_diffusion_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,11 +77,19 @@ def test_paired_difference_and_table():
     assert d["first_difference"] == -0.5 and d["first_difference_se"] == pytest.approx(
         first_diff.std(ddof=1) / 2
     )
-    table = agreement_table({"diffusion": MODEL, "ar_sft": SFT, "ar": BASE})
+    table = agreement_table({"diffusion": MODEL, "ar_sft": SFT, "ar_base": BASE})
     assert set(table["models"]) == {"diffusion", "ar_sft"} and table["diffusion_minus_ar_sft"] == d
     assert table["models"]["ar_sft"]["exact_match"] == 0.75 and table["base_answer_length"] == 9 / 4
-    text = "\n".join(format_agreement({**table, "rows": 4, "file": "f.json", "gen_length": 8}))
+    shown = agreement_with_base_table({"agreement": {**table, "rows": 4, "file": "f.json", "gen_length": 8}})
+    assert [row[0] for row in shown.rows] == [
+        "diffusion",
+        "AR-SFT",
+        "diffusion - AR-SFT (paired)",
+        "AR base (its own greedy answers)",
+    ]
+    text = "\n".join(render([shown]))
     assert "0.500 ± 0.250" in text and "-0.250 ±" in text and "+0.000" not in text
+    assert shown.rows[-1][-1] == "2.25"  # the base's mean answer tokens, 9 / 4
 
 
 def test_bad_inputs():
@@ -126,13 +135,13 @@ def test_a_model_equal_to_the_base_agrees_fully(tmp_path):
     assert sft["exact_match"] == 1.0 and sft["first_difference"] == sft["answer_length"] > 0
     assert r["diffusion_minus_ar_sft"]["exact_match"] == pytest.approx(diffusion["exact_match"] - 1.0)
     assert [e["instruction"] for e in r["examples"]] == [row["instruction"] for row in rows[:3]]
-    assert all(e["ar_sft"] == e["ar"] for e in r["examples"])
+    assert all(e["ar_sft"] == e["ar_base"] for e in r["examples"])
 
 
 def test_evaluate_records_the_agreement(tiny_run, tiny_ar_run, tmp_path):
     """``evaluate(..., agreement_file=...)``: eval.json's ``agreement`` is ``agreement_on_file`` on the
     checkpoint, its AR-SFT checkpoint and its base, and eval.md shows the table."""
-    from diffllm.cli.evaluate import evaluate
+    from diffllm.inference.evaluate import evaluate
     from diffllm.inference.loading import load_for_inference
     from diffllm.training.checkpoints import load_ar_sft
 
@@ -145,8 +154,8 @@ def test_evaluate_records_the_agreement(tiny_run, tiny_ar_run, tmp_path):
         rows=4,
         steps_grid=[16],
         progress=False,
-        order_nll=False,
-        quality_cfg={"enabled": False},
+        l2r_nll=False,
+        quality={"enabled": False},
         agreement_file=path,
     )
     im = load_for_inference(tiny_run[1])
@@ -162,7 +171,9 @@ def test_evaluate_records_the_agreement(tiny_run, tiny_ar_run, tmp_path):
         diffusion=im.dlm,
         ar_sft=load_ar_sft(tiny_ar_run[1], im.tokenizer),
     )
-    assert result["agreement"] == expected and expected["rows"] == 6
+    # eval.json writes the renamed keys' old names beside them (the examples' base answers: ar)
+    assert result["agreement"] == with_deprecated_keys(expected, "agreement") and expected["rows"] == 6
+    assert all(e["ar"] == e["ar_base"] for e in result["agreement"]["examples"])
     assert set(expected["models"]) == {"diffusion", "ar_sft"} and "diffusion_minus_ar_sft" in expected
     md = (tmp_path / "eval" / "eval.md").read_text()
     assert (

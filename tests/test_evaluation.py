@@ -136,8 +136,8 @@ def test_compare_ar_baseline_never_answers_mask(dlm_and_tok):
         _, _, pushed = _compare(dlm, tok, rows, ar_base=dlm)
     finally:
         handle.remove()
-    assert pushed["ar"].texts == plain["ar"].texts
-    assert pushed["ar"].lengths == plain["ar"].lengths and sum(plain["ar"].lengths) > 0
+    assert pushed["ar_base"].texts == plain["ar_base"].texts
+    assert pushed["ar_base"].lengths == plain["ar_base"].lengths and sum(plain["ar_base"].lengths) > 0
 
 
 # ------------------------------------------------------------------------------------- validation

@@ -25,13 +25,12 @@ from diffllm.bench.sampler import (
     check_goals,
     sampler_settings,
 )
-from diffllm.cli.generate import PromptRow, read_prompts_file
 from diffllm.cli.support import set_keys
 from diffllm.config.resolvers import CONF_DIR
 from diffllm.data.collate import truncate_at_eos
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.diffusion.trajectory import trajectories_from_json
-from diffllm.inference.inputs import InputError
+from diffllm.inference.inputs import InputError, PromptRow, read_prompts_file
 
 INSTRUCTION = "Reverse these words: lion fish ring house"
 INPUT = "cat dog"
@@ -57,7 +56,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def printed(stdout: str, label: str) -> list[str]:
     """The answers printed after ``label:``, continuation lines (indented under it) included."""
-    from diffllm.cli.generate import LABEL_WIDTH
+    from diffllm.inference.generation import LABEL_WIDTH
 
     out: list[str] = []
     lines = stdout.splitlines()

@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from diffllm.cli.export import main
-from diffllm.evaluation.report import format_report
+from diffllm.evaluation.tables import format_report
 from diffllm.inference.export import export_model, upload_plan
 from diffllm.inference.loading import load_for_inference
 from diffllm.inference.model_card import base_model_info, card_metadata, model_card_text, report_of

@@ -133,13 +133,22 @@ def test_plots_return_figures_with_the_expected_artists(tmp_path):
     assert len(fig.axes[0].images) == 2 and "tau +0.82" in fig.axes[0].get_title()  # grid + confidence layer
     fig = plots.plot_strategies({"a": traj, "b": make_trajectory([[0], [1], [2]], 3)})
     assert [ax.get_title() for ax in fig.axes if ax.images] == ["a: tau +0.82", "b: tau +1.00"]
-    buckets = [{"label": "1", "rows": 2, "nll_bound": 3.0, "ar_nll": 1.0, "gap": 2.0}]
-    path = plots.save_figure(plots.plot_nll_by_length(buckets, 4.0), tmp_path / "b.png")
+    r = {
+        "length_buckets": [{"label": "1", "rows": 2, "nll_bound": 3.0, "ar_nll": 1.0, "gap": 2.0}],
+        "unigram_ce": 4.0,
+    }
+    fig = plots.plot_nll_by_length(plots.nll_by_length_data(r))
+    assert [len(c.patches) for c in fig.axes[0].containers] == [1, 1] and len(
+        fig.axes[0].lines
+    ) == 1  # 2 bars, unigram
+    path = plots.save_figure(fig, tmp_path / "b.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
-    fig = plots.plot_quality_vs_steps(
-        [{"steps": 2, "exact_match": 0.5, "rougeL": 0.7}], {"exact_match": 0.9, "rougeL": 1.0}
+    r = {"steps_grid": [{"steps": 2, "exact_match": 0.5, "rougeL": 0.7}], "diffusion_exact_match": 0.5}
+    r.update(
+        {"ar_base_exact_match": 0.9, "ar_base_rougeL": 1.0, "ar_sft_exact_match": 0.8, "ar_sft_rougeL": 0.9}
     )
-    assert len(fig.axes[0].lines) == 4
+    fig = plots.plot_quality_vs_steps(plots.quality_vs_steps_data(r))
+    assert len(fig.axes[0].lines) == 6  # 2 diffusion lines, 2 per AR model
 
 
 def test_resolve_checkpoint_prefers_the_argument_then_the_newest_run(tmp_path):

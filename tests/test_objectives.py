@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 
 from diffllm.config.resolvers import compose
 from diffllm.diffusion.likelihood import ar_nll
-from diffllm.evaluation.report import format_report
+from diffllm.evaluation.tables import format_report
 from diffllm.model.attention import is_bidirectional, set_bidirectional
 from diffllm.model.dlm import DiffusionLM
 from diffllm.training.objectives import ARObjective, DiffusionObjective, objective_of
@@ -154,7 +154,7 @@ def test_ar_run_validates_checkpoints_and_reports(tiny_ar_run):
 
     report = json.loads((out / "report.json").read_text())
     assert report["objective"] == "AR-SFT" and "nll_bound" not in report
-    for key in ("ar_sft_nll", "ar_nll", "ar_nll_no_end", "ar_sft_exact_match", "ar_exact_match"):
+    for key in ("ar_sft_nll", "ar_nll", "ar_nll_no_end", "ar_sft_exact_match", "ar_base_exact_match"):
         assert key in report and f"{key}_se" in report, key
     # provenance: 6 steps over 16 rows in batches of 8 = 3 epochs, every row's tokens counted 3 times
     prov = report["provenance"]
@@ -181,9 +181,15 @@ def test_report_with_ar_ckpt_path_has_the_three_rows(tiny_run, tiny_ar_run):
         assert key in report and report[f"{key}_se"] > 0, key
     assert report["gap_sft"] == pytest.approx(report["nll_bound"] - report["ar_sft_nll"])
     assert report["answer_tokens_no_end"] == report["answer_tokens"] - report["rows"]  # one end token per row
-    for model in ("diffusion", "ar_sft", "ar"):
+    for model in ("diffusion", "ar_sft", "ar_base"):
         for metric in ("exact_match", "rougeL", "answer_length", "eos_rate"):
             assert f"{model}_{metric}_se" in report, (model, metric)
+    # renamed keys: the base model was "ar" in answers; the old names stay for one release, same values
+    for metric in ("exact_match", "exact_match_se", "rougeL", "answer_length", "eos_rate", "nfe"):
+        assert report[f"ar_{metric}"] == report[f"ar_base_{metric}"], metric
+    assert report["ar_minus_ar_sft_exact_match"] == report["ar_base_minus_ar_sft_exact_match"]
+    assert report["reference_free"]["ar"] == report["reference_free"]["ar_base"]
+    assert [e["ar"] for e in report["examples"]] == [e["ar_base"] for e in report["examples"]]
     assert "diffusion_minus_ar_sft_exact_match" in report
 
     # the AR-SFT row is that checkpoint's causal NLL, adapters on, on the same tokens
@@ -201,7 +207,7 @@ def test_report_with_ar_ckpt_path_has_the_three_rows(tiny_run, tiny_ar_run):
         "diffusion, ELBO upper bound",
         "AR-SFT, same budget",
         "AR base, unadapted",
-        "without end token",
+        "without the end token",
     ):
         assert label in text, label
     assert f"{report['ar_sft_nll']:.3f} ± {report['ar_sft_nll_se']:.3f}" in text

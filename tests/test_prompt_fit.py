@@ -98,7 +98,7 @@ def test_mistyped_local_model_path_names_the_nearest_folder(tiny_model_dir, tmp_
 def test_evaluate_refuses_or_counts_prompts_past_the_models_positions(tiny_run, tmp_path):
     """The tiny model has 128 positions; with a 64-position canvas a 70-token prompt fits
     data.max_length=96 but not the sampler's context."""
-    from diffllm.cli.evaluate import evaluate
+    from diffllm.inference.evaluate import evaluate
 
     rows = [
         {"instruction": "Repeat these words: " + "cat " * 70, "input": "", "output": "cat"},
@@ -126,7 +126,8 @@ def test_report_cuts_and_counts_prompts_past_the_positions(tiny_ar_run):
     every validation prompt is cut from the left and counted (or refused with ``error``)."""
     import dataclasses
 
-    from diffllm.evaluation.report import build_report, format_report
+    from diffllm.evaluation.report import build_report
+    from diffllm.evaluation.tables import format_report
 
     module, datamodule = tiny_ar_run[3]["module"], tiny_ar_run[3]["datamodule"]
     saved = module.sampler_config

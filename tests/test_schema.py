@@ -182,8 +182,9 @@ GEN_BAD = [
 @pytest.mark.parametrize("override,named", GEN_BAD, ids=[b[0] for b in GEN_BAD])
 def test_generate_refuses_bad_values_before_loading(override, named, tmp_path, monkeypatch):
     from diffllm.cli import generate
+    from diffllm.inference import generation
 
-    monkeypatch.setattr(generate, "load_quietly", lambda *a, **k: pytest.fail("loaded before checking"))
+    monkeypatch.setattr(generation, "load_quietly", lambda *a, **k: pytest.fail("loaded before checking"))
     ckpt = tmp_path / "x.ckpt"
     ckpt.write_bytes(b"")
     cfg = compose([f"ckpt_path={ckpt}", "prompt=hi", *override.split()], config_name="generate")
@@ -202,7 +203,7 @@ def test_generate_refuses_bad_values_before_loading(override, named, tmp_path, m
     ],
 )
 def test_evaluate_refuses_bad_values_before_loading(kwargs, named, monkeypatch):
-    from diffllm.cli import evaluate
+    from diffllm.inference import evaluate
 
     monkeypatch.setattr(evaluate, "load_for_inference", lambda *a, **k: pytest.fail("loaded before checking"))
     with pytest.raises(ConfigError) as err:

@@ -182,3 +182,64 @@ def test_tokens_per_pass_counts_every_rows_share_of_a_batch_pass():
     assert tokens_per_pass(answers) == pytest.approx((2 + 1 + 3 + 2) / 12)
     assert quality(answers, ["a", "b", "c"])["tokens_per_pass"] == pytest.approx(8 / 12)
     assert math.isnan(tokens_per_pass(Answers(["a"], [1], [True], 0.0, 1)))  # passes not counted
+
+
+# ------------------------------------------------------------------------------------- one decode loop
+
+
+def test_decode_answers_is_one_loop_over_batches(tokenizer):
+    """``decode_answers`` on a fake decoder: batches of ``batch_size`` prompts in order, texts decoded,
+    each row's batch passes, the end flag read from ``ended`` or, without it, from the canvas."""
+    from types import SimpleNamespace
+
+    from diffllm.evaluation.scoring import decode_answers
+
+    eos, cat, dog = (
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids("cat"),
+        tokenizer.convert_tokens_to_ids("dog"),
+    )
+    seen = []
+
+    def diffusion_like(
+        prompts,
+    ):  # answers [cat] * len(prompt); EOS on the 4-wide canvas of even-length prompts
+        seen.append([len(p) for p in prompts])
+        canvas = [([cat] * len(p) + [eos if len(p) % 2 == 0 else dog] + [dog] * 4)[:4] for p in prompts]
+        return SimpleNamespace(
+            tokens=[[cat] * len(p) for p in prompts], canvas=torch.tensor(canvas), nfe=10 * len(prompts)
+        )
+
+    prompts = [[1], [1, 2], [1, 2, 3]]
+    out = decode_answers(diffusion_like, prompts, tokenizer, eos_id=eos, batch_size=2)
+    assert seen == [[1, 2], [3]]  # two batches, in order
+    assert out.texts == ["cat", "cat cat", "cat cat cat"] and out.lengths == [1, 2, 3]
+    assert out.ended == [False, True, False]  # from the canvas: EOS after the even-length prompt only
+    assert out.batch_nfe == [20, 20, 10] and out.nfe == 30 and out.row_passes == 50
+    assert out.canvas == [[cat, dog, dog, dog], [cat, cat, eos, dog], [cat, cat, cat, dog]]
+    assert out.trajectories is None
+
+    def ar_like(prompts):
+        return SimpleNamespace(tokens=[[dog] for _ in prompts], ended=[True] * len(prompts), nfe=1)
+
+    out = decode_answers(ar_like, prompts, tokenizer, eos_id=eos, batch_size=3)
+    assert out.ended == [True] * 3 and out.canvas is None and out.batch_nfe == [1, 1, 1] and out.nfe == 1
+
+
+def test_answers_do_not_depend_on_the_batch_size(tokenizer):
+    """The diffusion sampler and greedy AR decoding through the one loop: rows never interact."""
+    from diffllm.diffusion.sampler import SamplerConfig
+    from diffllm.evaluation.scoring import ar_answers, diffusion_answers
+
+    dlm = _dlm(lora_b_std=0.3)
+    prompts = [[1, 5, 6], [1, 7], [1, 8, 9, 10]]
+    config = SamplerConfig(gen_length=4, steps=4)
+    one = diffusion_answers(
+        dlm, tokenizer, prompts, config, eos_id=EOS, seed=0, batch_size=1, trajectory=True
+    )
+    all3 = diffusion_answers(dlm, tokenizer, prompts, config, eos_id=EOS, seed=0, batch_size=3)
+    assert one.tokens == all3.tokens and one.canvas == all3.canvas and one.ended == all3.ended
+    assert [t.final_canvas for t in one.trajectories] == one.canvas and all3.trajectories is None
+    ar1 = ar_answers(dlm, tokenizer, prompts, 4, eos_id=EOS, batch_size=1)
+    ar3 = ar_answers(dlm, tokenizer, prompts, 4, eos_id=EOS, batch_size=3)
+    assert ar1.tokens == ar3.tokens and ar1.ended == ar3.ended and sum(ar1.lengths) > 0

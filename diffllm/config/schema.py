@@ -477,7 +477,7 @@ class ReportNode:
     # prompts longer than the model's positions minus gen_length (diffllm.data.prompt_fit)
     prompt_overflow: str = "truncate_left"
     # the gap decomposed: the diffusion model's left-to-right NLL (diffllm.diffusion.order)
-    order_nll: bool = True
+    l2r_nll: bool = True
     # reference-free quality and quality vs compute (diffllm.evaluation.quality): enabled, rows, tokens_per_step
     quality: QualityNode = field(default_factory=lambda: QualityNode())
 

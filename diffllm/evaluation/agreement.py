@@ -13,7 +13,7 @@ answers (adapters off, causal attention), all capped at the same ``gen_length``:
 
 The converted model's answers are the sampler's (greedy when ``sampler.temperature`` is 0), AR-SFT's
 its greedy answers with the adapters on. ``<a>_minus_<b>`` rows are differences paired over the
-prompts (exact match and first difference), with their SEs.
+prompts (exact match and first difference), with their SEs. The table is ``tables.agreement_table``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from diffllm.evaluation.metrics import normalise
 from diffllm.evaluation.scoring import Answers, ar_answers, binomial_se, diffusion_answers, mean_se
 from diffllm.model.dlm import DiffusionLM
 
-BASE = "ar"  # the answers' key of the base model (as in ``compare``)
+BASE = "ar_base"  # the answers' key of the base model (``names.MODELS``, as in ``compare``)
 EXAMPLES = 3  # prompts shown with every model's answer
 
 log = logging.getLogger(__name__)
@@ -201,42 +201,3 @@ def agreement_on_file(
         **agreement_table(answers),
         "examples": examples,
     }
-
-
-def format_agreement(result: Mapping[str, Any], markdown: bool = False) -> list[str]:
-    """Lines of a table: each model's agreement with the base (± SE), then the paired difference."""
-    names = {"diffusion": "diffusion", "ar_sft": "AR-SFT"}
-    models = result["models"]
-    header = (
-        f"Agreement with the base model's greedy answers on {result['rows']} prompts of {result['file']} "
-        f"(at most {result['gen_length']} tokens; first difference: leading tokens shared, ± SE):"
-    )
-    rows = [
-        (
-            names.get(k, k),
-            f"{m['exact_match']:.3f} ± {m['exact_match_se']:.3f}",
-            f"{m['first_difference']:.2f} ± {m['first_difference_se']:.2f}",
-            f"{m['answer_length']:.2f}",
-        )
-        for k, m in models.items()
-    ]
-    if "diffusion_minus_ar_sft" in result:
-        d = result["diffusion_minus_ar_sft"]
-        rows.append(
-            (
-                "diffusion − AR-SFT (paired)",
-                f"{d['exact_match']:+.3f} ± {d['exact_match_se']:.3f}",
-                f"{d['first_difference']:+.2f} ± {d['first_difference_se']:.2f}",
-                "",
-            )
-        )
-    if markdown:
-        return [
-            header,
-            "",
-            "| model | exact match with base | first difference (tokens) | answer tokens |",
-            "|---|---:|---:|---:|",
-            *(f"| {' | '.join(r)} |" for r in rows),
-            f"| base (mean answer tokens) | | | {result['base_answer_length']:.2f} |",
-        ]
-    return [header, *(f"  {r[0]:28s} exact match {r[1]:>15s}   first difference {r[2]:>13s}" for r in rows)]

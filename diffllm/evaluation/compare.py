@@ -2,7 +2,7 @@
 
 Every figure the project reports comes through here: validation
 (``DiffusionLitModule.validation_step`` -> ``validation_scores``), the end-of-run report
-(``report.build_report`` -> ``compare``), ``diffllm.cli.evaluate`` (``compare`` plus its extras) and
+(``report.build_report`` -> ``compare``), ``evaluate`` (``eval_report.evaluate_models``: ``compare`` plus its extras) and
 the tiny-asset builder (``ar_answer_nll``, ``ar_answers``, ``exact_match_by_task``,
 ``unigram_cross_entropy``). So the choices are made once:
 
@@ -25,7 +25,8 @@ import torch
 from diffllm.diffusion.likelihood import validation_seed
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.evaluation.metrics import exact_match, unigram_cross_entropy
-from diffllm.evaluation.quality import answer_quality, quality_vs_compute
+from diffllm.evaluation.names import reference_model
+from diffllm.evaluation.quality import answer_quality
 from diffllm.evaluation.scoring import (
     EVAL_SCHEDULE,
     Answers,
@@ -38,6 +39,7 @@ from diffllm.evaluation.scoring import (
     score_batch,
     score_rows,
 )
+from diffllm.evaluation.sweep import quality_vs_compute
 from diffllm.model.dlm import DiffusionLM
 
 __all__ = [
@@ -118,15 +120,14 @@ def validation_scores(
 # ----------------------------------------------------------------------------------- generation
 
 
-def generation_figures(
-    answers: Mapping[str, Answers], refs: Sequence[str], reference: str = "ar_sft"
-) -> dict[str, Any]:
+def generation_figures(answers: Mapping[str, Answers], refs: Sequence[str]) -> dict[str, Any]:
     """Quality of each model's answers (keys ``<model>_<metric>``) and exact-match differences
-    against ``reference`` (AR-SFT when present, else the base) on the same prompts, paired SEs."""
+    against ``names.reference_model`` (AR-SFT when present, else the base) on the same prompts,
+    paired SEs."""
     out: dict[str, Any] = {}
     for model, a in answers.items():
         out.update({f"{model}_{k}": v for k, v in quality(a, refs).items()})
-    ref = reference if reference in answers else "ar"
+    ref = reference_model(answers)
     for model in answers:
         if model != ref and ref in answers:
             diff, se = paired_difference(answers[model].texts, answers[ref].texts, refs)
@@ -202,7 +203,7 @@ def compare(
     ar_base: DiffusionLM | None = None,
     ar_sft: DiffusionLM | None = None,
     progress: Any = None,
-    order_nll: bool = False,
+    l2r_nll: bool = False,
     quality: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Answers]]:
     """The models given, on the same rows: (figures, per-row scores, answers per model).
@@ -212,8 +213,8 @@ def compare(
     ``prompts``: ``datamodule.sample_prompts`` rows whose answers are generated (``diffusion``:
     the sampler with ``config``; ``ar_sft``: greedy, adapters on; ``ar_base``: greedy, adapters
     off, [MASK] suppressed; at most ``config.gen_length`` new tokens). ``progress`` wraps the
-    batch iterator (e.g. ``tqdm``). Answer keys: ``diffusion``, ``ar_sft``, ``ar`` (the base).
-    ``order_nll``: the diffusion model's left-to-right NLL too (the gap decomposed, ``diffusion.order``);
+    batch iterator (e.g. ``tqdm``). Answer keys: ``diffusion``, ``ar_sft``, ``ar_base`` (``names.MODELS``).
+    ``l2r_nll``: the diffusion model's left-to-right NLL too (the gap decomposed, ``diffusion.order``);
     ``quality`` (``enabled``, ``rows``, ``tokens_per_step``): reference-free answer quality of every
     model's answers and the diffusion sampler's quality vs compute on the first ``rows`` prompts,
     both scored by ``ar_base`` (``diffllm.evaluation.quality``).
@@ -226,7 +227,7 @@ def compare(
         seed=seed,
         device=device,
         end_id=eos_id,
-        order=order_nll,
+        l2r_nll=l2r_nll,
         **likelihood_settings(likelihood),
         **models,
     )
@@ -240,7 +241,7 @@ def compare(
         answers["diffusion"] = diffusion_answers(
             diffusion, tokenizer, prompt_ids, config, eos_id=eos_id, seed=seed, batch_size=gen_batch_size
         )
-    for key, model, adapters in (("ar_sft", ar_sft, True), ("ar", ar_base, False)):
+    for key, model, adapters in (("ar_sft", ar_sft, True), ("ar_base", ar_base, False)):
         if model is not None:
             answers[key] = ar_answers(
                 model,

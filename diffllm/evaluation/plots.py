@@ -1,7 +1,8 @@
 """Plots behind the denoising-trajectory notebook and the evaluation report.
 
 The numbers they draw come from ``diffllm.diffusion.trajectory`` (commit order, Kendall tau) and
-``diffllm.cli.evaluate`` (NLL by length, quality vs steps); the notebook's own helpers are in
+``evaluate``'s report (NLL by length, quality vs steps: ``*_data(r)`` picks from the report what the
+plot draws, named and ordered by ``names`` as the tables are); the notebook's own helpers are in
 ``diffllm.inference.notebook``. Plots are drawn on ``matplotlib.figure.Figure`` objects, never through
 ``pyplot``, so no global backend is touched: ``fig.savefig`` renders with Agg, and a notebook shows
 a returned figure through its inline backend.
@@ -20,6 +21,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from diffllm.diffusion.trajectory import Trajectory, commit_grid, order_tau
+from diffllm.evaluation.names import FIGURES, models_in, with_current_keys
 
 # ----------------------------------------------------------------------------------------- plots
 
@@ -98,42 +100,78 @@ def plot_strategies(trajectories: Mapping[str, Trajectory], tokenizer: Any | Non
     return fig
 
 
-def plot_nll_by_length(buckets: Sequence[Mapping[str, Any]], unigram_ce: float | None = None) -> Figure:
-    """Grouped bars of the diffusion NLL bound and the AR NLL per answer-length bucket, gap on top."""
-    fig = Figure(figsize=(max(5.0, 1.1 * len(buckets) + 2), 3.6), layout="constrained")
+def nll_by_length_data(r: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``nll_by_length.png`` draws, from ``evaluate``'s ``length_buckets``: a bar per likelihood
+    figure the length table shows (``names.FIGURES`` order), the bound's gap to the AR base on top,
+    the unigram reference line."""
+    buckets = r.get("length_buckets") or []
+    figures = [name for name, _ in FIGURES.values() if buckets and name in buckets[0]]
+    return {
+        "labels": [f"{b['label']}\n({b['rows']} rows)" for b in buckets],
+        "bars": {label: [b[name] for b in buckets] for name, label in FIGURES.values() if name in figures},
+        "gaps": [b.get("gap", float("nan")) for b in buckets],
+        "unigram_ce": r.get("unigram_ce"),
+    }
+
+
+def plot_nll_by_length(data: Mapping[str, Any]) -> Figure:
+    """Grouped bars of every model's answer NLL per answer-length bucket (``nll_by_length_data``), the
+    bound's gap to the AR base on top."""
+    labels, bars = data["labels"], data["bars"]
+    fig = Figure(figsize=(max(5.0, 1.1 * len(labels) * max(len(bars), 2) / 2 + 2), 3.6), layout="constrained")
     ax = fig.add_subplot()
-    x = np.arange(len(buckets))
-    nll = [b["nll_bound"] for b in buckets]
-    ar = [b["ar_nll"] for b in buckets]
-    ax.bar(x - 0.2, nll, 0.4, label="diffusion NLL bound")
-    ax.bar(x + 0.2, ar, 0.4, label="AR NLL (base)")
-    for xi, b in zip(x, buckets):
-        top = np.nanmax([b["nll_bound"], b["ar_nll"]])
-        if np.isfinite(top):
-            ax.annotate(f"gap {b['gap']:+.2f}", (xi, top), ha="center", va="bottom", fontsize=7)
-    if unigram_ce is not None and math.isfinite(unigram_ce):
-        ax.axhline(unigram_ce, color="grey", linestyle="--", linewidth=1, label="unigram CE")
-    ax.set_xticks(x, [f"{b['label']}\n({b['rows']} rows)" for b in buckets], fontsize=8)
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(bars), 1)
+    for i, (label, values) in enumerate(bars.items()):
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, label=label)
+    for xi, gap, *values in zip(x, data["gaps"], *bars.values()):
+        top = np.nanmax(values) if values and np.isfinite(values).any() else float("nan")
+        if np.isfinite(top) and math.isfinite(gap):
+            ax.annotate(f"gap {gap:+.2f}", (xi, top), ha="center", va="bottom", fontsize=7)
+    unigram = data.get("unigram_ce")
+    if unigram is not None and math.isfinite(unigram):
+        ax.axhline(unigram, color="grey", linestyle="--", linewidth=1, label="unigram CE")
+    ax.set_xticks(x, labels, fontsize=8)
     ax.margins(y=0.12)
     ax.set_xlabel("answer length (tokens, EOS included)")
     ax.set_ylabel("nats / token")
-    ax.set_title("answer NLL by length: diffusion bound vs AR base", fontsize=9)
+    ax.set_title("answer NLL by length (gap: bound - AR base)", fontsize=9)
     ax.legend(fontsize=7)
     return fig
 
 
-def plot_quality_vs_steps(grid: Sequence[Mapping[str, Any]], ar: Mapping[str, Any] | None = None) -> Figure:
-    """Exact match and ROUGE-L of the diffusion sampler against its number of steps; AR greedy as lines."""
+def quality_vs_steps_data(r: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``quality_vs_steps.png`` draws: the diffusion sampler's exact match and ROUGE-L at each
+    step count of ``steps_grid`` (skipped counts left out), and a horizontal line per metric for
+    every other model of the generation table (``names.models_in``: AR-SFT whenever it is in the
+    table) with a finite value."""
+    r = with_current_keys(r)
+    done = [g for g in r.get("steps_grid") or [] if "skipped" not in g]
+    metrics = {"exact_match": "exact match", "rougeL": "ROUGE-L"}
+    return {
+        "steps": [g["steps"] for g in done],
+        "lines": {f"diffusion {name}": [g[m] for g in done] for m, name in metrics.items()},
+        "references": {
+            f"{label} {name}": float(r[f"{model}_{m}"])
+            for model, label in models_in(r)
+            if model != "diffusion"
+            for m, name in metrics.items()
+            if f"{model}_{m}" in r and math.isfinite(r[f"{model}_{m}"])
+        },
+    }
+
+
+def plot_quality_vs_steps(data: Mapping[str, Any]) -> Figure:
+    """The diffusion sampler's quality against its number of steps, the other models as horizontal
+    lines (``quality_vs_steps_data``)."""
     fig = Figure(figsize=(5.0, 3.4), layout="constrained")
     ax = fig.add_subplot()
-    steps = [g["steps"] for g in grid]
-    ax.plot(steps, [g["exact_match"] for g in grid], "o-", label="diffusion exact match")
-    ax.plot(steps, [g["rougeL"] for g in grid], "s--", label="diffusion ROUGE-L")
-    if ar is not None:
-        if math.isfinite(ar.get("exact_match", float("nan"))):
-            ax.axhline(ar["exact_match"], color="C0", linestyle=":", label="AR greedy exact match")
-        if math.isfinite(ar.get("rougeL", float("nan"))):
-            ax.axhline(ar["rougeL"], color="C1", linestyle=":", label="AR greedy ROUGE-L")
+    steps = data["steps"]
+    for (label, values), style in zip(data["lines"].items(), ("o-", "s--")):
+        ax.plot(steps, values, style, color="C0" if style == "o-" else "C1", label=label)
+    linestyles = (":", "-.", (0, (1, 3)))
+    for i, (label, value) in enumerate(data["references"].items()):
+        ax.axhline(value, color=f"C{2 + i // 2}", linestyle=linestyles[i % 2], label=label)
     if steps and min(steps) > 0:
         ax.set_xscale("log", base=2)
         ax.set_xticks(steps, [str(s) for s in steps])

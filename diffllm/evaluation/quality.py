@@ -1,6 +1,7 @@
-"""Reference-free answer quality, and quality against compute: figures that need no reference answer.
+"""Reference-free answer quality: figures that need no reference answer.
 
-The gap decomposed (the diffusion model's left-to-right NLL) lives in ``diffusion/order.py``.
+The gap decomposed (the diffusion model's left-to-right NLL) lives in ``diffusion/order.py``; quality
+against compute (the sampler at k tokens per step) in ``sweep.py``.
 
 Reference-free quality of generated answers (open-ended prompts, where one reference answer makes
 exact match and ROUGE-L close to noise):
@@ -12,32 +13,18 @@ exact match and ROUGE-L close to noise):
     answer_length, eos_rate   tokens before the end token; share of answers that produced it;
     repetition      repeated bigrams: bigrams that already occurred earlier in the same answer,
                     over all bigrams (pooled over answers).
-
-Quality against compute (``quality_vs_compute``): the sampler at 1, 2, 4, 8 tokens per step
-(``steps = gen_length / k``), each with its exact match, AR-scored NLL and forward passes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
 from diffllm.diffusion.likelihood import _row_sums, causal_token_ce
-from diffllm.diffusion.order import mean_over_orders, order_nll  # noqa: F401  (re-exported)
-from diffllm.diffusion.sampler import SamplerConfig, block_config
-from diffllm.evaluation.scoring import (
-    Answers,
-    binomial_se,
-    diffusion_answers,
-    mean_se,
-    ratio_mean_se,
-    row_matches,
-)
+from diffllm.evaluation.scoring import Answers, binomial_se, mean_se, ratio_mean_se
 from diffllm.model.dlm import DiffusionLM
 
 # ----------------------------------------------------------------------------------- reference-free
@@ -146,71 +133,13 @@ def reference_free(
     return out
 
 
-# ----------------------------------------------------------------------------------- quality vs compute
-
-
-def quality_vs_compute(
-    dlm: DiffusionLM,
-    tokenizer: Any,
-    prompt_ids: Sequence[list[int]],
-    refs: Sequence[str] | None,
-    base: SamplerConfig,
-    *,
-    eos_id: int,
-    seed: int,
-    batch_size: int,
-    tokens_per_step: Sequence[int] = (1, 2, 4, 8),
-    ar_model: DiffusionLM | None = None,
-) -> list[dict[str, Any]]:
-    """The sampler at k tokens per step (``steps = gen_length / k``, schedule mode, threshold off): exact
-    match (with ``refs``), AR-scored NLL (with ``ar_model``), forward passes, seconds. A k the block
-    layout cannot take (steps not a multiple of the number of blocks) is reported with its reason."""
-    rows = []
-    base = block_config(base, getattr(dlm, "block_size", None))  # a block model decodes its own blocks
-    for k in tokens_per_step:
-        steps = base.gen_length // int(k)
-        try:
-            config = dataclasses.replace(base, steps=steps, threshold=None)
-        except ValueError as err:
-            rows.append({"tokens_per_step": int(k), "steps": steps, "skipped": str(err)})
-            continue
-        a = diffusion_answers(
-            dlm, tokenizer, prompt_ids, config, eos_id=eos_id, seed=seed, batch_size=batch_size
-        )
-        row: dict[str, Any] = {
-            "tokens_per_step": int(k),
-            "steps": steps,
-            "nfe": a.nfe,  # forward passes, all batches
-            "nfe_per_batch": a.nfe / math.ceil(len(prompt_ids) / batch_size),
-            "seconds": a.seconds,
-        }
-        if refs is not None:
-            em = row_matches(a.texts, refs)
-            row["exact_match"], row["exact_match_se"] = (
-                float(np.mean(em)),
-                binomial_se(float(np.mean(em)), len(em)),
-            )
-        if ar_model is not None:
-            sums, counts = ar_scored_nll(
-                ar_model, prompt_ids, with_end(a, eos_id), pad_id=tokenizer.pad_token_id or eos_id
-            )
-            row["ar_scored_nll"], row["ar_scored_nll_se"] = ratio_mean_se(sums, counts)
-        rows.append(row)
-    return rows
-
-
 # ----------------------------------------------------------------------------------- in a report
 
 
 def head(answers: Answers, n: int) -> Answers:
-    """The first ``n`` answers (the row cap of the quality figures)."""
-    return dataclasses.replace(
-        answers,
-        texts=answers.texts[:n],
-        lengths=answers.lengths[:n],
-        ended=answers.ended[:n],
-        tokens=None if answers.tokens is None else answers.tokens[:n],
-    )
+    """The first ``n`` answers (the row cap of the quality figures): every per-row field cut."""
+    rows = {f.name: getattr(answers, f.name) for f in dataclasses.fields(answers)}
+    return dataclasses.replace(answers, **{k: v[:n] for k, v in rows.items() if isinstance(v, list)})
 
 
 def answer_quality(
@@ -223,10 +152,10 @@ def answer_quality(
     rows: int,
     batch_size: int = 16,
 ) -> dict[str, dict[str, float]]:
-    """``reference_free`` of every model's answers on the first ``rows`` prompts; ``answers["ar"]`` (the
-    AR base's greedy answers, when given) is the agreement reference and is scored too."""
+    """``reference_free`` of every model's answers on the first ``rows`` prompts; ``answers["ar_base"]``
+    (the AR base's greedy answers, when given) is the agreement reference and is scored too."""
     rows = min(rows, len(prompt_ids))
-    greedy = head(answers["ar"], rows) if "ar" in answers else None
+    greedy = head(answers["ar_base"], rows) if "ar_base" in answers else None
     return {
         model: reference_free(
             head(a, rows),
@@ -240,79 +169,3 @@ def answer_quality(
         for model, a in answers.items()
         if a.tokens is not None
     }
-
-
-QUALITY_ROWS = (
-    ("ar_scored_nll", "AR-scored NLL (nats/token)", 3),
-    ("ar_agreement", "agreement with AR greedy", 3),
-    ("answer_length", "answer tokens (mean)", 2),
-    ("eos_rate", "EOS rate", 3),
-    ("repetition", "repeated bigrams", 3),
-)
-DECOMPOSITION_ROWS = (
-    ("nll_bound", "diffusion ELBO bound (all orders)"),
-    ("l2r_nll", "diffusion, left to right (one order)"),
-    ("ar_sft_nll", "AR-SFT"),
-    ("ar_nll", "AR base"),
-    ("order_cost", "bound - L2R: cost of averaging over orders"),
-    ("conversion_loss", "L2R - AR base: lost by the conversion"),
-    ("conversion_loss_sft", "L2R - AR-SFT"),
-)
-
-
-def _pm(r: dict[str, Any], key: str, digits: int = 3) -> str:
-    value, se = r.get(key), r.get(f"{key}_se")
-    if value is None or not math.isfinite(value):
-        return "—"
-    if se is None or not math.isfinite(se):
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} ± {se:.{digits}f}"
-
-
-def quality_tables(r: dict[str, Any], markdown: bool = False) -> list[str]:
-    """The decomposition, reference-free and quality-vs-compute tables of a report (those present)."""
-    lines: list[str] = []
-
-    def table(header: list[str], rows: list[list[str]]) -> None:
-        if markdown:
-            lines.extend(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)])
-            lines.extend("| " + " | ".join(row) + " |" for row in rows)
-        else:
-            lines.append("  " + f"{header[0]:44s}" + "".join(f"{h:>18s}" for h in header[1:]))
-            lines.extend("  " + f"{row[0]:44s}" + "".join(f"{c:>18s}" for c in row[1:]) for row in rows)
-
-    if "l2r_nll" in r:
-        lines += ["", "the gap decomposed (nats/token, ± SE over rows; differences paired)"]
-        table(["figure", "value"], [[label, _pm(r, key)] for key, label in DECOMPOSITION_ROWS if key in r])
-    rf = r.get("reference_free") or {}
-    if rf:
-        names = {"diffusion": "diffusion", "ar_sft": "AR-SFT", "ar": "AR base"}
-        models = [m for m in names if m in rf]
-        lines += [
-            "",
-            f"reference-free answer quality, {r.get('quality_rows', '?')} prompts (scored by the AR base)",
-        ]
-        table(
-            ["metric", *(names[m] for m in models)],
-            [[label, *(_pm(rf[m], key, digits) for m in models)] for key, label, digits in QUALITY_ROWS],
-        )
-    qc = r.get("quality_vs_compute") or []
-    if qc:
-        lines += ["", f"diffusion quality vs compute, {r.get('quality_rows', '?')} prompts (schedule mode)"]
-        table(
-            ["tokens per step", "steps", "forward passes", "exact match", "AR-scored NLL", "seconds"],
-            [
-                [str(q["tokens_per_step"]), str(q["steps"]), "—", "skipped", "—", "—"]
-                if "skipped" in q
-                else [
-                    str(q["tokens_per_step"]),
-                    str(q["steps"]),
-                    str(q["nfe"]),
-                    _pm(q, "exact_match"),
-                    _pm(q, "ar_scored_nll"),
-                    f"{q['seconds']:.2f}",
-                ]
-                for q in qc
-            ],
-        )
-    return lines

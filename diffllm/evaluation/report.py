@@ -6,15 +6,15 @@ model trained at equal budget (``objective=ar``, ``report.ar_ckpt_path``): the b
 the real price of the conversion. Plus the answers' unigram cross-entropy as the no-context
 reference, generation quality (exact match, ROUGE-L, answer length, EOS rate) of every model, and
 exact-match differences against AR-SFT. Every figure carries its standard error; the figures
-come from ``diffllm.evaluation.compare.compare`` (as ``diffllm.cli.evaluate``'s), ``report.json`` also records
-its provenance.
+come from ``diffllm.evaluation.compare.compare`` (as ``evaluate``'s), ``report.json`` also records
+its provenance. The terminal view is ``tables.format_report``; the names are ``names``'s (keys
+renamed in this release are written under their old names too: ``names.with_deprecated_keys``).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
-import math
 import platform
 import subprocess
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 
 from diffllm.data.prompt_fit import fit_prompt_rows
 from diffllm.evaluation.compare import EVAL_SCHEDULE, compare, likelihood_settings
-from diffllm.evaluation.quality import quality_tables
+from diffllm.evaluation.names import with_deprecated_keys
 from diffllm.model.dlm import DiffusionLM
 
 
@@ -80,7 +80,7 @@ def build_report(
     seed: int = 0,
     ar_sft: DiffusionLM | None = None,
     prompt_overflow: str = "truncate_left",
-    order_nll: bool = False,
+    l2r_nll: bool = False,
     quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Likelihoods and generation quality of ``module`` (a DiffusionLitModule) on ``num_rows`` val rows.
@@ -123,11 +123,11 @@ def build_report(
         likelihood=likelihood,
         gen_batch_size=n,
         ar_base=dlm,
-        order_nll=order_nll and objective.role == "diffusion",
+        l2r_nll=l2r_nll and objective.role == "diffusion",
         quality=quality,
         **own,
     )
-    return {
+    report = {
         "rows": n,
         "prompts_truncated": truncated,
         "objective": objective.label,
@@ -135,74 +135,7 @@ def build_report(
         **figures,
         "sampler": dict(vars(module.sampler_config)),
     }
-
-
-def plus_minus(r: dict[str, Any], key: str, digits: int = 3) -> str:
-    """``value ± se`` of ``key`` in a report, or an em dash when absent / not finite."""
-    value, se = r.get(key), r.get(f"{key}_se")
-    if value is None or not math.isfinite(value):
-        return "—"
-    if se is None or not math.isfinite(se):
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} ± {se:.{digits}f}"
-
-
-MODEL_COLUMNS = (("diffusion", "diffusion"), ("ar_sft", "AR-SFT"), ("ar", "AR base"))
-
-
-def format_report(r: dict[str, Any]) -> str:
-    """A plain-text table of a report (``build_report`` or ``evaluate``): every figure ± its SE."""
-    lines = [
-        f"== diffllm report: {r['rows']} validation rows, {r['answer_tokens']} answer tokens (answer + end token) ==",
-        "answer NLL (nats/token), ± SE over rows",
-    ]
-    nll_rows = [
-        ("nll_bound", "diffusion, ELBO upper bound"),
-        ("ar_sft_nll", "AR-SFT, same budget"),
-        ("ar_nll", "AR base, unadapted"),
-        ("ar_nll_no_end", f"AR base, without end token ({r.get('answer_tokens_no_end', '?')} tokens)"),
-    ]
-    lines += [f"  {label:44s}{plus_minus(r, key):>16s}" for key, label in nll_rows if key in r]
-    lines.append(f"  {'unigram CE of the answers':44s}{r['unigram_ce']:>16.3f}   (no-context reference)")
-    if "gap_sft" in r:
-        lines.append(
-            f"  {'bound - AR-SFT (price of the conversion)':44s}{plus_minus(r, 'gap_sft'):>16s}   (paired over rows)"
-        )
-    if "gap" in r:
-        lines.append(f"  {'bound - AR base':44s}{plus_minus(r, 'gap'):>16s}   (paired over rows)")
-    cols = [(key, name) for key, name in MODEL_COLUMNS if f"{key}_exact_match" in r]
-    lines += [
-        "",
-        f"generation, {r.get('gen_rows', r['rows'])} prompts"
-        + (f" ({r['prompts_truncated']} cut from the left)" if r.get("prompts_truncated") else "")
-        + "".join(f"{n:>18s}" for _, n in cols),
-    ]
-    for metric, label, digits in (
-        ("exact_match", "exact match", 3),
-        ("rougeL", "ROUGE-L", 3),
-        ("answer_length", "answer tokens (mean)", 2),
-        ("eos_rate", "EOS rate", 3),
-        ("tokens_per_pass", "tokens per forward pass", 2),
-    ):
-        lines.append(
-            f"  {label:26s}" + "".join(f"{plus_minus(r, f'{k}_{metric}', digits):>18s}" for k, _ in cols)
-        )
-    lines.append(
-        f"  {'generation seconds':26s}"
-        + "".join(
-            f"{r[f'{k}_seconds']:>18.2f}" if math.isfinite(r[f"{k}_seconds"]) else f"{'—':>18s}"
-            for k, _ in cols
-        )
-    )
-    ref = "ar_sft" if "ar_sft_exact_match" in r else "ar"
-    ref_name = dict(MODEL_COLUMNS)[ref]
-    for k, name in cols:
-        key = f"{k}_minus_{ref}_exact_match"
-        if key in r:
-            lines.append(
-                f"  {f'EM {name} - {ref_name}':26s}{plus_minus(r, key):>18s}   (paired over prompts)"
-            )
-    return "\n".join(lines + quality_tables(r))
+    return with_deprecated_keys(report)  # the keys renamed in this release, also under their old names
 
 
 def write_report(r: dict[str, Any], out_dir: str | Path) -> Path:

@@ -17,9 +17,11 @@ Per row (``score_batch``), in nats summed over the row's scored tokens:
     ar_base          the unadapted base model (LoRA off, causal), on exactly the same tokens;
     ar_base_no_end   the same without the end token (a base model was not trained to stop there);
     ar_sft           an AR-SFT model (objective=ar: LoRA on, causal) on the same tokens;
-    diffusion_l2r    (``order=True``) the diffusion model's left-to-right NLL: the answer revealed one
+    l2r_nll          (``l2r_nll=True``) the diffusion model's left-to-right NLL: the answer revealed one
                      token at a time in order (``diffusion.order``), one forward pass per answer token.
                      bound - L2R is the cost of averaging over orders, L2R - AR what the conversion lost.
+
+The per-token figure of each row and the paired gaps are named in ``names`` (``FIGURES``, ``GAPS``).
 
 Standard errors (rows are the sampling unit: the tokens of one answer are not independent, so a
 per-token SE would be too small):
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +55,9 @@ from diffllm.diffusion.likelihood import causal_token_ce, elbo_nll, validation_s
 from diffllm.diffusion.order import order_nll
 from diffllm.diffusion.sampler import SamplerConfig, generate
 from diffllm.diffusion.schedule import LinearSchedule
+from diffllm.diffusion.trajectory import Trajectory
 from diffllm.evaluation.metrics import exact_match, normalise
+from diffllm.evaluation.names import FIGURES, GAPS
 from diffllm.model.ar_generate import ar_generate
 from diffllm.model.dlm import DiffusionLM
 
@@ -66,18 +70,8 @@ TOKENS_OF = {
     "ar_base": "tokens",
     "ar_base_no_end": "tokens_no_end",
     "ar_sft": "tokens",
-    "diffusion_l2r": "tokens",
+    "l2r_nll": "tokens",
 }
-
-
-# (name, minuend, subtrahend): per-token gaps paired over rows; the order_cost + conversion_loss = gap
-GAPS = (
-    ("gap", "diffusion", "ar_base"),
-    ("gap_sft", "diffusion", "ar_sft"),
-    ("order_cost", "diffusion", "diffusion_l2r"),  # the cost of averaging over unmasking orders
-    ("conversion_loss", "diffusion_l2r", "ar_base"),  # what the conversion lost, left to right
-    ("conversion_loss_sft", "diffusion_l2r", "ar_sft"),
-)
 
 # ----------------------------------------------------------------------------------- likelihoods
 
@@ -104,7 +98,7 @@ def score_batch(
     diffusion: DiffusionLM | None = None,
     ar_base: DiffusionLM | None = None,
     ar_sft: DiffusionLM | None = None,
-    order: bool = False,
+    l2r_nll: bool = False,
 ) -> dict[str, torch.Tensor]:
     """(B,) per-row NLL sums of the models given (keys as in the module docstring) and token counts.
 
@@ -128,10 +122,8 @@ def score_batch(
             seed=seed,
             score_mask=scored,
         )
-        if order:  # summed over the whole canvas (answer + any EOS padding), like the bound
-            out["diffusion_l2r"] = order_nll(diffusion, input_ids, attention_mask, answer_mask).to(
-                input_ids.device
-            )
+        if l2r_nll:  # summed over the whole canvas (answer + any EOS padding), like the bound
+            out["l2r_nll"] = order_nll(diffusion, input_ids, attention_mask, answer_mask).to(input_ids.device)
     if ar_base is not None:
         ce = torch.zeros(scored.shape, device=input_ids.device)
         ce[scored] = causal_token_ce(ar_base, input_ids, attention_mask, scored, adapters=False)
@@ -172,22 +164,15 @@ def ratio_mean_se(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
 
 def likelihood_figures(scores: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Per-token figures with SEs: ``nll_bound``, ``ar_nll``, ``ar_nll_no_end``, ``ar_sft_nll``, ``l2r_nll``
-    (those scored), the gaps of ``GAPS`` paired over rows, perplexities."""
-    names = {
-        "diffusion": "nll_bound",
-        "ar_base": "ar_nll",
-        "ar_base_no_end": "ar_nll_no_end",
-        "ar_sft": "ar_sft_nll",
-        "diffusion_l2r": "l2r_nll",
-    }
+    (those scored, ``names.FIGURES``), the gaps of ``names.GAPS`` paired over rows, perplexities."""
     out: dict[str, Any] = {
         "answer_tokens": int(scores["tokens"].sum()),
         "answer_tokens_no_end": int(scores["tokens_no_end"].sum()),
     }
-    for key, name in names.items():
+    for key, (name, _) in FIGURES.items():
         if key in scores:
             out[name], out[f"{name}_se"] = ratio_mean_se(scores[key], scores[TOKENS_OF[key]])
-    for gap, one, other in GAPS:
+    for gap, one, other, _ in GAPS:
         if one in scores and other in scores:
             out[gap], out[f"{gap}_se"] = ratio_mean_se(scores[one] - scores[other], scores["tokens"])
     for name, ppl in (("nll_bound", "ppl_bound"), ("ar_nll", "ar_ppl"), ("ar_sft_nll", "ar_sft_ppl")):
@@ -201,15 +186,66 @@ def likelihood_figures(scores: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 @dataclass
 class Answers:
-    """Decoded answers of one model on a list of prompts."""
+    """Decoded answers of one model on a list of prompts (``decode_answers``)."""
 
-    texts: list[str]
+    texts: list[str]  # decoded up to the end token, special tokens skipped, stripped
     lengths: list[int]  # generated tokens before the end token
     ended: list[bool]  # the end token was produced within the budget
     seconds: float
-    nfe: int
+    nfe: int  # forward passes, all batches
     tokens: list[list[int]] | None = None  # the answers' token ids before the end token
     row_passes: int | None = None  # forward passes summed over rows (a batch's pass once per row in it)
+    batch_nfe: list[int] | None = None  # per row: forward passes of the batch it was decoded in
+    canvas: list[list[int]] | None = None  # per row: the whole answer canvas (diffusion: EOS fill included)
+    trajectories: list[Trajectory] | None = None  # per row, when the decoder recorded them
+
+
+def decode_answers(
+    decode: Callable[[list[list[int]]], Any],
+    prompt_ids: Sequence[list[int]],
+    tokenizer: Any,
+    *,
+    eos_id: int,
+    batch_size: int,
+) -> Answers:
+    """The one batch-and-decode loop: ``decode`` on consecutive batches of ``batch_size`` prompts, each
+    answer decoded to text (special tokens skipped, stripped).
+
+    ``decode(prompts)`` returns the sampler's ``SampleOutput`` or ``ar_generate``'s ``ARSampleOutput``:
+    ``tokens`` (answers up to the end token), ``nfe``, and ``ended`` or the ``canvas`` it is read from
+    (the end token anywhere on the canvas). Rows never interact in either decoder.
+    """
+    texts, lengths, ended, batch_nfe, tokens, nfe, t0 = [], [], [], [], [], 0, time.perf_counter()
+    canvas: list[list[int]] = []
+    trajectories: list[Trajectory] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        out = decode(list(prompt_ids[start : start + batch_size]))
+        rows = len(out.tokens)
+        texts += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
+        lengths += [len(t) for t in out.tokens]
+        tokens += out.tokens
+        batch_nfe += [out.nfe] * rows
+        nfe += out.nfe
+        row_canvas = getattr(out, "canvas", None)
+        if row_canvas is not None:
+            canvas += row_canvas.tolist()
+        if getattr(out, "ended", None) is not None:
+            ended += list(out.ended)
+        else:
+            ended += [bool((row == eos_id).any()) for row in row_canvas]
+        trajectories += getattr(out, "trajectories", None) or []
+    return Answers(
+        texts,
+        lengths,
+        ended,
+        time.perf_counter() - t0,
+        nfe,
+        tokens,
+        sum(batch_nfe),  # row_passes: each row counts its batch's passes
+        batch_nfe,
+        canvas if len(canvas) == len(texts) else None,
+        trajectories if len(trajectories) == len(texts) else None,
+    )
 
 
 def diffusion_answers(
@@ -221,30 +257,26 @@ def diffusion_answers(
     eos_id: int,
     seed: int,
     batch_size: int,
+    trajectory: bool = False,
 ) -> Answers:
-    """The diffusion sampler's answers (each batch seeded ``seed``; rows never interact).
+    """The diffusion sampler's answers (each batch seeded ``seed``; rows never interact); with
+    ``trajectory`` each row's denoising trajectory too.
 
     ``eos_id``: the end-of-answer id (``diffllm.data.template.end_of_answer_id``).
     """
-    eos = eos_id
-    texts, lengths, ended, nfe, row_passes, t0 = [], [], [], 0, 0, time.perf_counter()
-    tokens: list[list[int]] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        out = generate(
+
+    def decode(prompts: list[list[int]]) -> Any:
+        return generate(
             dlm,
-            list(prompt_ids[start : start + batch_size]),
+            prompts,
             config,
-            eos_id=eos,
+            eos_id=eos_id,
             pad_id=tokenizer.pad_token_id,
             seed=seed,
+            record_trajectory=trajectory,
         )
-        texts += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
-        lengths += [len(t) for t in out.tokens]
-        ended += [bool((row == eos).any()) for row in out.canvas]
-        tokens += out.tokens
-        nfe += out.nfe
-        row_passes += out.nfe * len(out.tokens)
-    return Answers(texts, lengths, ended, time.perf_counter() - t0, nfe, tokens, row_passes)
+
+    return decode_answers(decode, prompt_ids, tokenizer, eos_id=eos_id, batch_size=batch_size)
 
 
 def ar_answers(
@@ -256,27 +288,30 @@ def ar_answers(
     eos_id: int,
     batch_size: int,
     adapters: bool = False,
+    temperature: float = 0.0,
+    seed: int = 0,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> Answers:
-    """Greedy causal answers with a KV cache ([MASK] suppressed): the base model (``adapters=False``) or
-    an AR-SFT model (``adapters=True``)."""
-    texts, lengths, ended, nfe, row_passes, t0 = [], [], [], 0, 0, time.perf_counter()
-    tokens: list[list[int]] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        out = ar_generate(
+    """Causal answers with a KV cache ([MASK] suppressed): the base model (``adapters=False``) or an
+    AR-SFT model (``adapters=True``); greedy unless ``temperature`` > 0 (then ``seed``, ``top_k``,
+    ``top_p`` as in ``ar_generate``)."""
+
+    def decode(prompts: list[list[int]]) -> Any:
+        return ar_generate(
             dlm,
-            list(prompt_ids[start : start + batch_size]),
+            prompts,
             max_new_tokens=max_new_tokens,
             eos_id=eos_id,
             pad_id=tokenizer.pad_token_id,
+            temperature=temperature,
+            seed=seed,
+            top_k=top_k,
+            top_p=top_p,
             adapters=adapters,
         )
-        texts += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
-        lengths += [len(t) for t in out.tokens]
-        ended += list(out.ended)
-        tokens += out.tokens
-        nfe += out.nfe
-        row_passes += out.nfe * len(out.tokens)
-    return Answers(texts, lengths, ended, time.perf_counter() - t0, nfe, tokens, row_passes)
+
+    return decode_answers(decode, prompt_ids, tokenizer, eos_id=eos_id, batch_size=batch_size)
 
 
 def binomial_se(p: float, n: int) -> float:

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from diffllm.diffusion.likelihood import elbo_nll
 from diffllm.diffusion.sampler import SamplerConfig, generate
-from diffllm.evaluation.scoring import EVAL_SCHEDULE
+from diffllm.evaluation.scoring import EVAL_SCHEDULE, diffusion_answers
 from diffllm.inference.loading import InferenceModel, load_for_inference
 
 log = logging.getLogger(__name__)
@@ -245,23 +245,21 @@ class DiffusionHarnessLM(TemplateLM):
             max_tokens = int(gen_kwargs.get("max_gen_toks", self.sampler_config.gen_length))
             config = self.sampler_for(gen_kwargs)
             keep = max(self.max_length - config.gen_length, 1)
-            for lo in range(0, len(indices), self.batch_size):
-                chunk = indices[lo : lo + self.batch_size]
-                prompts = [self.tok_encode(requests[i].args[0])[-keep:] for i in chunk]
-                out = generate(
-                    self.dlm,
-                    prompts,
-                    config,
-                    eos_id=self.eot_token_id,
-                    pad_id=self.tokenizer.pad_token_id,
-                    seed=self.seed,
+            answers = diffusion_answers(
+                self.dlm,
+                self.tokenizer,
+                [self.tok_encode(requests[i].args[0])[-keep:] for i in indices],
+                config,
+                eos_id=self.eot_token_id,
+                seed=self.seed,
+                batch_size=self.batch_size,
+            )
+            for i, tokens in zip(indices, answers.tokens):
+                text = self.cut_at(
+                    self.tokenizer.decode(tokens[:max_tokens], skip_special_tokens=True), until
                 )
-                for i, tokens in zip(chunk, out.tokens):
-                    text = self.cut_at(
-                        self.tokenizer.decode(tokens[:max_tokens], skip_special_tokens=True), until
-                    )
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                bar.update(len(chunk))
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            bar.update(len(indices))
         bar.close()
         return [r if r is not None else "" for r in results]

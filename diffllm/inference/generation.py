@@ -11,15 +11,22 @@ checkpoint's ``sampler`` config with the given fields replaced (``SamplerConfig.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from diffllm.config.schema import ConfigError, check_positive, check_sampler_overrides
 from diffllm.data.prompt_fit import PromptTooLongError, context_limit, fit_prompts
 from diffllm.data.template import get_format
-from diffllm.diffusion.sampler import generate
-from diffllm.inference.inputs import InputError
-from diffllm.inference.loading import InferenceModel
-from diffllm.model.ar_generate import ar_generate
+from diffllm.diffusion.sampler import SamplerConfig
+from diffllm.diffusion.trajectory import trajectories_to_json
+from diffllm.evaluation.metrics import normalise
+from diffllm.evaluation.scoring import ar_answers, diffusion_answers
+from diffllm.inference.inputs import InputError, PromptRow, check_device
+from diffllm.inference.loading import InferenceModel, load_quietly
+
+LABEL_WIDTH = 12  # "instruction:" and the answers under it start in the same column
 
 
 def generate_answers(
@@ -45,6 +52,8 @@ def generate_answers(
     * with ``ar``: ``ar_answer``, ``ar_answer_ids``, ``ar_nfe`` from ``ar_generate`` (adapters
       off, causal attention, KV cache) with the same temperature / top-k / top-p and at most
       ``gen_length`` new tokens.
+
+    Both go through the one batch-and-decode loop (``scoring.decode_answers``).
 
     Rows never interact in the sampler, so answers do not depend on ``batch_size``; ``seed`` seeds
     every row's generator (it matters only with temperature > 0). A prompt that leaves no room for
@@ -90,47 +99,185 @@ def generate_answers(
     cut = [len(a) != len(b) for a, b in zip(fitted, prompt_ids)]
     prompt_ids = fitted
 
-    results: list[dict[str, Any]] = []
-    for start in range(0, len(prompts), batch_size):
-        ids = prompt_ids[start : start + batch_size]
-        out = generate(
+    diffusion = diffusion_answers(
+        model.dlm,
+        tok,
+        prompt_ids,
+        config,
+        eos_id=model.eos_id,
+        seed=seed,
+        batch_size=batch_size,
+        trajectory=trajectory,
+    )
+    ar_out = None
+    if ar:
+        ar_out = ar_answers(
             model.dlm,
-            ids,
-            config,
+            tok,
+            prompt_ids,
+            config.gen_length,
             eos_id=model.eos_id,
-            pad_id=tok.pad_token_id,
+            batch_size=batch_size,
+            temperature=config.temperature,
             seed=seed,
-            record_trajectory=trajectory,
+            top_k=config.top_k,
+            top_p=config.top_p,
         )
-        ar_out = None
-        if ar:
-            ar_out = ar_generate(
-                model.dlm,
-                ids,
-                max_new_tokens=config.gen_length,
-                eos_id=model.eos_id,
-                pad_id=tok.pad_token_id,
-                temperature=config.temperature,
-                seed=seed,
-                top_k=config.top_k,
-                top_p=config.top_p,
-            )
-        for j, answer_ids in enumerate(out.tokens):
-            k = start + j
-            row: dict[str, Any] = {
-                "instruction": instructions[k],
-                "input": inputs[k] or "",
-                "prompt": prompts[k],
-                "prompt_truncated": cut[k],
-                "answer": tok.decode(answer_ids, skip_special_tokens=True).strip(),
-                "answer_ids": answer_ids,
-                "canvas": out.canvas[j].tolist(),
-                "nfe": out.nfe,
-                "trajectory": out.trajectories[j] if out.trajectories is not None else None,
-            }
-            if ar_out is not None:
-                row["ar_answer"] = tok.decode(ar_out.tokens[j], skip_special_tokens=True).strip()
-                row["ar_answer_ids"] = ar_out.tokens[j]
-                row["ar_nfe"] = ar_out.nfe
-            results.append(row)
+    results: list[dict[str, Any]] = []
+    for k in range(len(prompts)):
+        row: dict[str, Any] = {
+            "instruction": instructions[k],
+            "input": inputs[k] or "",
+            "prompt": prompts[k],
+            "prompt_truncated": cut[k],
+            "answer": diffusion.texts[k],
+            "answer_ids": diffusion.tokens[k],
+            "canvas": diffusion.canvas[k],
+            "nfe": diffusion.batch_nfe[k],
+            "trajectory": diffusion.trajectories[k] if diffusion.trajectories is not None else None,
+        }
+        if ar_out is not None:
+            row["ar_answer"] = ar_out.texts[k]
+            row["ar_answer_ids"] = ar_out.tokens[k]
+            row["ar_nfe"] = ar_out.batch_nfe[k]
+        results.append(row)
     return results
+
+
+def generate_from_checkpoint(
+    ckpt_path: str | Path | None,
+    requests: Sequence[PromptRow],
+    *,
+    sampler: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    trajectory: bool = False,
+    ar: bool = False,
+    batch_size: int = 16,
+    prompt_overflow: str = "error",
+) -> tuple[InferenceModel, SamplerConfig, list[dict[str, Any]]]:
+    """``python -m diffllm.generate``'s library call: check the arguments (before anything loads), load
+    the checkpoint or exported folder, answer every request (``generate_answers``). Returns (the
+    model, the sampler config used, the rows). Bad input of any kind is one ``InputError`` line."""
+    if ckpt_path is None:
+        raise InputError(
+            "ckpt_path is missing; pass ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt "
+            "(printed as 'checkpoint:' at the end of `make train`) or an exported folder"
+        )
+    ckpt = Path(str(ckpt_path))
+    if not ckpt.exists():
+        raise InputError(
+            f"ckpt_path={str(ckpt)!r} does not exist; pass a .ckpt from a run folder "
+            "(outputs/<date>/<time>/checkpoints/last.ckpt) or a folder written by diffllm.export"
+        )
+    overrides = dict(sampler or {})
+    try:  # the command line against the schema, before anything is read
+        check_positive({"batch_size": batch_size})
+        check_sampler_overrides(overrides)
+    except ConfigError as err:
+        raise InputError(str(err)) from None
+    check_device(str(device))
+    try:
+        model = load_quietly(ckpt, str(device), trust_remote_code=trust_remote_code)
+    except ConfigError as err:  # a file refused as data (diffllm.config.schema.check_untrusted)
+        raise InputError(str(err)) from None
+    except Exception as err:  # an unreadable / foreign file is bad input, not a crash
+        raise InputError(
+            f"ckpt_path={str(ckpt)!r} could not be loaded ({type(err).__name__}: {err}); "
+            "pass a .ckpt written by diffllm.train or a folder written by diffllm.export"
+        ) from None
+    try:
+        config = model.sampler_config.with_overrides(overrides)  # fail before any work
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    results = generate_answers(
+        model,
+        [r.instruction for r in requests],
+        [r.input for r in requests],
+        sampler_overrides=overrides,
+        seed=seed,
+        trajectory=trajectory,
+        ar=ar,
+        batch_size=batch_size,
+        prompt_overflow=prompt_overflow,
+    )
+    return model, config, results
+
+
+# ----------------------------------------------------------------------------------- the terminal view
+
+
+def _field(label: str, text: str) -> str:
+    """``label:`` padded to LABEL_WIDTH, then ``text``; later lines of ``text`` indented under it."""
+    pad = " " * (LABEL_WIDTH + 1)
+    head, *rest = (text or "").split("\n")
+    return "\n".join([f"{label + ':':<{LABEL_WIDTH}} {head}".rstrip()] + [pad + line for line in rest])
+
+
+def format_results(
+    results: Sequence[Mapping[str, Any]],
+    tokenizer: Any = None,
+    show_trajectory: bool = False,
+    width: int | None = None,
+    references: Sequence[str | None] | None = None,
+) -> str:
+    """The terminal view: per prompt its instruction, the diffusion answer and (if run) the AR one
+    right under it, the reference when known, and optionally the denoising trajectory."""
+    out = []
+    n = len(results)
+    for i, r in enumerate(results):
+        out.append(f"=== {i + 1}/{n} ===")
+        out.append(_field("instruction", r["instruction"]))
+        if r.get("input"):
+            out.append(_field("input", r["input"]))
+        out.append(_field("diffusion", r["answer"]))
+        if "ar_answer" in r:
+            out.append(_field("ar", r["ar_answer"]))
+        if references is not None and references[i] is not None:
+            out.append(_field("reference", references[i].strip()))
+        if show_trajectory and r.get("trajectory") is not None:
+            out.append(r["trajectory"].render(tokenizer, width=width))
+    return "\n".join(out)
+
+
+def summary_lines(
+    results: Sequence[Mapping[str, Any]],
+    references: Sequence[str | None] | None,
+    batch_size: int,
+    config: SamplerConfig | None = None,
+) -> list[str]:
+    """The sampler settings, forward passes summed over the batches and, where references exist,
+    the exact-match counts."""
+    lines = (
+        [f"# sampler: {' '.join(f'{k}={v}' for k, v in dataclasses.asdict(config).items())}"]
+        if config
+        else []
+    )
+    firsts = results[::batch_size]  # the rows of one batch share its nfe: count each batch once
+    line = f"# forward passes: diffusion {sum(r['nfe'] for r in firsts)}"
+    if firsts and "ar_nfe" in firsts[0]:
+        line += f", ar {sum(r['ar_nfe'] for r in firsts)}"
+    lines.append(line + f" ({len(firsts)} batch{'es' if len(firsts) > 1 else ''} of <= {batch_size})")
+    scored = [(r, ref) for r, ref in zip(results, references or []) if ref is not None]
+    if scored:
+
+        def hits(key: str) -> str:
+            return f"{sum(normalise(r[key]) == normalise(ref) for r, ref in scored)}/{len(scored)}"
+
+        line = f"# exact match vs reference: diffusion {hits('answer')}"
+        lines.append(line + (f", ar {hits('ar_answer')}" if "ar_answer" in scored[0][0] else ""))
+    return lines
+
+
+def write_trajectories(path: str | Path, results: Sequence[Mapping[str, Any]]) -> Path:
+    """Every row's trajectory as JSON (``diffusion.trajectory``); an unwritable path is ``InputError``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(trajectories_to_json([r["trajectory"] for r in results]))
+    except OSError as err:
+        raise InputError(
+            f"trajectory={str(path)!r} cannot be written ({err}); pass a writable path"
+        ) from None
+    return path

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import yaml
 
-from diffllm.evaluation.report import format_report
+from diffllm.evaluation.tables import format_report
 
 # The SmolLM2 folder `make real-model` builds records where its weights came from (diffllm_source.json).
 SOURCE_FILE = "diffllm_source.json"

@@ -37,6 +37,7 @@ from diffllm.diffusion.keys import DrawKeys, key_seed
 from diffllm.diffusion.likelihood import validation_seed
 from diffllm.diffusion.sampler import generate
 from diffllm.evaluation.compare import validation_scores
+from diffllm.evaluation.names import FIGURES
 from diffllm.evaluation.scoring import TOKENS_OF
 from diffllm.model.attention import attention_of
 from diffllm.model.blocks import check_block_size
@@ -44,13 +45,8 @@ from diffllm.model.load import build_diffusion_model, trainable_line
 from diffllm.training.distributed import GlobalNormaliser, draw_keys, nominal_batch_size
 from diffllm.training.objectives import objective_of
 
-# scoring-core row -> validation metric (per token, nats)
-VAL_METRICS = {
-    "diffusion": "val/nll_bound",
-    "ar_sft": "val/ar_sft_nll",
-    "ar_base": "val/ar_nll",
-    "ar_base_no_end": "val/ar_nll_no_end",
-}
+# scoring-core row -> validation metric (per token, nats): val/<figure> of the one name map
+VAL_METRICS = {row: f"val/{figure}" for row, (figure, _) in FIGURES.items() if row != "l2r_nll"}
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from diffllm.config.run_folder import RunFolderError, check_run_folder, write_co
 from diffllm.config.schema import ConfigError, check_lengths, check_run_config
 from diffllm.data.order import DataOrderMismatchError
 from diffllm.data.reader import DataError
-from diffllm.evaluation.report import build_report, format_report, provenance, write_report
+from diffllm.evaluation.report import build_report, provenance, write_report
+from diffllm.evaluation.tables import format_report
 from diffllm.model.load import ModelLoadError, build_diffusion_model, build_from_config, trainable_line
 from diffllm.training.callbacks import NonFiniteLossError, StopOnSignal, requeue_checkpoints
 from diffllm.training.checkpoints import load_ar_sft
@@ -147,7 +148,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             seed=cfg.seed,
             ar_sft=ar_sft,
             prompt_overflow=cfg.report.prompt_overflow,
-            order_nll=cfg.report.order_nll,
+            l2r_nll=cfg.report.l2r_nll,
             quality=OmegaConf.to_container(cfg.report.quality),
         )
         report["ar_ckpt_path"] = cfg.report.ar_ckpt_path
