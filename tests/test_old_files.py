@@ -86,3 +86,24 @@ def test_old_checkpoint_decodes_as_before(old_checkpoint):
 
 def test_old_export_card_decodes_as_before(old_export):
     assert answers_of(old_export) == ANSWERS["adapter"]
+
+
+def test_a_model_node_without_attention_keeps_its_old_meaning(tmp_path):
+    """Today's default is prefix_lm (``ModelNode.attention``); a checkpoint or card written before
+    ``model.attention`` existed was built bidirectional, and still is (``diffllm.config.upgrade``)."""
+    from diffllm.config.schema import ModelNode
+
+    assert ModelNode.attention == "prefix_lm"
+    checkpoint = torch.load(FIXTURE / "last.ckpt", map_location="cpu", weights_only=True)
+    hparams = mapped(checkpoint["hyper_parameters"], *assets())
+    del hparams["model"]["attention"]
+    torch.save({**checkpoint, "hyper_parameters": hparams}, tmp_path / "old.ckpt")
+    assert load_for_inference(tmp_path / "old.ckpt").dlm.attention == "bidirectional"
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(FIXTURE / "adapter", folder)
+    card = mapped(json.loads((folder / "diffllm.json").read_text()), *assets())
+    for node in (card, card["model"], card["run_config"]["model"]):
+        del node["attention"]
+    (folder / "diffllm.json").write_text(json.dumps(card))
+    assert load_for_inference(folder).dlm.attention == "bidirectional"

@@ -24,11 +24,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from diffllm.cli.support import is_set, set_keys
-from diffllm.config.resolvers import CONF_DIR
+from diffllm.config.resolvers import hydra_main
 from diffllm.config.schema import ConfigError, check_positive, check_sampler_overrides
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.diffusion.trajectory import trajectories_to_json
@@ -198,7 +197,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         model = load_quietly(
             ckpt, str(cfg.device), trust_remote_code=bool(cfg.get("trust_remote_code", False))
         )
-    except ConfigError as err:  # a file refused as data (diffllm.config.schema.check_untrusted)
+    except ConfigError as err:  # a file refused as data (diffllm.config.trust.check_untrusted)
         raise InputError(str(err)) from None
     except Exception as err:  # an unreadable / foreign file is bad input, not a crash
         raise InputError(
@@ -246,7 +245,7 @@ def _write_trajectories(path: Path, trajectories: list) -> None:
     print(f"# trajectories: {path}", flush=True)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
+@hydra_main("generate", exit_code=EXIT_BAD_INPUT)
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
