@@ -3,19 +3,16 @@ a p-mix in between (its composition with every mode: tests/test_attention.py).""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from transformers import LlamaForCausalLM
 
+from diffllm.config.resolvers import compose
 from diffllm.diffusion.annealing import AttentionAnnealing
 from diffllm.model.attention import causal_attention, custom_attention_mask, may_attend, set_bidirectional
 from tests.conftest import tiny_llama
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 IMPLS = ["eager", "sdpa"]
 
 
@@ -153,5 +150,5 @@ def test_progress_and_refusals():
 
 @pytest.mark.parametrize(("name", "steps"), [("none", 0), ("linear", 200)])
 def test_anneal_config_nodes(name, steps):
-    anneal = instantiate(OmegaConf.load(CONF / "anneal" / f"{name}.yaml"))
+    anneal = instantiate(compose([f"anneal={name}", "output_dir=/x"]).anneal)  # the node + the option
     assert isinstance(anneal, AttentionAnnealing) and anneal.steps == steps

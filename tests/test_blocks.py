@@ -307,7 +307,9 @@ def test_dual_cache(shift):
 
 # ---------------------------------------------------------------- end to end on the embedded default
 
-BLOCK_RUN = ["model.attention=block_causal", "model.block_size=4"]
+# the report's quality grid: k tokens per step must give a step count the 2 blocks of TINY_RUN's
+# 8 positions divide (checked at start: diffllm.config.schema.check_block_model)
+BLOCK_RUN = ["model.attention=block_causal", "model.block_size=4", "report.quality.tokens_per_step=[1,2,4]"]
 
 
 def test_block_size_must_divide_the_answer_padding(tmp_path):

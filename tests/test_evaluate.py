@@ -263,7 +263,9 @@ def test_evaluate_yaml_lists_every_sampler_field():
 
     from diffllm.config.resolvers import compose
 
-    cfg = compose(["ckpt_path=x"], config_name="evaluate")  # the node: conf/cli/sampler_keep.yaml
+    cfg = compose(
+        ["ckpt_path=x"], config_name="evaluate"
+    )  # the node: cli/sampler_keep (diffllm/config/store.py)
     assert set(cfg.sampler) == {f.name for f in fields(SamplerConfig)}
     assert all(OmegaConf.is_missing(cfg.sampler, k) for k in cfg.sampler)
 

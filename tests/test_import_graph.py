@@ -62,10 +62,6 @@ UPWARD = {
         "diffllm.assets",
         "diffllm.assets.build",
     ): "the embedded assets are built on first use (a function-level import)",
-    (
-        "diffllm.diffusion.sampler",
-        "diffllm.config.schema",
-    ): "the sampler's range checks (issue 20, step 2 removes it)",
 }
 
 # Imports inside a function, and why each stays there (cost or an optional dependency).
@@ -105,10 +101,6 @@ FUNCTION_LEVEL = {
         "diffllm.config.resolvers",
         "diffllm.assets.self_generated",
     ): "a resolver: the data set is built (or found) only when a config names it",
-    (
-        "diffllm.config.resolvers",
-        "hydra",
-    ): "compose() only: Hydra's initialize machinery, for tests and notebooks",
     ("diffllm.bench.lengths", "transformers"): "GPU node bench: runs on a node that may lack the package",
     ("diffllm.bench.tokenize", "torch"): "bench with optional heavy parts (run alone on a bare node)",
     ("diffllm.bench.tokenize", "transformers"): "as above",

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from diffllm.config.resolvers import compose
 from diffllm.diffusion.forward import forward_process
 from diffllm.diffusion.likelihood import elbo_nll
 from diffllm.diffusion.loss import NORMALISATIONS, MaskedDiffusionLoss, masked_diffusion_loss
@@ -18,9 +17,6 @@ from diffllm.diffusion.time import AntitheticTimeSampler
 from diffllm.model.attention import set_bidirectional
 from diffllm.model.dlm import DiffusionLM
 from tests.conftest import tiny_llama
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 # tiny models on 2 shared cores: OpenMP threads only add spin-wait overhead (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,7 +92,7 @@ def test_unknown_names_are_refused():
     ],
 )
 def test_loss_config_nodes(name, weighting, normalisation):
-    loss = instantiate(OmegaConf.load(CONF / "loss" / f"{name}.yaml"))
+    loss = instantiate(compose([f"loss={name}", "output_dir=/x"]).loss)  # the node + the option
     assert isinstance(loss, MaskedDiffusionLoss)
     assert (loss.weighting, loss.normalisation) == (weighting, normalisation)
 

@@ -496,6 +496,10 @@ def test_hydra_sampler_configs_build_the_dataclass():
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
+    from diffllm.config.resolvers import register
+
+    register()  # conf/sampler/*.yaml name their node, schema/sampler, first
+
     conf = Path(__file__).resolve().parents[1] / "conf" / "sampler"
     fields = {f.name for f in dataclasses.fields(SamplerConfig)}
     with initialize_config_dir(str(conf), version_base="1.3"):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from diffllm.config.resolvers import compose
 from diffllm.diffusion.schedule import (
     CosineSchedule,
     LinearSchedule,
@@ -17,8 +16,6 @@ from diffllm.diffusion.schedule import (
     PolynomialSchedule,
 )
 from diffllm.diffusion.time import AntitheticTimeSampler, UniformTimeSampler
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 SCHEDULES = {
     "linear": LinearSchedule(),
@@ -113,7 +110,8 @@ def test_uniform_sampler_range():
     ],
 )
 def test_config_nodes_instantiate(path, cls, attrs):
-    obj = instantiate(OmegaConf.load(CONF / path))
+    group, option = path.removesuffix(".yaml").split("/")
+    obj = instantiate(compose([f"{group}={option}", "output_dir=/x"])[group])  # the node + the option
     assert type(obj) is cls
     for key, value in attrs.items():
         assert getattr(obj, key) == value

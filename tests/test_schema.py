@@ -16,18 +16,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from diffllm.config.resolvers import CONF_DIR, compose, to_plain
-from diffllm.config.schema import (
-    MODULE_ARGS,
-    ConfigError,
-    ModuleNode,
-    allowed_targets,
-    check_card,
-    check_run_config,
-    check_untrusted,
-    max_positions,
-    module_args,
-    upgrade_model,
-)
+from diffllm.config.schema import MODULE_ARGS, ConfigError, ModuleNode, check_run_config, max_positions
+from diffllm.config.trust import allowed_targets, check_card, check_untrusted, module_args
+from diffllm.config.upgrade import upgrade_model
 from diffllm.training.module import DiffusionLitModule, lr_factor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,10 +71,11 @@ def test_every_experiment_fits_the_schema_and_holds_only_what_it_changes(experim
     assert not repeated, f"{experiment}.yaml repeats values it already has: {repeated}"
 
 
-def test_module_arguments_equal_the_schema_node_and_the_train_yaml_node():
+def test_module_arguments_equal_the_schema_node_and_the_composed_wiring():
     params = [p for p in inspect.signature(DiffusionLitModule.__init__).parameters if p != "self"]
     assert tuple(params) == MODULE_ARGS
-    node = yaml.safe_load((CONF_DIR / "train.yaml").read_text())["module"]
+    # TrainNode wires the module from MODULE_ARGS (no YAML lists them again)
+    node = OmegaConf.to_container(compose(["output_dir=/tmp/unused"]).module, resolve=False)
     assert node.pop("_target_") == ModuleNode._target_ and node.pop("_recursive_") is False
     assert tuple(node) == MODULE_ARGS and all(v == f"${{{k}}}" for k, v in node.items())
 
@@ -251,7 +243,7 @@ def test_configure_optimizers_uses_the_schedule(tiny_run):
 
 
 # -- untrusted files ----------------------------------------------------------------------------------
-def test_registry_is_the_conf_groups_targets():
+def test_registry_is_the_typed_nodes_targets():
     reg = allowed_targets()
     assert reg["schedule"] == {
         f"diffllm.diffusion.schedule.{c}Schedule" for c in ("Linear", "Cosine", "LogLinear", "Polynomial")
@@ -429,7 +421,7 @@ def test_a_checkpoint_written_before_the_layout_move_loads_with_the_same_classes
 ):
     """Targets under the modules that moved (``diffllm.objectives``, ``diffllm.callbacks``, ...)
     name the same classes: the old checkpoint loads, and an unknown module is still refused."""
-    from diffllm.config.schema import MOVED_MODULES, upgrade_targets
+    from diffllm.config.upgrade import MOVED_MODULES, upgrade_targets
 
     hparams = dict(ckpt_dict["hyper_parameters"])
     target = hparams["objective"]["_target_"]
@@ -458,10 +450,18 @@ def test_a_checkpoint_written_before_the_layout_move_loads_with_the_same_classes
 
 
 def test_sampler_config_refuses_a_threshold_it_cannot_compare():
+    """The sampler (maths) checks its own fields with plain ValueErrors naming the sampler.* key; the
+    config layer's node is derived from it and says the same as a ConfigError."""
+    from diffllm.config.schema import SamplerNode, check_node
     from diffllm.diffusion.sampler import SamplerConfig
 
-    with pytest.raises(ConfigError, match="strategy='entropy' cannot take sampler.threshold=0.5"):
-        SamplerConfig(gen_length=4, threshold=0.5, strategy="entropy")
-    with pytest.raises(ConfigError, match="sampler.threshold=1.5 is out of range"):
-        SamplerConfig(gen_length=4, threshold=1.5)
+    for kwargs, message in (
+        ({"threshold": 0.5, "strategy": "entropy"}, "strategy='entropy' cannot take sampler.threshold=0.5"),
+        ({"threshold": 1.5}, "sampler.threshold=1.5 is out of range"),
+    ):
+        with pytest.raises(ValueError, match=message) as err:
+            SamplerConfig(gen_length=4, **kwargs)
+        assert not isinstance(err.value, ConfigError)
+        with pytest.raises(ConfigError, match=message):
+            check_node(SamplerNode, {"gen_length": 4, **kwargs})
     assert SamplerConfig(gen_length=4, threshold=1.0, strategy="margin").threshold == 1.0

@@ -16,12 +16,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from diffllm.config.resolvers import CONF_DIR, register_resolvers
+from diffllm.config.resolvers import CONF_DIR, register
 
 
 def test_slurm_launcher_sends_usr1_to_the_run_and_never_requeues_itself(tmp_path, monkeypatch):
     """The sbatch script the launcher would submit, captured before submission (no SLURM here)."""
-    register_resolvers()
+    register()  # the resolvers and the typed nodes, before Hydra composes
     overrides = ["hydra/launcher=slurm", "trainer=gpu", "trainer.devices=4", "trainer.num_nodes=2"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(

@@ -25,11 +25,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from diffllm.cli.support import set_keys
-from diffllm.config.resolvers import CONF_DIR, register_resolvers
+from diffllm.config.resolvers import hydra_main
 from diffllm.evaluation.tables import format_comparison, format_report
 from diffllm.inference.evaluate import evaluate, evaluate_multirun, multirun_jobs
 from diffllm.model.load import ModelLoadError
@@ -60,20 +59,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
-def _hydra_main(cfg: DictConfig) -> None:
+@hydra_main("evaluate")
+def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except (ModelLoadError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-
-
-def main() -> None:
-    """``python -m diffllm.evaluate`` / ``diffllm-evaluate``: the resolvers first (a value may use
-    ``${asset:...}``, e.g. ``agreement_file``), then Hydra."""
-    register_resolvers()
-    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -8,10 +8,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from diffllm.config.paths import CONF_DIR
+from diffllm.config.resolvers import hydra_main
 from diffllm.inference.export import export, push_to_hub
 from diffllm.model.load import ModelLoadError
 
@@ -45,7 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
+@hydra_main("export")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

@@ -17,11 +17,10 @@ import shutil
 import sys
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from diffllm.cli.support import is_set, set_keys
-from diffllm.config.resolvers import CONF_DIR
+from diffllm.config.resolvers import hydra_main
 from diffllm.inference.generation import (
     format_results,
     generate_from_checkpoint,
@@ -59,7 +58,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
+@hydra_main("generate", exit_code=EXIT_BAD_INPUT)
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

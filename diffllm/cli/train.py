@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from diffllm.config.paths import CONF_DIR
-from diffllm.config.resolvers import register_resolvers
+from diffllm.config.resolvers import hydra_main
 from diffllm.training.callbacks import Interrupted
 from diffllm.training.run import USER_ERRORS, train
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
+@hydra_main("train")
+def main(cfg: DictConfig) -> float | None:
+    """``python -m diffllm.train`` / ``diffllm-train``: the resolvers and the typed nodes registered
+    and the command line's keys checked (``hydra_main``), then Hydra composes and this runs."""
     try:
         metrics, _ = train(cfg)
     except Interrupted as stop:
@@ -27,13 +27,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(1)
     value = metrics.get(cfg.get("optimized_metric") or "")
     return None if value is None else float(value)
-
-
-def main() -> float | None:
-    """``python -m diffllm.train`` / ``diffllm-train``: the resolvers first (the default run folder
-    is one: ``${fresh_dir:...}``), then Hydra."""
-    register_resolvers()
-    return _hydra_main()
 
 
 if __name__ == "__main__":

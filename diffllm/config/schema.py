@@ -1,38 +1,42 @@
-"""The project's config schema: one typed node per config group, its valid ranges, and the check
-of files written by someone else.
+"""The project's config schema: one typed node per config group, the one home of every default and
+range, and the checks of a run's config before anything loads.
 
 Every node is a dataclass whose fields are the constructor arguments of the object it builds
-(``_target_`` included), so the defaults live here and nowhere else. The composed Hydra config is
-checked against it before anything is loaded (``check_run_config``): types (OmegaConf's structured
-merge), then ranges (each node's ``__post_init__``), every error one line naming the key, the value
-and the valid range (``ConfigError``).
+(``_target_`` included; the classes it may name are its ``TARGETS``, which is also the registry a
+file is checked against: ``diffllm.config.trust``). ``diffllm.config.store`` registers the nodes
+with Hydra as ``schema/<group>``; each ``conf/<group>/<option>.yaml`` names its node first in its
+defaults list and holds only what differs from it. The sampler's node is derived from the sampler's
+own dataclass (``diffllm.diffusion.sampler.SamplerConfig``), where its fields, defaults and ranges
+are written once; ``MaskTokenSpec`` (``diffllm.model.load``) likewise.
 
-Files are data. A checkpoint's hyperparameters or an export card (``diffllm.json``) name classes by
-``_target_``; ``hydra.utils.instantiate`` would import and call whatever they name. ``check_untrusted``
-walks such a file before anything is built: a ``_target_`` is accepted only if the project's own
-registry holds it (``ALLOWED_TARGETS``: the targets of ``conf/``'s groups), an interpolation
-(``${...}``, which runs resolvers) is refused, and ``model.trust_remote_code: true`` is refused
-unless the user passed it on the command line.
+A composed run config is checked by ``check_run_config`` before anything is loaded: types and
+unknown keys (OmegaConf's structured merge), each field's range (each node's ``__post_init__``), then
+how the groups go together (``check_combination``). Every error is one line naming the key, the value
+and the fix (``ConfigError``).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from diffllm.config.paths import CONF_DIR
+from diffllm.config.upgrade import upgrade_model
 from diffllm.data.prompt_fit import PROMPT_OVERFLOW
 from diffllm.data.template import TEMPLATES, TemplateError, get_format
+from diffllm.diffusion.likelihood import TIME_GRIDS
 from diffllm.diffusion.loss import NORMALISATIONS, RENAMED_NORMALISATIONS, WEIGHTINGS
-from diffllm.diffusion.strategies import STRATEGIES
-from diffllm.model.attention import attention_mode
+from diffllm.diffusion.sampler import SamplerConfig, check_field, check_threshold_strategy
+from diffllm.model.attention import ATTENTION_MODES
+from diffllm.model.blocks import check_block_size
+from diffllm.model.load import DTYPES, MaskTokenSpec, attention_options, check_attention
+
+# where a key that no node knows is pointed to (the error of an unknown key names it)
+SCHEMA_FILE = "diffllm/config/schema.py"
 
 
 class ConfigError(ValueError):
@@ -48,47 +52,47 @@ def _require(ok: bool, key: str, value: Any, valid: str) -> None:
         raise _bad(key, value, valid)
 
 
+def _check_target(node: Any, group: str) -> None:
+    """A node's ``_target_`` is one of the classes its group builds (``TARGETS``)."""
+    _require(node._target_ in node.TARGETS, f"{group}._target_", node._target_, " | ".join(node.TARGETS))
+
+
+def _config_error(check: Any, *args: Any, **kwargs: Any) -> None:
+    """``check(*args, **kwargs)``, a lower layer's ValueError (it names the key) as a ``ConfigError``."""
+    try:
+        check(*args, **kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+
+
 # -- model -------------------------------------------------------------------------------------------
-ATTENTION_MODES = ("causal", "bidirectional", "prefix_lm", "block_causal")
-DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
-
-
-@dataclass
-class MaskTokenNode:
-    """How the [MASK] token is added (``diffllm.model.load.add_mask_token``)."""
-
-    mode: str = "add"  # add | reuse
-    token: str = "[MASK]"
-    init: str = "mean"  # mean | random | token:<text>
-
-    def __post_init__(self) -> None:
-        _require(self.mode in ("add", "reuse"), "model.mask_token.mode", self.mode, "add | reuse")
-        _require(
-            self.init in ("mean", "random") or self.init.startswith("token:"),
-            "model.mask_token.init",
-            self.init,
-            "mean | random | token:<text>",
-        )
 
 
 @dataclass
 class ModelNode:
     """``diffllm.model.load.build_diffusion_model`` arguments (the ``model`` group)."""
 
-    pretrained: str = MISSING
+    pretrained: str = MISSING  # a local Hugging Face folder or a hub id
     attn_implementation: str = "sdpa"
     dtype: str = "float32"
-    shift: bool = True
-    # causal | bidirectional | prefix_lm | block_causal (legacy files: prefix_lm: true/false); a node
-    # without either key has always been built bidirectional (the loader's default)
-    attention: str = "bidirectional"
-    block_size: int | None = None  # block_causal only
-    mask_token: MaskTokenNode = field(default_factory=MaskTokenNode)
-    train_mask_row: bool = False
-    trust_remote_code: bool = False
+    shift: bool = True  # the logit at position i - 1 predicts token i (the AR head's alignment kept)
+    # causal | bidirectional | prefix_lm | block_causal (diffllm.model.attention). prefix_lm: prompt
+    # positions attend to the prompt only (bidirectionally), never to the answer canvas; the canvas
+    # attends to everything, so the sampler's prefix KV cache is exact (README: the cache costs 9.4
+    # exact-match points without it, 0 with it). bidirectional: every position sees every position
+    # (LLaDA). block_causal: block diffusion in blocks of block_size. Composes with anneal=linear.
+    # (Files written before this key: diffllm.config.upgrade.)
+    attention: str = "prefix_lm"
+    block_size: int | None = None  # block_causal only: the answer's block size; divides data.answer_pad_to
+    # add: a new [MASK] row (mean | random | token:<text> init) | reuse: an existing special token
+    mask_token: MaskTokenSpec = field(default_factory=MaskTokenSpec)
+    train_mask_row: bool = False  # train the [MASK] embedding row beside the adapters
+    trust_remote_code: bool = False  # never read from a file: the user's command line only
+    # Recompute each decoder block in the backward pass: less activation memory for one more forward
+    # pass per step (+50 % compute with a frozen base: 6N instead of 4N FLOPs per token).
     gradient_checkpointing: bool = False
-    from_scratch: bool = False
+    from_scratch: bool = False  # control run: the same architecture with random weights
     # the architecture (a transformers config dict), for a dry run on the meta device
     config: dict[str, Any] | None = None
 
@@ -111,15 +115,20 @@ class ModelNode:
             self.block_size,
             "an integer >= 1 with model.attention=block_causal",
         )
+        # what the loader refuses, refused here, before it loads: a custom attention mask on an
+        # implementation that takes none (flash_attention_2), a block size without blocks
+        _config_error(check_attention, self.attention, self.attn_implementation)
+        _config_error(attention_options, self.attention, self.block_size)
 
 
 # -- lora --------------------------------------------------------------------------------------------
 @dataclass
 class LoraNode:
-    """PEFT ``LoraConfig`` keyword arguments (the ``lora`` group); attention projections only."""
+    """PEFT ``LoraConfig`` keyword arguments (the ``lora`` group); attention projections only
+    (``diffllm.model.load`` refuses MLP targets)."""
 
     r: int = 8
-    lora_alpha: float = 16
+    lora_alpha: int = 16  # the adapters' scale is lora_alpha / r (PEFT's LoraConfig: an int)
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     bias: str = "none"
@@ -152,7 +161,9 @@ class SelfGeneratedNode:
     top_p: float = 0.95
     max_instruction_tokens: int = 64  # a sample without the end of the user turn by then: too_long
     min_instruction_words: int = 3  # fewer words: too_short
-    # the instruction filters applied, in this order (each rejection counted under its name)
+    # the instruction filters applied, in this order (each rejection counted under its name; empty
+    # and too_long always apply); not_a_request is an English heuristic: drop it for a model that
+    # chats in another language
     filters: list[str] = field(default_factory=lambda: list(INSTRUCTION_FILTERS))
     batch_size: int = 64  # prompts per generate call (changes the sampled instructions: keyed)
     cache: str | None = None  # null: $DIFFLLM_CACHE (default ~/.cache/diffllm)
@@ -178,29 +189,35 @@ class SelfGeneratedNode:
 class DataNode:
     """``diffllm.data.datamodule.AlpacaDataModule`` arguments (the ``data`` group), tokenizer aside."""
 
-    _target_: str = "diffllm.data.datamodule.AlpacaDataModule"
-    path: str = "tatsu-lab/alpaca"
+    TARGETS: ClassVar[tuple[str, ...]] = ("diffllm.data.datamodule.AlpacaDataModule",)
+    _target_: str = TARGETS[0]
+    path: str = "tatsu-lab/alpaca"  # a hub data set or a local JSON/JSONL file of Alpaca rows
     split: str = "train"
-    val_path: str | None = None
-    val_size: float = 0.02  # a fraction (< 1) or a row count (>= 1)
-    template: str = "alpaca"
+    val_path: str | None = None  # null: the validation rows are split off `path` (val_size)
+    val_size: int | float = 500  # a row count (>= 1) or a fraction (< 1) of `path`
+    template: str = "alpaca"  # alpaca | short | chat (the model's own chat template) | a format string
     max_length: int = 512
+    # EOS padding of every answer to a multiple of this many positions (LLaDA SFT): the model
+    # learns to end inside the sampler's canvas. null trains on answer + EOS only.
     answer_pad_to: int | None = None
     batch_size: int = 16
+    # Training batches of rows of similar length (transformers' LengthGroupedSampler: shuffled
+    # mega-batches of 50 batches, each sorted by length); validation keeps its fixed order.
     group_by_length: bool = False
-    eval_batch_size: int | None = None
+    eval_batch_size: int | None = None  # null: batch_size
     num_workers: int = 0
     seed: int = 0
     limit_train_rows: int | None = None
     limit_val_rows: int | None = None
-    num_sample_prompts: int = 4
-    strict: bool = False
-    report_dir: str | None = None
+    num_sample_prompts: int = 4  # fixed validation prompts the sampler answers (val/exact_match)
+    strict: bool = False  # refuse the data on the first unusable row instead of counting it
+    report_dir: str | None = None  # where the data report (rows rejected, truncated) is written
     pad_to_multiple_of: int | None = None
     # data=self_generated: how its rows are built (the path and val_path resolvers read it)
     self_generated: SelfGeneratedNode | None = None
 
     def __post_init__(self) -> None:
+        _check_target(self, "data")
         _require(self.max_length >= 1, "data.max_length", self.max_length, "an integer >= 1")
         if self.self_generated is not None:  # answers are the model's continuations of chat prompts
             _require(
@@ -229,7 +246,6 @@ class DataNode:
             self.num_sample_prompts,
             "an integer >= 0",
         )
-
         try:
             get_format(self.template)
         except TemplateError:
@@ -243,13 +259,14 @@ class DataNode:
 # -- optimisation ------------------------------------------------------------------------------------
 @dataclass
 class OptimizerNode:
-    """AdamW + linear warm-up then cosine decay (``diffllm.training.module.lr_factor``)."""
+    """AdamW on the trainable parameters only, linear warm-up then cosine decay to ``min_lr_ratio * lr``
+    (``diffllm.training.module.lr_factor``)."""
 
     lr: float = 3.0e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optimizer.lr", self.lr, "a number > 0")
@@ -267,152 +284,119 @@ class OptimizerNode:
 
 
 # -- sampler -----------------------------------------------------------------------------------------
-# strategies whose confidence is a probability-like score in [0, 1], so a threshold tau in (0, 1]
-# can be compared with it; `entropy` gives c = -H <= 0 and `random` a uniform draw.
-THRESHOLD_STRATEGIES = ("low_confidence", "margin")
-# the sampler's KV-cache modes and what a block sees of the blocks after it (SamplerConfig)
-CACHE_MODES = ("none", "prefix", "dual", "block")
-FUTURE_MODES = ("visible", "hidden")
-
-
 @dataclass
-class SamplerNode:
-    """``diffllm.diffusion.sampler.SamplerConfig`` (the ``sampler`` group); see its docstring."""
+class SamplerNode(SamplerConfig):
+    """The ``sampler`` group: ``SamplerConfig``'s fields, defaults and ranges (written there, once; see
+    its docstring) and the ``_target_`` that builds it."""
 
-    _target_: str = "diffllm.diffusion.sampler.SamplerConfig"
-    gen_length: int = 64
-    steps: int | None = None
-    block_length: int | None = None
-    strategy: str = "low_confidence"
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    threshold: float | None = None
-    cache: str = "none"
-    cfg_scale: float = 0.0
-    eos_penalty: float = 0.0
-    stop_early: bool = True
-    fill_after_eos: bool = False
-    future_blocks: str = "visible"
-    remask: bool = False
-    remask_bound: float = 0.1
-    remask_steps: int = 4
+    TARGETS: ClassVar[tuple[str, ...]] = ("diffllm.diffusion.sampler.SamplerConfig",)
+    _target_: str = TARGETS[0]
 
     def __post_init__(self) -> None:
-        check_sampler(self, "sampler")
+        _check_target(self, "sampler")
+        _config_error(super().__post_init__)
 
 
-def check_sampler(node: Any, prefix: str = "sampler") -> None:
-    """Ranges of the sampler settings (the consistency between them is ``SamplerConfig``'s)."""
-    _require(node.gen_length >= 1, f"{prefix}.gen_length", node.gen_length, "an integer >= 1")
-    _require(node.steps is None or node.steps >= 1, f"{prefix}.steps", node.steps, "an integer >= 1 or null")
-    _require(
-        node.block_length is None or node.block_length >= 1,
-        f"{prefix}.block_length",
-        node.block_length,
-        "an integer >= 1 or null",
-    )
-    _require(node.strategy in STRATEGIES, f"{prefix}.strategy", node.strategy, " | ".join(STRATEGIES))
-    _require(node.cache in CACHE_MODES, f"{prefix}.cache", node.cache, " | ".join(CACHE_MODES))
-    _require(
-        node.future_blocks in FUTURE_MODES,
-        f"{prefix}.future_blocks",
-        node.future_blocks,
-        " | ".join(FUTURE_MODES),
-    )
-    _require(node.temperature >= 0, f"{prefix}.temperature", node.temperature, "a number >= 0 (0 = greedy)")
-    _require(node.top_k is None or node.top_k >= 0, f"{prefix}.top_k", node.top_k, "an integer >= 0 or null")
-    _require(
-        node.top_p is None or 0 < node.top_p <= 1, f"{prefix}.top_p", node.top_p, "0 < top_p <= 1 or null"
-    )
-    _require(node.cfg_scale >= 0, f"{prefix}.cfg_scale", node.cfg_scale, "a number >= 0")
-    _require(
-        0 < node.remask_bound <= 1, f"{prefix}.remask_bound", node.remask_bound, "a probability in (0, 1]"
-    )
-    _require(node.remask_steps >= 1, f"{prefix}.remask_steps", node.remask_steps, "an integer >= 1")
-    if node.threshold is not None:
-        _require(0 < node.threshold <= 1, f"{prefix}.threshold", node.threshold, "0 < threshold <= 1 or null")
-        if node.strategy not in THRESHOLD_STRATEGIES:
-            raise ConfigError(
-                f"{prefix}.strategy={node.strategy!r} cannot take {prefix}.threshold={node.threshold}: its "
-                "confidence is not a probability (entropy's is <= 0, random's a uniform draw), so the threshold "
-                f"would never fire; valid: strategy {' | '.join(THRESHOLD_STRATEGIES)}, or threshold=null"
-            )
-        _require(
-            node.steps is None,
-            f"{prefix}.steps",
-            node.steps,
-            f"null with {prefix}.threshold={node.threshold} (a threshold block ends when it has no [MASK] left)",
-        )
+SAMPLER_FIELDS = tuple(f.name for f in fields(SamplerConfig))
 
 
 # -- the diffusion objective's parts -----------------------------------------------------------------
 @dataclass
-class TargetNode:
-    """A node that only names a class of its group (``schedule=linear``, ``objective=ar``)."""
+class ObjectiveNode:
+    """What a training step minimises (``diffllm.training.objectives``; the ``objective`` group)."""
 
-    _target_: str = MISSING
+    TARGETS: ClassVar[tuple[str, ...]] = (
+        "diffllm.training.objectives.DiffusionObjective",
+        "diffllm.training.objectives.ARObjective",
+    )
+    _target_: str = TARGETS[0]
+
+    def __post_init__(self) -> None:
+        _check_target(self, "objective")
+
+
+AR_OBJECTIVE = ObjectiveNode.TARGETS[1]
 
 
 @dataclass
 class ScheduleNode:
-    """A schedule without arguments (``schedule=linear``, ``schedule=cosine``)."""
+    """A schedule without arguments (``schedule=linear``: alpha(t) = 1 - t; ``schedule=cosine``)."""
 
-    _target_: str = "diffllm.diffusion.schedule.LinearSchedule"
+    TARGETS: ClassVar[tuple[str, ...]] = (
+        "diffllm.diffusion.schedule.LinearSchedule",
+        "diffllm.diffusion.schedule.CosineSchedule",
+    )
+    _target_: str = TARGETS[0]
+
+    def __post_init__(self) -> None:
+        _check_target(self, "schedule")
 
 
 @dataclass
 class LogLinearScheduleNode:
-    """``schedule=loglinear``: alpha(t) = 1 - (1 - eps) t."""
+    """``schedule=loglinear`` (MDLM): alpha(t) = 1 - (1 - eps) t."""
 
-    _target_: str = "diffllm.diffusion.schedule.LogLinearSchedule"
+    TARGETS: ClassVar[tuple[str, ...]] = ("diffllm.diffusion.schedule.LogLinearSchedule",)
+    _target_: str = TARGETS[0]
     eps: float = 1.0e-3
 
     def __post_init__(self) -> None:
+        _check_target(self, "schedule")
         _require(0 <= self.eps < 1, "schedule.eps", self.eps, "0 <= eps < 1")
 
 
 @dataclass
 class PolynomialScheduleNode:
-    """``schedule=polynomial``: alpha(t) = 1 - t^exponent."""
+    """``schedule=polynomial``: alpha(t) = 1 - t^exponent, w(t) = exponent / t."""
 
-    _target_: str = "diffllm.diffusion.schedule.PolynomialSchedule"
+    TARGETS: ClassVar[tuple[str, ...]] = ("diffllm.diffusion.schedule.PolynomialSchedule",)
+    _target_: str = TARGETS[0]
     exponent: float = 2.0
 
     def __post_init__(self) -> None:
+        _check_target(self, "schedule")
         _require(self.exponent > 0, "schedule.exponent", self.exponent, "a number > 0")
 
 
 # the schedule node of each schedule class (the group's targets take different arguments)
 SCHEDULE_NODES: dict[str, type] = {
-    "diffllm.diffusion.schedule.LinearSchedule": ScheduleNode,
-    "diffllm.diffusion.schedule.CosineSchedule": ScheduleNode,
-    "diffllm.diffusion.schedule.LogLinearSchedule": LogLinearScheduleNode,
-    "diffllm.diffusion.schedule.PolynomialSchedule": PolynomialScheduleNode,
+    target: node
+    for node in (ScheduleNode, LogLinearScheduleNode, PolynomialScheduleNode)
+    for target in node.TARGETS
 }
 
 
 @dataclass
 class TimeSamplerNode:
-    """``diffllm.diffusion.time`` (the ``time_sampler`` group): t in [eps, 1)."""
+    """``diffllm.diffusion.time`` (the ``time_sampler`` group): t ~ U(eps, 1) i.i.d. per row, or one t
+    per stratum of width (1 - eps)/B in random row order (MDLM antithetic sampling)."""
 
-    _target_: str = "diffllm.diffusion.time.UniformTimeSampler"
+    TARGETS: ClassVar[tuple[str, ...]] = (
+        "diffllm.diffusion.time.UniformTimeSampler",
+        "diffllm.diffusion.time.AntitheticTimeSampler",
+    )
+    _target_: str = TARGETS[0]
     eps: float = 1.0e-3
 
     def __post_init__(self) -> None:
+        _check_target(self, "time_sampler")
         _require(0 <= self.eps < 1, "time_sampler.eps", self.eps, "0 <= eps < 1")
 
 
 @dataclass
 class LossNode:
-    """``diffllm.diffusion.loss.MaskedDiffusionLoss`` (the ``loss`` group)."""
+    """``diffllm.diffusion.loss.MaskedDiffusionLoss`` (the ``loss`` group): weight w(t) (``elbo``:
+    -alpha'(t) / (1 - alpha(t)); ``uniform``: 1), divided by the ``normalisation``'s count
+    (``supervised_tokens``: answer + end token + EOS padding, LLaDA SFT; ``hidden_tokens``;
+    ``batch_tokens``: every non-pad token, prompt included)."""
 
-    _target_: str = "diffllm.diffusion.loss.MaskedDiffusionLoss"
+    TARGETS: ClassVar[tuple[str, ...]] = ("diffllm.diffusion.loss.MaskedDiffusionLoss",)
+    _target_: str = TARGETS[0]
     weighting: str = "elbo"
     normalisation: str = "supervised_tokens"
 
     def __post_init__(self) -> None:
-
+        _check_target(self, "loss")
         _require(self.weighting in WEIGHTINGS, "loss.weighting", self.weighting, " | ".join(WEIGHTINGS))
         _require(
             # an old name (RENAMED_NORMALISATIONS) is read by the loss, with a warning
@@ -425,12 +409,15 @@ class LossNode:
 
 @dataclass
 class AnnealNode:
-    """``diffllm.diffusion.annealing.AttentionAnnealing`` (the ``anneal`` group)."""
+    """``diffllm.diffusion.annealing.AttentionAnnealing`` (the ``anneal`` group): causal ->
+    ``model.attention`` over the first ``steps`` optimizer steps (DiffuLLaMA); 0 = no annealing."""
 
-    _target_: str = "diffllm.diffusion.annealing.AttentionAnnealing"
+    TARGETS: ClassVar[tuple[str, ...]] = ("diffllm.diffusion.annealing.AttentionAnnealing",)
+    _target_: str = TARGETS[0]
     steps: int = 0
 
     def __post_init__(self) -> None:
+        _check_target(self, "anneal")
         _require(self.steps >= 0, "anneal.steps", self.steps, "an integer >= 0 (0 = no annealing)")
 
 
@@ -443,14 +430,14 @@ class ValLikelihoodNode:
 
     def __post_init__(self) -> None:
         _require(self.num_samples >= 1, "val_likelihood.num_samples", self.num_samples, "an integer >= 1")
-        _require(
-            self.method in ("grid", "stratified"), "val_likelihood.method", self.method, "grid | stratified"
-        )
+        _require(self.method in TIME_GRIDS, "val_likelihood.method", self.method, " | ".join(TIME_GRIDS))
 
 
 @dataclass
 class QualityNode:
-    """Reference-free answer quality and the quality-vs-compute table (``diffllm.evaluation.quality``)."""
+    """Reference-free answer quality (AR-scored NLL, agreement with AR greedy, length, EOS rate,
+    repetition) and quality vs compute: the sampler at ``tokens_per_step`` tokens per step on the first
+    ``rows`` prompts (``diffllm.evaluation.quality``)."""
 
     enabled: bool = True
     rows: int = 16
@@ -468,18 +455,23 @@ class QualityNode:
 
 @dataclass
 class ReportNode:
-    """The end-of-run report (``diffllm.evaluation.report``)."""
+    """The end-of-run report (``diffllm.evaluation.report``): NLL bound vs AR NLL, the sampler vs AR
+    greedy exact match on ``num_rows`` validation rows."""
 
     enabled: bool = True
     num_rows: int = 64
     likelihood_samples: int = 8
+    # An AR-SFT checkpoint (a run with objective=ar on the same base and data): adds its row, the
+    # real price of the conversion. `make train` trains one first and passes it here.
     ar_ckpt_path: str | None = None
-    # prompts longer than the model's positions minus gen_length (diffllm.data.prompt_fit)
+    # Validation prompts longer than the model's positions minus sampler.gen_length: truncate_left
+    # (cut, counted in the report as prompts_truncated) or error (refuse; the checkpoint is kept).
     prompt_overflow: str = "truncate_left"
-    # the gap decomposed: the diffusion model's left-to-right NLL (diffllm.diffusion.order)
+    # The gap decomposed: the diffusion model's left-to-right NLL beside the bound and the AR NLL
+    # (one forward pass per answer token of each of the num_rows rows; diffllm.diffusion.order).
     l2r_nll: bool = True
     # reference-free quality and quality vs compute (diffllm.evaluation.quality): enabled, rows, tokens_per_step
-    quality: QualityNode = field(default_factory=lambda: QualityNode())
+    quality: QualityNode = field(default_factory=QualityNode)
 
     def __post_init__(self) -> None:
         _require(self.num_rows >= 1, "report.num_rows", self.num_rows, "an integer >= 1")
@@ -501,15 +493,14 @@ class ReportNode:
 class ModuleNode:
     """``diffllm.training.module.DiffusionLitModule``: its constructor arguments are exactly these keys."""
 
-    _target_: str = "diffllm.training.module.DiffusionLitModule"
+    TARGETS: ClassVar[tuple[str, ...]] = ("diffllm.training.module.DiffusionLitModule",)
+    _target_: str = TARGETS[0]
     _recursive_: bool = False
     model: ModelNode = MISSING
     lora: LoraNode | None = None
     data: DataNode = field(default_factory=DataNode)
-    objective: TargetNode = field(
-        default_factory=lambda: TargetNode("diffllm.training.objectives.DiffusionObjective")
-    )
-    schedule: Any = field(default_factory=lambda: {"_target_": ScheduleNode._target_})  # SCHEDULE_NODES
+    objective: ObjectiveNode = field(default_factory=ObjectiveNode)
+    schedule: Any = field(default_factory=lambda: {"_target_": ScheduleNode.TARGETS[0]})  # SCHEDULE_NODES
     time_sampler: TimeSamplerNode = field(default_factory=TimeSamplerNode)
     loss: LossNode = field(default_factory=LossNode)
     anneal: AnnealNode = field(default_factory=AnnealNode)
@@ -522,37 +513,47 @@ class ModuleNode:
 MODULE_ARGS = tuple(f.name for f in fields(ModuleNode) if not f.name.startswith("_"))
 
 
+def _module_wiring() -> dict[str, Any]:
+    """``module``: the LightningModule from the run's top-level nodes, handed over as plain values
+    (``_recursive_: false``), so that its checkpoint's hyperparameters rebuild the run."""
+    return {"_target_": ModuleNode._target_, "_recursive_": False, **{k: f"${{{k}}}" for k in MODULE_ARGS}}
+
+
 @dataclass
 class TrainNode:
     """``conf/train.yaml`` composed: the module's nodes plus the run's own keys.
 
-    ``trainer``, ``callbacks`` and ``logger`` are nodes of Lightning objects (checked by Lightning
-    and by ``check_trainer``); ``module`` wires the groups into ``DiffusionLitModule``.
+    ``trainer``, ``callbacks`` and ``logger`` are nodes of Lightning objects (their groups' YAML files
+    are the defaults; checked by Lightning and by ``check_trainer``); ``module`` wires the groups into
+    ``DiffusionLitModule`` (``MODULE_ARGS``).
     """
 
     model: ModelNode = MISSING
     lora: LoraNode | None = None
     data: DataNode = field(default_factory=DataNode)
-    objective: TargetNode = field(
-        default_factory=lambda: TargetNode("diffllm.training.objectives.DiffusionObjective")
-    )
-    schedule: Any = field(default_factory=lambda: {"_target_": ScheduleNode._target_})  # SCHEDULE_NODES
+    objective: ObjectiveNode = field(default_factory=ObjectiveNode)
+    schedule: Any = field(default_factory=lambda: {"_target_": ScheduleNode.TARGETS[0]})  # SCHEDULE_NODES
     time_sampler: TimeSamplerNode = field(default_factory=TimeSamplerNode)
     loss: LossNode = field(default_factory=LossNode)
     anneal: AnnealNode = field(default_factory=AnnealNode)
     sampler: SamplerNode = field(default_factory=SamplerNode)
     optimizer: OptimizerNode = field(default_factory=OptimizerNode)
+    # Validation-time likelihood: t-grid size (or Monte-Carlo samples) for val/nll_bound.
     val_likelihood: ValLikelihoodNode = field(default_factory=ValLikelihoodNode)
     report: ReportNode = field(default_factory=ReportNode)
-    module: dict[str, Any] = field(default_factory=dict)
+    module: dict[str, Any] = field(default_factory=_module_wiring)
     trainer: dict[str, Any] = field(default_factory=dict)
     callbacks: dict[str, Any] | None = None
     logger: dict[str, Any] | None = None
     seed: int = 0
+    # Build the model (on the meta device when model.config is given), print PEFT's parameter line, exit.
     dry_run: bool = False
+    # Resume: path to a checkpoint written by a previous run (e.g. .../checkpoints/last.ckpt).
     ckpt_path: str | None = None
+    # Where everything of this run goes (conf/train.yaml: Hydra's run/sweep folder).
     output_dir: str | None = None
-    optimized_metric: str | None = None
+    # The metric `main()` returns to a Hydra sweeper.
+    optimized_metric: str | None = "val/nll_bound"
 
 
 def check_trainer(trainer: dict[str, Any]) -> None:
@@ -574,41 +575,46 @@ def check_trainer(trainer: dict[str, Any]) -> None:
         )
 
 
-# -- legacy files ------------------------------------------------------------------------------------
-def upgrade_model(node: dict[str, Any]) -> dict[str, Any]:
-    """A model node of an older file: ``prefix_lm: true|false`` -> ``attention: prefix_lm|bidirectional``."""
-    node = dict(node)
-    if "prefix_lm" in node:  # diffllm.model.attention.attention_mode: the mapping, its FutureWarning
-        legacy = node.pop("prefix_lm")
-        try:
-            node["attention"] = attention_mode(
-                node.get("attention"), None if legacy is None else bool(legacy)
-            )
-        except ValueError as err:
-            raise ConfigError(str(err).splitlines()[0]) from None
-    node.setdefault("attention", ModelNode.attention)
-    return node
+# -- checking values against a node ------------------------------------------------------------------
+def _omegaconf_error(err: OmegaConfBaseException, source: str | Path | None) -> ConfigError:
+    """OmegaConf's error (wrong type, unknown key) as one line naming the key."""
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+    if " not in '" in msg:  # an unknown key: a typo, or a key the schema must learn
+        msg += f" (the keys and their ranges: {SCHEMA_FILE})"
+    return ConfigError(f"refused {source}: {key}: {msg}" if source else f"{key}: {msg}")
 
 
-# -- checking the run config -------------------------------------------------------------------------
+def merge_node(schema: type, values: dict[str, Any], source: str | Path | None = None) -> DictConfig:
+    """``values`` merged into ``schema``: types and unknown keys checked, ranges not yet."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), values)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err, source) from None
+
+
 def check_node(schema: type, values: dict[str, Any], source: str | Path | None = None) -> Any:
     """``values`` merged into ``schema`` (types, unknown keys) and built (ranges): the schema's object.
 
     ``source``: the file the values were read from, named in the error (None: the command line).
     """
+    merged = merge_node(schema, values, source)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        msg = str(getattr(err, "msg", None) or err).splitlines()[0]
-        if " not in '" in msg:  # an unknown key: a typo, or a key the schema must learn
-            msg += " (the keys and their ranges: diffllm/config/schema.py)"
-        raise ConfigError(f"refused {source}: {key}: {msg}" if source else f"{key}: {msg}") from None
-    except ConfigError as err:
-        raise ConfigError(f"refused {source}: {err}" if source else str(err)) from None
+        raise _omegaconf_error(err, source) from None
+    except ValueError as err:  # ConfigError, or a lower layer's ValueError naming its key
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"refused {source}: {msg}" if source else msg) from None
 
 
+def node_defaults(node: type) -> dict[str, Any]:
+    """A schema node's defaults as plain values (for docs and tests)."""
+    assert is_dataclass(node)
+    return OmegaConf.to_container(OmegaConf.structured(node))  # type: ignore[return-value]
+
+
+# -- checking the run config -------------------------------------------------------------------------
 def plain_for_check(cfg: Any) -> dict[str, Any]:
     """The run config as plain values, without running resolvers that fetch models (``${smollm2:}``)."""
     raw = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=False)
@@ -634,15 +640,20 @@ def plain_for_check(cfg: Any) -> dict[str, Any]:
 
 
 def check_run_config(cfg: Any) -> TrainNode:
-    """The composed ``train`` config checked against the schema; raises ``ConfigError`` (one line)."""
+    """The composed ``train`` config checked against the schema, each node, then the groups together
+    (``check_combination``); raises ``ConfigError`` (one line) before anything loads."""
     values = plain_for_check(cfg)
-    if isinstance(values.get("model"), dict):
-        values["model"] = upgrade_model(values["model"])
-    if isinstance(values.get("module"), dict) and isinstance(values["module"].get("model"), dict):
-        values["module"]["model"] = upgrade_model(values["module"]["model"])
+    try:  # a legacy key given on the command line (+model.prefix_lm=true)
+        if isinstance(values.get("model"), dict):
+            values["model"] = upgrade_model(values["model"])
+        if isinstance(values.get("module"), dict) and isinstance(values["module"].get("model"), dict):
+            values["module"]["model"] = upgrade_model(values["module"]["model"])
+    except ValueError as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
     node = check_node(TrainNode, values)
     check_schedule(node.schedule)
     check_trainer(node.trainer)
+    check_combination(node)
     return node
 
 
@@ -651,6 +662,98 @@ def check_schedule(node: Any, source: str | None = None) -> None:
     target = node.get("_target_") if isinstance(node, dict) else None
     _require(target in SCHEDULE_NODES, "schedule._target_", target, " | ".join(SCHEDULE_NODES))
     check_node(SCHEDULE_NODES[target], node, source)
+
+
+def check_combination(run: TrainNode) -> None:
+    """How the groups go together, checked before anything loads (one line naming the keys and the fix).
+
+    A block model (``model.attention=block_causal``) is checked by ``check_block_model``: its sampler,
+    its answer padding, annealing and the report's quality-vs-compute grid against its blocks.
+    ``objective=ar`` trains the causal model whatever the model node says, so none of this applies
+    to it (``make train`` passes the same ARGS to the AR-SFT run and the diffusion run).
+    """
+    if run.objective._target_ == AR_OBJECTIVE or run.model.attention != "block_causal":
+        return
+    quality = run.report.quality
+    check_block_model(
+        run.model.block_size,
+        run.sampler,
+        answer_pad_to=run.data.answer_pad_to,
+        anneal_steps=run.anneal.steps,
+        tokens_per_step=quality.tokens_per_step if run.report.enabled and quality.enabled else (),
+        grid_key="report.quality.tokens_per_step",
+    )
+
+
+def check_block_model(
+    block_size: int,
+    sampler: SamplerConfig,
+    *,
+    answer_pad_to: int | None = None,
+    anneal_steps: int = 0,
+    tokens_per_step: list[int] | tuple[int, ...] = (),
+    grid_key: str = "quality.tokens_per_step",
+) -> None:
+    """A block model of block size b decodes its own blocks, so:
+
+    * ``sampler.block_length`` is null or b, ``sampler.cache`` none or block (exact);
+    * b divides ``sampler.gen_length``, and the blocks divide ``sampler.steps`` (schedule mode);
+    * b divides ``data.answer_pad_to`` (``diffllm.model.blocks.check_block_size``);
+    * no attention annealing (its mask is over one copy; a block model trains on two);
+    * each k of the quality-vs-compute grid (``grid_key``, k tokens per step: gen_length // k steps)
+      gives a step count the blocks divide.
+
+    Every rule broken is named in one ``ConfigError`` line with its fix. The step rules are the
+    sampler's own (``SamplerConfig`` built with ``block_length = b``).
+    """
+    b, gen = block_size, sampler.gen_length
+    values = {f: getattr(sampler, f) for f in SAMPLER_FIELDS}
+    problems = []
+    if sampler.block_length not in (None, b):
+        problems.append(f"sampler.block_length={sampler.block_length}: set null (or {b})")
+    if sampler.cache not in ("none", "block"):
+        problems.append(f"sampler.cache={sampler.cache}: set block (exact) or none")
+    if gen % b:
+        problems.append(f"sampler.gen_length={gen} is not a whole number of blocks: set a multiple of {b}")
+    elif sampler.threshold is None and sampler.resolved_steps % (gen // b):
+        problems.append(
+            f"sampler.steps={sampler.resolved_steps} cannot be spread evenly over {gen // b} blocks: "
+            f"set a multiple of {gen // b}"
+        )
+    try:
+        check_block_size(b, answer_pad_to)
+    except ValueError:
+        problems.append(
+            f"data.answer_pad_to={answer_pad_to} is not a whole number of blocks: set a multiple of {b}"
+        )
+    if anneal_steps:
+        problems.append(
+            f"anneal.steps={anneal_steps}: annealing's mask is over one copy of the answer, a block model "
+            "trains on a clean and a noised copy; set anneal=none"
+        )
+
+    def fits(k: int) -> bool:
+        try:
+            SamplerConfig(**{**values, "block_length": b, "steps": gen // int(k), "threshold": None})
+        except ValueError:
+            return False
+        return True
+
+    bad = [k for k in tokens_per_step if not fits(k)] if not gen % b else []
+    if bad:
+        problems.append(
+            f"{grid_key}={list(tokens_per_step)}: k={bad[0]} tokens per step gives "
+            f"{gen // int(bad[0])} steps, "
+            f"which {gen // b} blocks do not divide; keep the k that divide {b}: "
+            f"{grid_key}={[k for k in tokens_per_step if fits(k)]}"
+        )
+    if problems:
+        raise ConfigError(
+            f"model.attention=block_causal with model.block_size={b} decodes blocks of {b}: "
+            + "; ".join(problems)
+        )
+    # whatever the rules above let through, the sampler itself must take (its own checks, once)
+    _config_error(SamplerConfig, **{**values, "block_length": b})
 
 
 def max_positions(model: ModelNode | dict[str, Any]) -> int | None:
@@ -683,201 +786,23 @@ def check_lengths(model: ModelNode | dict[str, Any], data: Any, sampler: Any) ->
     )
 
 
-# -- untrusted files ---------------------------------------------------------------------------------
-# the groups whose _target_ a file may name, and where the module finds them
-TARGET_GROUPS = (
-    "objective", "schedule", "time_sampler", "loss", "anneal", "sampler", "data",
-    "trainer", "callbacks", "logger",
-)  # fmt: skip
-
-
-@lru_cache(maxsize=1)
-def allowed_targets() -> dict[str, frozenset[str]]:
-    """{group: the ``_target_`` values its ``conf/<group>/*.yaml`` options name}: the registry of what
-    a file may ask to build. ``module`` holds the LightningModule itself."""
-    out: dict[str, set[str]] = {"module": {"diffllm.training.module.DiffusionLitModule"}}
-    for group in TARGET_GROUPS:
-        targets: set[str] = set()
-        for path in sorted((CONF_DIR / group).glob("*.yaml")):
-            _collect_targets(OmegaConf.to_container(OmegaConf.load(path), resolve=False), targets)
-        out[group] = targets
-    return {k: frozenset(v) for k, v in out.items()}
-
-
-def _collect_targets(node: Any, into: set[str]) -> None:
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == "_target_" and isinstance(v, str):
-                into.add(v)
-            else:
-                _collect_targets(v, into)
-    elif isinstance(node, list):
-        for v in node:
-            _collect_targets(v, into)
-
-
-def ALLOWED_TARGETS() -> frozenset[str]:  # noqa: N802 - reads as the constant it is
-    return frozenset().union(*allowed_targets().values())
-
-
-def check_targets(node: Any, source: str, key: str = "") -> None:
-    """Every ``_target_`` in ``node`` must be one the registry holds for its group (the first key of
-    its path), or the module's; any interpolation (``${...}``) is refused: it would run a resolver."""
-    registry = allowed_targets()
-    if isinstance(node, dict):
-        for k, v in node.items():
-            path = f"{key}.{k}" if key else str(k)
-            if k == "_target_":
-                # the deepest key of the path naming a group (module.data._target_ -> data)
-                groups = [p for p in path.split(".")[:-1] if p in registry] or ["module"]
-                allowed = registry[groups[-1]]
-                if not isinstance(v, str) or v not in allowed:
-                    raise ConfigError(
-                        f"refused {source}: {path}={v!r} is not a class of the project's registry "
-                        f"(allowed: {', '.join(sorted(allowed)) or 'none'}); a file may only name them"
-                    )
-            else:
-                check_targets(v, source, path)
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            check_targets(v, source, f"{key}[{i}]")
-    elif isinstance(node, str) and "${" in node:
-        raise ConfigError(
-            f"refused {source}: {key}={node!r} is an interpolation (it would run a resolver); "
-            "a file must hold plain values"
-        )
-
-
-# Modules that moved (the layout by layer): a ``_target_`` written under an old path names the same
-# class under its new one. Files keep their old meaning; the registry only holds today's paths.
-MOVED_MODULES = {
-    "diffllm.lit_module": "diffllm.training.module",
-    "diffllm.objectives": "diffllm.training.objectives",
-    "diffllm.callbacks": "diffllm.training.callbacks",
-    "diffllm.trainer": "diffllm.training.trainer",
-    "diffllm.validation_samples": "diffllm.training.samples",
-}
-
-
-def upgrade_targets(node: Any) -> Any:
-    """``node`` with every ``_target_`` under a moved module rewritten to the module's new path."""
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            if k == "_target_" and isinstance(v, str):
-                module, _, name = v.rpartition(".")
-                v = f"{MOVED_MODULES[module]}.{name}" if module in MOVED_MODULES else v
-            out[k] = upgrade_targets(v)
-        return out
-    if isinstance(node, list):
-        return [upgrade_targets(v) for v in node]
-    return node
-
-
-def check_untrusted(
-    cfg: dict[str, Any], source: str | Path, *, trust_remote_code: bool = False
-) -> dict[str, Any]:
-    """A config read from a file (checkpoint hyperparameters, an export card's ``run_config``) ->
-    the same values, upgraded (legacy ``prefix_lm``, targets under moved modules) and checked before
-    anything is built.
-
-    Refuses (``ConfigError``, naming key and value): a ``_target_`` outside the registry, an
-    interpolation, ``model.trust_remote_code: true`` unless ``trust_remote_code`` (the user's own
-    command-line choice), and values outside the schema's ranges.
-    """
-    if not isinstance(cfg, dict):
-        raise ConfigError(
-            f"refused {source}: its config is a {type(cfg).__name__}, not a mapping of plain values"
-        )
-    _plain_only(cfg, str(source))
-    out = upgrade_targets(cfg)
-    check_targets(out, str(source))
-    if isinstance(out.get("model"), dict):
-        out["model"] = upgrade_model(out["model"])
-        if out["model"].get("trust_remote_code") and not trust_remote_code:
-            raise ConfigError(
-                f"refused {source}: model.trust_remote_code={out['model']['trust_remote_code']!r} would run "
-                "code shipped with the model; pass trust_remote_code=true on the command line if you trust it"
-            )
-        out["model"]["trust_remote_code"] = bool(trust_remote_code)
-    # the module's nodes against the schema (types, ranges); keys of other groups pass as data
-    known = {k: out[k] for k in MODULE_ARGS if k in out and out[k] is not None}
-    typed = check_node(ModuleNode, known, str(source))
-    check_schedule(typed.schedule, str(source))
-    return out
-
-
-def _plain_only(node: Any, source: str, key: str = "") -> None:
-    """Only JSON-like values: a pickled object in the hyperparameters is refused by name."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            _plain_only(v, source, f"{key}.{k}" if key else str(k))
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            _plain_only(v, source, f"{key}[{i}]")
-    elif node is not None and not isinstance(node, (str, int, float, bool)):
-        raise ConfigError(f"refused {source}: {key} holds a {type(node).__name__}, not a plain value")
-
-
-def node_defaults(node: type) -> dict[str, Any]:
-    """A schema node's defaults as plain values (for docs and tests)."""
-    assert is_dataclass(node)
-    return OmegaConf.to_container(OmegaConf.structured(node))  # type: ignore[return-value]
-
-
-# -- checkpoints -------------------------------------------------------------------------------------
-def read_hparams(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint's hyperparameters, read as data (``torch.load(weights_only=True)``:
-    no pickled object is rebuilt)."""
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # a pickle that asks for a class: refused by weights_only
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"refused {path}: not a plain Lightning checkpoint ({first})") from None
-    if not isinstance(checkpoint, dict):
-        raise ConfigError(f"refused {path}: not a Lightning checkpoint (a {type(checkpoint).__name__})")
-    return dict(checkpoint.get("hyper_parameters") or {})
-
-
-def module_args(
-    hparams: dict[str, Any], source: str | Path, *, trust_remote_code: bool = False
-) -> dict[str, Any]:
-    """A checkpoint's hyperparameters -> ``DiffusionLitModule`` keyword arguments, checked.
-
-    Today's checkpoints hold the arguments themselves; older ones one ``cfg`` (the whole run
-    config), whose nodes are picked; a node an old run config lacks takes the schema's default
-    (``objective``: diffusion, ``anneal``: none, ``val_likelihood``: grid of 4, ``seed``: 0).
-    """
-    if "cfg" in hparams and "model" not in hparams:
-        hparams = dict(hparams["cfg"] or {})
-    checked = check_untrusted(hparams, source, trust_remote_code=trust_remote_code)
-    defaults = node_defaults(ModuleNode)
-    out = {}
-    for key in MODULE_ARGS:
-        value = checked.get(key, defaults[key]) if key != "lora" else checked.get("lora")
-        if key == "model" and value is None:
-            raise ConfigError(f"refused {source}: it holds no model node (model.pretrained is needed)")
-        out[key] = value
-    return out
-
-
 # -- the CLIs (generate, evaluate, export) -----------------------------------------------------------
 def check_sampler_overrides(overrides: dict[str, Any], prefix: str = "sampler") -> None:
     """The ``sampler.*`` keys given on a command line, checked alone (before the checkpoint is read):
-    the schema's types and ranges of those keys; the combination with the checkpoint's sampler is
-    ``SamplerConfig``'s to check."""
+    known keys, their types, each one's range, and a threshold against a strategy given with it. The
+    combination with the checkpoint's sampler is ``SamplerConfig.with_overrides``'s to check."""
     if not overrides:
         return
-    names = {f.name for f in fields(SamplerNode)} - {"_target_"}
-    unknown = sorted(set(overrides) - names)
+    unknown = sorted(set(overrides) - set(SAMPLER_FIELDS))
     if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]} is not a sampler setting; the keys are {sorted(names)}")
-    # each key on top of values that accept it: a threshold goes with steps=null
-    base = {"steps": None} if overrides.get("threshold") is not None else {}
-    check_node(SamplerNode, {**base, **overrides})
+        raise ConfigError(
+            f"{prefix}.{unknown[0]} is not a sampler setting; the keys are {sorted(SAMPLER_FIELDS)}"
+        )
+    typed = merge_node(SamplerNode, overrides)
+    for name in overrides:
+        _config_error(check_field, name, typed[name])
+    if typed.threshold is not None and "strategy" in overrides:
+        _config_error(check_threshold_strategy, typed.strategy, typed.threshold)
 
 
 def check_positive(values: dict[str, Any]) -> None:
@@ -887,34 +812,3 @@ def check_positive(values: dict[str, Any]) -> None:
             continue
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
         _require(ok, key, value, "an integer >= 1" + (" or null" if key != "gen_batch_size" else ""))
-
-
-def check_card(
-    card: dict[str, Any], source: str | Path, *, trust_remote_code: bool = False
-) -> dict[str, Any]:
-    """An export card (``diffllm.json``) read as data -> the card with targets under moved modules
-    upgraded: plain values, registry targets only, its ``run_config`` / ``model`` / ``lora`` /
-    ``sampler`` against the schema, and its ``model.trust_remote_code`` refused unless the user
-    passed ``trust_remote_code``."""
-    if not isinstance(card, dict):
-        raise ConfigError(f"refused {source}: its card is a {type(card).__name__}, not a mapping")
-    _plain_only(card, str(source))
-    card = upgrade_targets(card)
-    check_targets(card, str(source))
-    if isinstance(card.get("run_config"), dict) and card["run_config"]:
-        check_untrusted(card["run_config"], source, trust_remote_code=trust_remote_code)
-    model = card.get("model")
-    if isinstance(model, dict):
-        if model.get("trust_remote_code") and not trust_remote_code:
-            raise ConfigError(
-                f"refused {source}: model.trust_remote_code={model['trust_remote_code']!r} would run code "
-                "shipped with the model; pass trust_remote_code=true on the command line if you trust it"
-            )
-        check_node(
-            ModelNode, {**upgrade_model(model), "pretrained": str(model.get("pretrained") or "")}, str(source)
-        )
-    if isinstance(card.get("lora"), dict):
-        check_node(LoraNode, card["lora"], str(source))
-    if isinstance(card.get("sampler"), dict):
-        check_node(SamplerNode, card["sampler"], str(source))
-    return card

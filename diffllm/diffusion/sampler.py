@@ -70,7 +70,7 @@ nothing at steps where its block is already full, so a row's answer is the one i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,26 +78,80 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from diffllm.config.schema import CACHE_MODES, FUTURE_MODES, check_sampler
 from diffllm.data.collate import left_pad, truncate_at_eos
 from diffllm.diffusion.strategies import STRATEGIES, TokenSampling, choose_positions, token_probability
 from diffllm.diffusion.trajectory import Trajectory, TrajectoryStep
 
+# the sampler's KV-cache modes (see the module docstring) and what a block sees of the blocks after it
+CACHE_MODES = ("none", "prefix", "dual", "block")
+FUTURE_MODES = ("visible", "hidden")
+# strategies whose confidence is a probability-like score in [0, 1], so a threshold tau in (0, 1] can
+# be compared with it; `entropy` gives c = -H <= 0 and `random` a uniform draw.
+THRESHOLD_STRATEGIES = ("low_confidence", "margin")
+
+# One range per field, each checked alone: (test, the valid values in words). How the fields go
+# together is ``SamplerConfig.check_combination``'s.
+FIELD_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "gen_length": (lambda v: v >= 1, "an integer >= 1"),
+    "steps": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    "block_length": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    "strategy": (lambda v: v in STRATEGIES, " | ".join(STRATEGIES)),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v is None or v >= 0, "an integer >= 0 or null (0/null = off)"),
+    "top_p": (lambda v: v is None or 0 < v <= 1, "0 < top_p <= 1 or null"),
+    "threshold": (lambda v: v is None or 0 < v <= 1, "0 < threshold <= 1 or null"),
+    "cache": (lambda v: v in CACHE_MODES, " | ".join(CACHE_MODES)),
+    "cfg_scale": (lambda v: v >= 0, "a number >= 0 (0 = no guidance)"),
+    "future_blocks": (lambda v: v in FUTURE_MODES, " | ".join(FUTURE_MODES)),
+    "remask_bound": (lambda v: 0 < v <= 1, "a probability in (0, 1]"),
+    "remask_steps": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def check_field(name: str, value: Any) -> None:
+    """``value`` against ``FIELD_RANGES[name]``: a ValueError naming ``sampler.<name>``, value and range."""
+    if name in FIELD_RANGES:
+        ok, valid = FIELD_RANGES[name]
+        try:
+            fits = bool(ok(value))
+        except TypeError:  # a value of the wrong type (the config layer's typed node says which)
+            fits = False
+        if not fits:
+            raise ValueError(f"sampler.{name}={value!r} is out of range; valid: {valid}")
+
+
+def check_threshold_strategy(strategy: str, threshold: float | None) -> None:
+    """A threshold needs a strategy whose confidence is a probability (``THRESHOLD_STRATEGIES``)."""
+    if threshold is not None and strategy not in THRESHOLD_STRATEGIES:
+        raise ValueError(
+            f"sampler.strategy={strategy!r} cannot take sampler.threshold={threshold}: its confidence is not "
+            "a probability (entropy's is <= 0, random's a uniform draw), so the threshold would never fire; "
+            f"valid: strategy {' | '.join(THRESHOLD_STRATEGIES)}, or threshold=null"
+        )
+
 
 @dataclass
 class SamplerConfig:
-    """Sampler settings; the field names are the Hydra keys of ``conf/sampler/*.yaml``."""
+    """Sampler settings: the one list of the sampler's fields and defaults.
+
+    The field names are the Hydra keys of the ``sampler`` node (``conf/sampler/*.yaml``); the config
+    layer's node is derived from this class (``diffllm.config.schema.SamplerNode``). Every field's
+    range is checked alone (``FIELD_RANGES``), then how they go together (``check_combination``);
+    errors are ValueErrors naming the ``sampler.*`` key, the value and the fix.
+    """
 
     gen_length: int = 64  # answer positions G
     steps: int | None = None  # denoising steps in total (None = gen_length); schedule mode only
-    block_length: int | None = None  # semi-AR block size (None = gen_length: one block)
-    strategy: str = "low_confidence"  # key of strategies.STRATEGIES
+    block_length: int | None = None  # semi-AR block size (None = gen_length: one block); divides gen_length
+    strategy: str = (
+        "low_confidence"  # key of strategies.STRATEGIES: random | low_confidence | margin | entropy
+    )
     temperature: float = 0.0  # 0 = greedy argmax
     top_k: int | None = None
     top_p: float | None = None
-    threshold: float | None = None  # τ: commit all c_i > τ (at least one) instead of the schedule
+    threshold: float | None = None  # τ: commit all c_i > τ (at least one), no schedule (steps=None)
     cache: str = "none"  # "none" | "prefix" | "dual" (full-attention models) | "block" (block models, exact)
-    cfg_scale: float = 0.0  # classifier-free guidance (0 = off)
+    cfg_scale: float = 0.0  # classifier-free guidance: uncond + (scale + 1) * (cond - uncond); 0 = off
     eos_penalty: float = 0.0  # subtracted from c_i where x_i is EOS
     # schedule mode: skip a block's remaining steps once no row has a [MASK] in it (a threshold block
     # always ends once full; stop_early=false keeps nfe == steps for fair speed comparisons)
@@ -117,52 +171,39 @@ class SamplerConfig:
     remask_steps: int = 4
 
     def __post_init__(self) -> None:
-        if self.gen_length < 1:
-            raise ValueError(f"gen_length must be >= 1, got {self.gen_length}")
+        for f in dataclasses.fields(self):
+            check_field(f.name, getattr(self, f.name))
+        self.check_combination()
+
+    def check_combination(self) -> None:
+        """How the fields go together: blocks divide the canvas, steps spread evenly over the blocks,
+        a threshold replaces the step count and needs a probability-like confidence."""
         b = self.resolved_block_length
         if not 1 <= b <= self.gen_length or self.gen_length % b:
             raise ValueError(
-                f"block_length={self.block_length} must divide gen_length={self.gen_length}; "
+                f"sampler.block_length={self.block_length} must divide gen_length={self.gen_length}; "
                 f"set block_length to a divisor of {self.gen_length} (or null for one block)"
             )
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}")
-        if self.cache not in CACHE_MODES:
-            raise ValueError(f"unknown cache {self.cache!r}; choose one of {list(CACHE_MODES)}")
-        if self.future_blocks not in FUTURE_MODES:
-            raise ValueError(
-                f"unknown future_blocks {self.future_blocks!r}; choose one of {list(FUTURE_MODES)}"
-            )
         if self.threshold is not None:
+            check_threshold_strategy(self.strategy, self.threshold)
             if self.steps is not None:
                 raise ValueError(
-                    f"steps={self.steps} is unused with threshold={self.threshold}: a block ends when "
-                    "it has no [MASK] left; set steps=null (or threshold=null to use the schedule)"
+                    f"sampler.steps={self.steps} is unused with threshold={self.threshold}: a block ends "
+                    "when it has no [MASK] left; set steps=null (or threshold=null to use the schedule)"
                 )
-        else:
-            steps = self.resolved_steps
-            if steps < 1 or steps % self.num_blocks:
-                raise ValueError(
-                    f"steps={steps} cannot be spread evenly over {self.num_blocks} blocks "
-                    f"(gen_length={self.gen_length}, block_length={b}); set steps to a positive "
-                    f"multiple of {self.num_blocks}"
-                )
-            if steps > self.gen_length:
-                raise ValueError(
-                    f"steps={steps} > gen_length={self.gen_length} would spend forward passes that "
-                    f"commit nothing; set steps <= {self.gen_length}"
-                )
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 or null (0/null = off), got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] or null, got {self.top_p}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {self.cfg_scale}")
-        # the schema's ranges (diffllm.config.schema.SamplerNode): 0 < threshold <= 1, and only with a
-        # strategy whose confidence is a probability
-        check_sampler(self)
+            return
+        steps = self.resolved_steps
+        if steps % self.num_blocks:
+            raise ValueError(
+                f"sampler.steps={steps} cannot be spread evenly over {self.num_blocks} blocks "
+                f"(gen_length={self.gen_length}, block_length={b}); set steps to a positive "
+                f"multiple of {self.num_blocks}"
+            )
+        if steps > self.gen_length:
+            raise ValueError(
+                f"sampler.steps={steps} > gen_length={self.gen_length} would spend forward passes "
+                f"that commit nothing; set steps <= {self.gen_length}"
+            )
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> SamplerConfig:
         """This config with the fields in ``overrides`` replaced, validated (``sampler.*`` on a

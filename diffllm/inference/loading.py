@@ -30,7 +30,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from diffllm.config.schema import check_card
+from diffllm.config.trust import check_card
 from diffllm.data.template import end_of_answer_id
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.model.attention import attention_of, set_bidirectional
@@ -81,7 +81,7 @@ def load_for_inference(
     """A checkpoint (``.ckpt``) or an exported folder -> ``InferenceModel`` in eval mode on ``device``.
 
     The file is data: its config is checked against the schema before anything is built
-    (``diffllm.config.schema.check_untrusted`` / ``check_card``); a ``model.trust_remote_code: true`` in it
+    (``diffllm.config.trust.check_untrusted`` / ``check_card``); a ``model.trust_remote_code: true`` in it
     is refused unless the caller passes ``trust_remote_code=True`` (the user's command line).
 
     An AR-SFT checkpoint (``objective=ar``) is refused unless ``allow_ar_sft``: it is a causal model,

@@ -111,9 +111,10 @@ def load_tokenizer(pretrained: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     return tok
 
 
-@dataclass(frozen=True)
+@dataclass
 class MaskTokenSpec:
-    """How the [MASK] token enters the vocabulary.
+    """How the [MASK] token enters the vocabulary (``model.mask_token``; the config layer's node is
+    this class: its fields, defaults and ranges are written here once).
 
     mode:  ``add`` a new token and a new embedding row (the seed recipe), or ``reuse`` an
            existing (reserved, never-trained) special token given by ``token``.
@@ -128,10 +129,13 @@ class MaskTokenSpec:
     def __post_init__(self) -> None:
         if self.mode not in ("add", "reuse"):
             raise ValueError(
-                f"mask_token.mode={self.mode!r}: use 'add' (new row) or 'reuse' (existing token)"
+                f"model.mask_token.mode={self.mode!r} is out of range; "
+                "valid: add (a new row) | reuse (an existing token)"
             )
         if not (self.init in ("mean", "random") or self.init.startswith("token:")):
-            raise ValueError(f"mask_token.init={self.init!r}: use 'mean', 'random' or 'token:<text>'")
+            raise ValueError(
+                f"model.mask_token.init={self.init!r} is out of range; valid: mean | random | token:<text>"
+            )
 
 
 def _init_new_rows(model: nn.Module, old_vocab: int, init: str, init_ids: Sequence[int] = ()) -> None:
@@ -150,14 +154,15 @@ def _init_new_rows(model: nn.Module, old_vocab: int, init: str, init_ids: Sequen
 
 
 def add_mask_token(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, spec: MaskTokenSpec = MaskTokenSpec()
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, spec: MaskTokenSpec | None = None
 ) -> int:
-    """Give the model a [MASK] token; returns its id.
+    """Give the model a [MASK] token (``spec``: ``MaskTokenSpec()`` when None); returns its id.
 
     With a tokenizer, ``add`` registers ``spec.token`` as its mask token and grows the embedding
     to the new vocabulary size. Without one (the meta-device dry run) one row is appended and the
     new id is the old vocabulary size.
     """
+    spec = spec or MaskTokenSpec()
     old_vocab = model.get_input_embeddings().weight.shape[0]
     if spec.mode == "reuse":
         if tokenizer is None:

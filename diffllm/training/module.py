@@ -23,14 +23,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from diffllm.config.schema import (
-    MODULE_ARGS,
-    OptimizerNode,
-    ValLikelihoodNode,
-    module_args,
-    read_hparams,
-    upgrade_model,
-)
+from diffllm.config.schema import MODULE_ARGS, OptimizerNode, ValLikelihoodNode
+from diffllm.config.trust import module_args, read_hparams
+from diffllm.config.upgrade import upgrade_model
 from diffllm.data.template import end_of_answer_id
 from diffllm.diffusion.forward import forward_process, keyed_forward_process
 from diffllm.diffusion.keys import DrawKeys, key_seed
@@ -74,10 +69,10 @@ def _plain(node: Any) -> Any:
 class DiffusionLitModule(L.LightningModule):
     """Masked-diffusion fine-tuning of a bidirectional LoRA-adapted causal LM.
 
-    Every argument is a config node (``diffllm.config.schema.ModuleNode``; ``conf/train.yaml``'s
-    ``module``, instantiated with ``_recursive_: false``), saved as plain hyperparameters, so
-    ``load_from_checkpoint(path)`` rebuilds the same run. Checkpoints written before this
-    signature (one ``cfg`` hyperparameter holding the whole run config) load too.
+    Every argument is a config node (``diffllm.config.schema.ModuleNode``; the run config's
+    ``module``, wired by ``TrainNode`` and instantiated with ``_recursive_: false``), saved as plain
+    hyperparameters, so ``load_from_checkpoint(path)`` rebuilds the same run. Checkpoints written
+    before this signature (one ``cfg`` hyperparameter holding the whole run config) load too.
     """
 
     def __init__(
@@ -105,16 +100,17 @@ class DiffusionLitModule(L.LightningModule):
         self.optim = OptimizerNode(**args["optimizer"])  # typed: ranges checked, defaults from the schema
         self.val_likelihood = ValLikelihoodNode(**args["val_likelihood"])
         self.limit_val_batches: int | float | None = None  # recorded in checkpoints for evaluate
-        if attention_of(args["model"]) == "block_causal":  # config time: before the model is built
+        # objective=diffusion (this module's diffusion_loss) or objective=ar (AR-SFT, the baseline);
+        # read through the project's registry, as a checkpoint's config is data
+        self.objective = objective_of({"objective": args["objective"]})
+        # config time, before the model is built (AR-SFT trains the causal model: no blocks)
+        if attention_of(args["model"]) == "block_causal" and self.objective.attention is None:
             check_block_size(args["model"].get("block_size"), args["data"].get("answer_pad_to"))
         self.dlm, self.tokenizer = build_diffusion_model(lora=args["lora"], **args["model"])
         # The end-of-answer id (EOS, or the chat template's end of turn) the sampler stops at.
         self.eos_id = end_of_answer_id(self.tokenizer, args["data"]["template"])
         self.dlm.train()  # from_pretrained returns eval mode; LoRA dropout must be live in training
         log.info("%s", trainable_line(self.dlm.model))
-        # objective=diffusion (this module's diffusion_loss) or objective=ar (AR-SFT, the baseline);
-        # read through the project's registry, as a checkpoint's config is data
-        self.objective = objective_of({"objective": args["objective"]})
         if self.objective.attention is not None:  # AR-SFT: the model it trains is causal
             self.dlm.attention = self.objective.attention
         self.schedule = instantiate(args["schedule"])  # training only: bounds use evaluation.EVAL_SCHEDULE
@@ -164,7 +160,7 @@ class DiffusionLitModule(L.LightningModule):
         **kwargs: Any,
     ) -> DiffusionLitModule:
         """Lightning's ``load_from_checkpoint``, with the checkpoint's hyperparameters read as data:
-        checked against the schema (``diffllm.config.schema.check_untrusted``: no ``_target_`` outside the
+        checked against the schema (``diffllm.config.trust.check_untrusted``: no ``_target_`` outside the
         project's registry, no ``trust_remote_code`` the caller did not pass) before anything is
         built. Old checkpoints (one ``cfg`` hyperparameter) are read into today's arguments."""
         args = module_args(
