@@ -369,10 +369,14 @@ RESUME_RUN = BLOCK[:-1] + [
 
 
 @pytest.mark.slow
-def test_a_resumed_run_trains_at_the_schedules_size_and_validates_at_the_final_one(tmp_path, monkeypatch):
-    """3 steps of [[0,1],[2,2],[4,4]], then a fresh Trainer resumed from last.ckpt to 6: training ran
-    sizes 1, 1, 2 and then 2, 4, 4 (the schedule's at steps 3..5), every validation forward ran at 4,
-    the checkpoint holds the schedule, and a resume with another schedule is refused (about 30 s)."""
+def test_a_run_killed_and_resumed_trains_at_the_schedules_sizes_and_validates_at_the_final_one(
+    tmp_path, monkeypatch
+):
+    """6 steps of [[0,1],[2,2],[4,4]], a real SIGTERM after step 3, a fresh Trainer resumed from
+    last.ckpt: the two runs together trained at 1, 1, 2, 2, 4, 4 (the schedule's size at each step),
+    every validation forward ran at the final size 4, the checkpoint holds the schedule, and a resume
+    with another schedule is refused (about 40 s)."""
+    from diffllm.training.callbacks import Interrupted
     from diffllm.training.run import train
 
     seen: list[tuple[bool, int]] = []
@@ -384,18 +388,23 @@ def test_a_resumed_run_trains_at_the_schedules_size_and_validates_at_the_final_o
 
     monkeypatch.setattr(DiffusionLM, "two_copy_logits", spy)
     out = tmp_path / "run"
-    train(compose(RESUME_RUN + ["trainer.max_steps=3", f"output_dir={out}"]))
+    run = RESUME_RUN + ["trainer.max_steps=6", f"output_dir={out}"]
+    kill = ["+callbacks.kill._target_=diffllm.bench.kill_resume.KillAt", "+callbacks.kill.step=3"]
+    with pytest.raises(Interrupted):
+        train(compose(run + kill))
     first = list(seen)
     seen.clear()
     last = out / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=True)
-    assert saved["global_step"] == 3
     assert saved["hyper_parameters"]["model"]["block_schedule"] == [[0, 1], [2, 2], [4, 4]]
-    train(compose(RESUME_RUN + ["trainer.max_steps=6", f"ckpt_path={last}", f"output_dir={out}"]))
-    assert [size for training, size in first if training] == [1, 1, 2]
-    assert [size for training, size in seen if training] == [2, 4, 4]
-    assert {size for training, size in first + seen if not training} == {4}
-    assert any(not training for training, _ in first) and any(not training for training, _ in seen)
+    _, objects = train(compose(run + [f"ckpt_path={last}"]))
+    assert objects["trainer"].global_step == 6
+    trained_first = [size for training, size in first if training]
+    trained_then = [size for training, size in seen if training]
+    assert len(trained_first) == saved["global_step"] >= 3
+    assert trained_first + trained_then == [1, 1, 2, 2, 4, 4]
+    validated = [size for training, size in first + seen if not training]
+    assert validated and set(validated) == {4}
     other = ["model.block_schedule=[[0,1],[3,2],[4,4]]"]
     with pytest.raises(ConfigError, match="resume with the checkpoint's schedule"):
-        train(compose(RESUME_RUN + other + ["trainer.max_steps=6", f"ckpt_path={last}", f"output_dir={out}"]))
+        train(compose(run + other + [f"ckpt_path={last}"]))
