@@ -114,9 +114,8 @@ class DiffusionLitModule(L.LightningModule):
         self.limit_val_batches: int | float | None = None  # recorded in checkpoints for evaluate
         if attention_of(args["model"]) == "block_causal":  # config time: before the model is built
             check_block_size(args["model"].get("block_size"), args["data"].get("answer_pad_to"))
-        check_block_recipe(
-            args["model"], args["data"], args["loss"]
-        )  # block_schedule, clean_stream, ar_weight
+        # block_schedule, clean_stream and ar_weight together (run configs are checked before this too)
+        check_block_recipe(args["model"], args["data"], args["loss"])
         self.dlm, self.tokenizer = build_diffusion_model(lora=args["lora"], **args["model"])
         # The end-of-answer id (EOS, or the chat template's end of turn) the sampler stops at.
         self.eos_id = end_of_answer_id(self.tokenizer, args["data"]["template"])
@@ -234,8 +233,8 @@ class DiffusionLitModule(L.LightningModule):
         visible = self.annealing.visible(
             *x0.shape, self.global_step, device=x0.device, generator=generator, keys=keys
         )
-        ar_stats: dict[str, torch.Tensor] = {}
-        if self.loss_fn.ar_weight > 0:  # one pass: the denoising logits and the clean copy's next-token ones
+        ar_weight, ar_stats = self.loss_fn.ar_weight, {}
+        if ar_weight > 0:  # one pass: the denoising logits and the clean copy's next-token ones
             scored = batch.get("score_mask", answer_mask).bool()  # (B, L) answer + its first end token
             logits, ar_logits = self.dlm.two_copy_logits(
                 x0, xt, hidden, attention_mask, answer_mask, block_size=block_size, clean_targets=scored
@@ -249,8 +248,8 @@ class DiffusionLitModule(L.LightningModule):
         t_pos = t[:, None].expand_as(x0)[hidden]  # (N,) the t of each hidden token's row
         n_answer = answer_mask.sum()
         weighted_sum = self.loss_fn.weighted_sum(logits, x0[hidden], t_pos, self.schedule)
-        if ar_stats:
-            weighted_sum = weighted_sum + self.loss_fn.ar_weight * ar_sum
+        if ar_weight > 0:
+            weighted_sum = weighted_sum + ar_weight * ar_sum
         count = self.loss_fn.count(n_answer=n_answer, n_hidden=hidden.sum(), n_tokens=attention_mask.sum())
         loss = weighted_sum / count.clamp_min(1)
         return loss, {
