@@ -27,7 +27,9 @@ MASK = 63
 PROMPTS = [[1, 5, 6], [1, 9, 10, 11, 12, 3, 4], [1]]
 
 
-def block_dlm(shift: bool, block_size: int = 2, attn: str = "sdpa", seed: int = 0) -> DiffusionLM:
+def block_dlm(
+    shift: bool, block_size: int = 2, attn: str = "sdpa", seed: int = 0, clean_stream: str = "block"
+) -> DiffusionLM:
     model = tiny_llama(64, attn, seed, max_position_embeddings=128, initializer_range=0.2)
     set_bidirectional(model)
     return DiffusionLM(
@@ -35,7 +37,7 @@ def block_dlm(shift: bool, block_size: int = 2, attn: str = "sdpa", seed: int = 
         mask_id=MASK,
         shift=shift,
         attention="block_causal",
-        attention_options={"block_size": block_size},
+        attention_options={"block_size": block_size, "clean_stream": clean_stream},
     )
 
 
@@ -211,10 +213,13 @@ def run(dlm, config, prompts=PROMPTS, seed=3):
     return generate(dlm, prompts, config, eos_id=59, pad_id=0, seed=seed, record_trajectory=True)
 
 
+@pytest.mark.parametrize("clean_stream", ["block", "causal"])
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("name", sorted(BLOCK_CONFIGS))
-def test_block_cache_equals_the_uncached_block_sampler(name, shift):
-    dlm = block_dlm(shift, block_size=2)
+def test_block_cache_equals_the_uncached_block_sampler(name, shift, clean_stream):
+    """Tokens, forward passes and commit order; with a causal clean stream the pass that commits a
+    block computes its keys/values token-causally, as training did (model.clean_stream)."""
+    dlm = block_dlm(shift, block_size=2, clean_stream=clean_stream)
     plain = run(dlm, SamplerConfig(**BLOCK_CONFIGS[name]))
     cached = run(dlm, SamplerConfig(**BLOCK_CONFIGS[name], cache="block"))
     assert torch.equal(plain.canvas, cached.canvas)
@@ -246,10 +251,14 @@ def test_block_cache_runs_each_block_once_clean(shift, monkeypatch):
     assert ran == [7, 7, 11, 11, 15, 15]  # uncached: everything up to the current block
 
 
+@pytest.mark.parametrize("cache", ["none", "block"])
+@pytest.mark.parametrize("clean_stream", ["block", "causal"])
 @pytest.mark.parametrize("shift", [True, False])
-def test_sampler_sees_what_training_sees(shift):
-    """The block sampler's logits of a half-decoded block equal ``noised_logits`` (the training view)."""
-    dlm = block_dlm(shift, block_size=2).eval()
+def test_sampler_sees_what_training_sees(shift, clean_stream, cache):
+    """The block sampler's logits of a half-decoded block equal ``noised_logits`` (the training view),
+    with and without the block cache, for both clean streams (a sampler deaf to clean_stream=causal
+    would compute the committed block's keys/values otherwise than training did)."""
+    dlm = block_dlm(shift, block_size=2, clean_stream=clean_stream).eval()
     seen = {}
     from diffllm.diffusion import sampler as sampler_module
 
@@ -262,7 +271,7 @@ def test_sampler_sees_what_training_sees(shift):
 
     sampler_module._BlockCausalDenoiser.__call__ = spy
     try:
-        run(dlm, SamplerConfig(gen_length=4, steps=4), prompts=[[1, 5, 6]])
+        run(dlm, SamplerConfig(gen_length=4, steps=4, cache=cache), prompts=[[1, 5, 6]])
     finally:
         sampler_module._BlockCausalDenoiser.__call__ = real
     x, hidden = seen[5]  # block 1 (columns 5, 6) at its first step: block 0 committed
@@ -310,6 +319,9 @@ def test_dual_cache(shift):
 # the report's quality grid: k tokens per step must give a step count the 2 blocks of TINY_RUN's
 # 8 positions divide (checked at start: diffllm.config.schema.check_block_model)
 BLOCK_RUN = ["model.attention=block_causal", "model.block_size=4", "report.quality.tokens_per_step=[1,2,4]"]
+# issue 18's options 1-2 on top (TINY_RUN trains 6 steps): a curriculum from AR, the causal clean stream
+# and its AR loss, so the end-to-end test below carries them through training, the report and the export
+RECIPE = ["model.block_schedule=[[0,1],[3,4]]", "model.clean_stream=causal", "loss.ar_weight=0.5"]
 
 
 def test_block_size_must_divide_the_answer_padding(tmp_path):
@@ -323,8 +335,9 @@ def test_block_size_must_divide_the_answer_padding(tmp_path):
 
 @pytest.mark.slow
 def test_block_model_trains_validates_reports_and_exports(tmp_path):
-    """A few steps of the tiny default as a block model: finite bound in the logged metrics and the
-    report; the export card carries block_size and its merged folder decodes as the checkpoint does."""
+    """A few steps of the tiny default as a block model (with a curriculum and the causal clean stream's
+    AR loss): finite bound in the logged metrics and the report; the export card carries block_size and
+    clean_stream, and its adapter and merged folders decode as the checkpoint does (block cache on)."""
     from diffllm.config.resolvers import compose
     from diffllm.inference.export import export
     from diffllm.inference.generation import generate_answers
@@ -332,8 +345,9 @@ def test_block_model_trains_validates_reports_and_exports(tmp_path):
     from tests.conftest import TINY_RUN
 
     out = tmp_path / "run"
-    metrics, objects = train_run(compose(TINY_RUN + BLOCK_RUN + [f"output_dir={out}"]))
-    assert objects["module"].dlm.block_size == 4
+    metrics, objects = train_run(compose(TINY_RUN + BLOCK_RUN + RECIPE + [f"output_dir={out}"]))
+    assert objects["module"].dlm.block_size == 4 and objects["module"].dlm.clean_stream == "causal"
+    assert math.isfinite(metrics["train/ar_ce"]) and metrics["train/block_size"] == 4
     assert math.isfinite(metrics["val/nll_bound"]) and "val/exact_match" in metrics
     report = (out / "report.json").read_text()
     assert '"diffusion"' in report
@@ -343,7 +357,9 @@ def test_block_model_trains_validates_reports_and_exports(tmp_path):
     expected = [r["canvas"] for r in generate_answers(ckpt_model, questions)]
     for kind in ("adapter", "merged"):
         im = load_exported(written[kind])
-        assert im.dlm.block_size == 4 and im.dlm.attention == "block_causal"
+        assert (
+            im.dlm.block_size == 4 and im.dlm.attention == "block_causal" and im.dlm.clean_stream == "causal"
+        )
         got = generate_answers(im, questions, sampler_overrides={"cache": "block"})
         assert [r["canvas"] for r in got] == expected
 

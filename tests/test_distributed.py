@@ -22,6 +22,8 @@ from tests.distributed_run import GLOBAL_BATCH, build_module, global_batches, ru
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LOSSES = ["loss=elbo", "loss=elbo_hidden", "loss=elbo_batch"]  # answer, hidden, batch tokens
+# + the AR term on a causal clean stream (loss.ar_weight): over the same global normaliser
+AR_TERM = "model.attention=block_causal model.block_size=4 model.clean_stream=causal loss.ar_weight=0.5"
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -32,7 +34,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 def one_batch_gradient(override: str) -> tuple[float, dict[str, torch.Tensor]]:
     """By hand: the first global batch in one piece, grad of sum(weighted CE) / its count."""
-    module = build_module([override])
+    module = build_module(override.split())
     batch = Collator(module.tokenizer.pad_token_id)(global_batches(module.tokenizer)[0])
     keys = DrawKeys(seed=0, step=0, rows=range(GLOBAL_BATCH), global_batch_size=GLOBAL_BATCH)
     loss, stats = module.diffusion_loss(batch, keys=keys)
@@ -41,10 +43,10 @@ def one_batch_gradient(override: str) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("override", LOSSES)
+@pytest.mark.parametrize("override", LOSSES + [AR_TERM])
 def test_accumulated_micro_batches_give_the_gradient_of_one_batch(override):
     loss, grads = one_batch_gradient(override)
-    whole, halves = run(world=1, accumulate=1, overrides=[override]), run(1, 2, [override])
+    whole, halves = run(world=1, accumulate=1, overrides=override.split()), run(1, 2, override.split())
     assert whole["losses"][0] == pytest.approx(loss, rel=1e-6)
     assert halves["losses"] == pytest.approx(whole["losses"], rel=1e-6)
     assert_same(whole["grads"][0], grads)

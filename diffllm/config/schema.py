@@ -32,7 +32,7 @@ from diffllm.diffusion.likelihood import TIME_GRIDS
 from diffllm.diffusion.loss import NORMALISATIONS, RENAMED_NORMALISATIONS, WEIGHTINGS
 from diffllm.diffusion.sampler import SamplerConfig, check_field, check_threshold_strategy
 from diffllm.model.attention import ATTENTION_MODES
-from diffllm.model.blocks import check_block_size
+from diffllm.model.blocks import CLEAN_STREAMS, check_block_schedule, check_block_size
 from diffllm.model.load import DTYPES, MaskTokenSpec, attention_options, check_attention
 
 # where a key that no node knows is pointed to (the error of an unknown key names it)
@@ -84,7 +84,16 @@ class ModelNode:
     # (LLaDA). block_causal: block diffusion in blocks of block_size. Composes with anneal=linear.
     # (Files written before this key: diffllm.config.upgrade.)
     attention: str = "prefix_lm"
-    block_size: int | None = None  # block_causal only: the answer's block size; divides data.answer_pad_to
+    block_size: int | None = (
+        None  # block_causal only: the answer's (final) block size; divides data.answer_pad_to
+    )
+    # block_causal only: how a clean token attends inside its block, block (whole block) | causal
+    # (token-causal, the AR model's attention; needed by loss.ar_weight > 0)
+    clean_stream: str = "block"
+    # block_causal only, training: [[optimizer_step, block_size], ...] from step 0, ending at block_size
+    # (a curriculum from AR: [[0, 1], [150, 2], [300, 4]]); null: block_size throughout. Validation,
+    # the sampler and the export use block_size.
+    block_schedule: list[list[int]] | None = None
     # add: a new [MASK] row (mean | random | token:<text> init) | reuse: an existing special token
     mask_token: MaskTokenSpec = field(default_factory=MaskTokenSpec)
     train_mask_row: bool = False  # train the [MASK] embedding row beside the adapters
@@ -119,6 +128,18 @@ class ModelNode:
         # implementation that takes none (flash_attention_2), a block size without blocks
         _config_error(check_attention, self.attention, self.attn_implementation)
         _config_error(attention_options, self.attention, self.block_size)
+        _require(
+            self.clean_stream in CLEAN_STREAMS,
+            "model.clean_stream",
+            self.clean_stream,
+            " | ".join(CLEAN_STREAMS) + " (causal with model.attention=block_causal only)",
+        )
+        _require(
+            self.attention == "block_causal" or self.clean_stream == "block",
+            "model.clean_stream",
+            self.clean_stream,
+            "block unless model.attention=block_causal (set model.attention=block_causal or model.clean_stream=block)",
+        )
 
 
 # -- lora --------------------------------------------------------------------------------------------
@@ -394,9 +415,13 @@ class LossNode:
     _target_: str = TARGETS[0]
     weighting: str = "elbo"
     normalisation: str = "supervised_tokens"
+    # w of loss = L_diffusion + w * L_AR, L_AR the next-token CE of the clean copy's scored tokens
+    # (model.attention=block_causal with model.clean_stream=causal only); 0 = off
+    ar_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check_target(self, "loss")
+        _require(self.ar_weight >= 0, "loss.ar_weight", self.ar_weight, "a number >= 0 (0 = off)")
         _require(self.weighting in WEIGHTINGS, "loss.weighting", self.weighting, " | ".join(WEIGHTINGS))
         _require(
             # an old name (RENAMED_NORMALISATIONS) is read by the loss, with a warning
@@ -654,7 +679,50 @@ def check_run_config(cfg: Any) -> TrainNode:
     check_schedule(node.schedule)
     check_trainer(node.trainer)
     check_combination(node)
+    check_block_recipe(node.model, node.data, node.loss, node.trainer.get("max_steps"))
     return node
+
+
+def check_block_recipe(model: Any, data: Any, loss: Any, max_steps: int | None = None) -> None:
+    """The block-diffusion recipe's keys together (issue 18, options 1 and 2), one line each:
+
+    * ``model.block_schedule``: a block model's, from step 0, steps increasing, every size dividing
+      ``data.answer_pad_to``, ending at ``model.block_size``, and reaching it before ``trainer.max_steps``
+      (the final size is the one validation, best.ckpt, the sampler and the export use: the run must
+      train at it). The sampler never meets a curriculum size (it always decodes at the final one),
+      so the sampler's keys are checked against ``model.block_size`` alone;
+    * ``loss.ar_weight > 0``: needs ``model.attention=block_causal`` with ``model.clean_stream=causal``
+      (the AR loss reads the clean copy, which must not see the token it predicts).
+
+    Checked for ``objective=ar`` too, which ignores all three (it trains the causal model): ``make
+    train`` passes the same ARGS to both runs, so a bad recipe stops before the baseline trains.
+    ``model``, ``data``, ``loss``: typed nodes or plain dicts (the module's arguments).
+    """
+
+    def get(node: Any, key: str, default: Any = None) -> Any:
+        return node.get(key, default) if isinstance(node, dict) else getattr(node, key, default)
+
+    attention = get(model, "attention")
+    schedule = get(model, "block_schedule")
+    block_size = get(model, "block_size") if attention == "block_causal" else None
+    try:
+        check_block_schedule(schedule, block_size, get(data, "answer_pad_to"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if schedule and max_steps is not None and max_steps > 0 and schedule[-1][0] >= max_steps:
+        raise ConfigError(
+            f"model.block_schedule={[list(p) for p in schedule]} reaches the final block size at step "
+            f"{schedule[-1][0]}, not before trainer.max_steps={max_steps}: the run would never train at the size it "
+            "is validated and sampled at; start the last pair earlier or raise trainer.max_steps"
+        )
+    ar_weight = get(loss, "ar_weight", 0.0) or 0.0
+    clean_stream = get(model, "clean_stream", "block")
+    if ar_weight > 0 and (attention != "block_causal" or clean_stream != "causal"):
+        raise ConfigError(
+            f"loss.ar_weight={ar_weight} needs model.attention=block_causal with model.clean_stream=causal "
+            f"(got {attention}, {clean_stream}): the AR loss reads the clean copy, which must not see the token "
+            "it predicts; set both, or loss.ar_weight=0"
+        )
 
 
 def check_schedule(node: Any, source: str | None = None) -> None:

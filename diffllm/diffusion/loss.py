@@ -31,6 +31,17 @@ spans count more), as in LLaDA. In training, the sums and Z run over the optimiz
 global batch, all ranks and micro-batches included (``weighted_sum`` per micro-batch, ``count``
 summed into ``diffllm.training.distributed.GlobalNormaliser``): a step with accumulation k on W ranks takes
 the gradient of one batch of all its rows.
+
+An AR term on the clean stream (``ar_weight`` w > 0; a block model with ``model.clean_stream=causal``,
+whose clean copy is the causal model): with S_b the scored span of row b (the answer and its first end
+token, as the AR-SFT objective scores it, never the EOS padding),
+
+    loss = ( sum_b sum_{i in H_b} c(t_b) CE_i  +  w * sum_b sum_{i in S_b} -log p_theta(x_i | x_<i) ) / Z,
+
+both sums in nats over the same global Z: the AR term is w * (AR-SFT's mean CE per scored token) *
+sum_b |S_b| / Z, i.e. nats per supervised position like the diffusion term (with the default
+"supervised_tokens", Z counts the EOS padding too, so w = 1 weighs one scored token's CE as much as one
+supervised position's share of the bound). ``training.module.DiffusionLitModule.diffusion_loss`` adds it.
 """
 
 from __future__ import annotations
@@ -98,7 +109,9 @@ class MaskedDiffusionLoss:
     loss is 0 rather than NaN.
     """
 
-    def __init__(self, weighting: str = "elbo", normalisation: str = "supervised_tokens") -> None:
+    def __init__(
+        self, weighting: str = "elbo", normalisation: str = "supervised_tokens", ar_weight: float = 0.0
+    ) -> None:
         if normalisation in RENAMED_NORMALISATIONS:
             new = RENAMED_NORMALISATIONS[normalisation]
             warnings.warn(
@@ -114,8 +127,11 @@ class MaskedDiffusionLoss:
             raise ValueError(
                 f"unknown loss normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}"
             )
+        if ar_weight < 0:
+            raise ValueError(f"loss.ar_weight={ar_weight} must be >= 0 (0 = off)")
         self.weighting = weighting
         self.normalisation = normalisation
+        self.ar_weight = float(ar_weight)  # w of the AR term (module docstring); 0 = off
 
     def __call__(
         self,
@@ -152,4 +168,7 @@ class MaskedDiffusionLoss:
         return counts[NORMALISATIONS[self.normalisation]]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(weighting={self.weighting!r}, normalisation={self.normalisation!r})"
+        ar = f", ar_weight={self.ar_weight}" if self.ar_weight else ""
+        return (
+            f"{type(self).__name__}(weighting={self.weighting!r}, normalisation={self.normalisation!r}{ar})"
+        )

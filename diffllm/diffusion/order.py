@@ -76,8 +76,10 @@ def order_nll(
     ce = torch.zeros(xt.shape[0], dtype=torch.float64)
     for lo in range(0, xt.shape[0], chunk_size):
         sl = slice(lo, lo + chunk_size)
-        logits = dlm.logits_at(
-            xt[sl], tgt[sl], None if mask is None else mask[sl], canvas_mask=canvas_mask[sl]
+        # the denoising forward of training (a block model: the two-copy layout, the step's canvas
+        # as the noised copy), so each step sees what the model was trained to see
+        logits = dlm.noised_logits(
+            x0[sl], xt[sl], tgt[sl], None if mask is None else mask[sl], canvas_mask[sl]
         )
         ce[sl] = F.cross_entropy(logits.float(), x0[sl][tgt[sl]], reduction="none").double().cpu()
     return out.index_add_(0, torch.tensor(owner), ce)

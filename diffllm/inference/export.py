@@ -81,6 +81,7 @@ def model_card(im: InferenceModel, kind: str, source: str) -> dict[str, Any]:
         "shift": dlm.shift,
         "attention": dlm.attention,
         "block_size": dlm.block_size,  # block_causal's blocks (null for the other modes)
+        "clean_stream": dlm.clean_stream,  # block_causal's clean stream: block | causal (null otherwise)
         "eos_id": im.eos_id,  # the end-of-answer id (EOS, or the chat template's end of turn)
         "pad_id": tok.pad_token_id,
         "vocab_size": len(tok),

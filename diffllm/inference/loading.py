@@ -230,7 +230,13 @@ def load_exported(
             mask_id=card["mask_id"],
             shift=card["shift"],
             attention=attention_of(card),
-            attention_options={"block_size": card["block_size"]} if card.get("block_size") else None,
+            # cards older than model.clean_stream have none: their clean stream was the block one
+            attention_options={
+                "block_size": card["block_size"],
+                "clean_stream": card.get("clean_stream") or "block",
+            }
+            if card.get("block_size")
+            else None,
         ),
         tokenizer=tokenizer,
         sampler_config=SamplerConfig(**card["sampler"]),

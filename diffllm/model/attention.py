@@ -8,7 +8,8 @@ query i and a key j, given the answer canvas (``canvas_mask``, True on answer po
     prefix_lm      canvas_mask[i] or not canvas_mask[j]   (the prompt never sees the canvas; the canvas sees all)
     block_causal   the prompt causal; answer blocks of ``block_size``: the block being denoised (the
                    last key's) sees the prompt, the earlier (clean) blocks and itself; a clean block
-                   sees the prompt and the clean blocks up to itself (``diffllm.model.blocks``)
+                   sees the prompt and the clean blocks up to itself, its own block whole
+                   (``clean_stream="block"``) or up to each token (``"causal"``; ``diffllm.model.blocks``)
 
 ``may_attend`` builds the whole (B, Lq, Lk) pattern in one place: padding AND the mode AND an
 optional extra constraint (attention-mask annealing's draw); ``custom_attention_mask`` converts it
@@ -176,16 +177,20 @@ def _prefix_lm(canvas_mask: torch.Tensor, num_queries: int, **_: Any) -> torch.T
 
 
 def _block_causal(
-    canvas_mask: torch.Tensor, num_queries: int, block_size: int | None = None, **_: Any
+    canvas_mask: torch.Tensor,
+    num_queries: int,
+    block_size: int | None = None,
+    clean_stream: str = "block",
+    **_: Any,
 ) -> torch.Tensor:
     if block_size is None:
         raise ValueError("model.attention=block_causal needs model.block_size (e.g. 4)")
-    return block_causal_pattern(canvas_mask, num_queries, block_size)  # (B, Lq, Lk)
+    return block_causal_pattern(canvas_mask, num_queries, block_size, clean_stream)  # (B, Lq, Lk)
 
 
 # mode -> fn(canvas_mask (B, Lk) bool, num_queries, **options) -> "may attend" (B or 1, Lq, Lk) bool,
 # padding left out (``may_attend`` adds it). A new mode (block_causal) is one more entry here; its
-# options (e.g. block_size) come from ``DiffusionLM.attention_options``.
+# options (block_size, clean_stream) come from ``DiffusionLM.attention_options``.
 ATTENTION_MODES: dict[str, Callable[..., torch.Tensor]] = {
     "causal": _causal,
     "bidirectional": _bidirectional,

@@ -19,6 +19,17 @@ copy of the token before it, which sees exactly the tokens before it.
 A clean block never sees a noised one: its keys/values are final once the block is, which is what
 makes the sampler's block KV cache exact.
 
+The clean stream (``model.clean_stream``, ``CLEAN_STREAMS``): ``block`` is the rule above (a clean
+query sees its whole clean block); ``causal`` makes the clean stream token-causal, the AR model's own
+attention (Fast-dVLM):
+
+    j clean and q clean and blk_j == blk_q   only if  col_j <= col_q        (col: the column index)
+
+so the clean copy's hidden states are those of the causal model whatever the block size, and it can
+carry a next-token loss (``loss.ar_weight``). A noised block still sees whole earlier clean blocks,
+and a clean block's last token sees the same keys under both rules: with shift, the first token of
+every block is predicted from the same context either way.
+
 Training layout (``two_copy_layout``): one sequence per row holding the row as it is (prompt, clean
 answer, right padding: L columns) followed by the noised copy of the answer (A columns, A the
 longest answer of the batch), with the noised copy's position ids repeating the clean answer's.
@@ -41,9 +52,67 @@ answer tokens): the same nats per answer token as the full-attention bound and t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+# model.clean_stream: how a clean token attends inside its own block (module docstring)
+CLEAN_STREAMS = ("block", "causal")
+
+
+def check_clean_stream(clean_stream: str) -> str:
+    """``clean_stream`` if it is one of ``CLEAN_STREAMS``, else a ValueError naming the key."""
+    if clean_stream not in CLEAN_STREAMS:
+        raise ValueError(f"model.clean_stream={clean_stream!r} is not one of {' | '.join(CLEAN_STREAMS)}")
+    return clean_stream
+
+
+def check_block_schedule(
+    schedule: Sequence[Sequence[int]] | None, block_size: int | None, answer_pad_to: int | None
+) -> None:
+    """A block-size curriculum (``model.block_schedule``): ``[[step, size], ...]`` pairs in optimizer
+    steps, the first at step 0, steps strictly increasing, every size a positive int dividing
+    ``data.answer_pad_to``, the last size ``model.block_size`` (the size the model is measured,
+    sampled and exported at). ValueError naming the key and the fix otherwise."""
+    if schedule is None:
+        return
+    key = f"model.block_schedule={[list(p) for p in schedule]}"
+    if block_size is None:
+        raise ValueError(f"{key} needs model.attention=block_causal and its final model.block_size")
+    pairs = [list(p) for p in schedule]
+    if not pairs or any(len(p) != 2 or not all(isinstance(v, int) for v in p) for p in pairs):
+        raise ValueError(f"{key}: give a non-empty list of [optimizer_step, block_size] integer pairs")
+    steps = [p[0] for p in pairs]
+    if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(
+            f"{key}: its steps must start at 0 and increase strictly (e.g. [[0, 1], [150, 2], [300, 4]])"
+        )
+    for _, size in pairs:
+        if size < 1 or not answer_pad_to or int(answer_pad_to) % size:
+            raise ValueError(
+                f"{key}: block size {size} must divide data.answer_pad_to={answer_pad_to} (answers are "
+                "padded to whole blocks); use sizes dividing it"
+            )
+    if pairs[-1][1] != block_size:
+        raise ValueError(
+            f"{key} ends at block size {pairs[-1][1]}, not model.block_size={block_size} (the size the model "
+            f"is validated, sampled and exported at); end the schedule with [step, {block_size}]"
+        )
+
+
+def scheduled_block_size(schedule: Sequence[Sequence[int]] | None, step: int) -> int | None:
+    """The block size in force at optimizer step ``step`` (0-based): the size of the last pair whose
+    step is <= ``step``; None without a schedule. A pure function of the step, so a resumed run
+    trains at the size the uninterrupted one would."""
+    if not schedule:
+        return None
+    size = None
+    for start, block in schedule:
+        if start > step:
+            break
+        size = int(block)
+    return size
 
 
 def check_block_size(block_size: int | None, answer_pad_to: int | None) -> None:
@@ -76,30 +145,54 @@ def block_causal_allowed(
     k_block: torch.Tensor,
     k_clean: torch.Tensor,
     key_ok: torch.Tensor,
+    *,
+    clean_stream: str = "block",
+    q_column: torch.Tensor | None = None,
+    k_column: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, Lq, Lk) bool "query may attend to key" of block-causal attention (module docstring).
 
     q_block, q_clean: (B, Lq) block ids (negative on the prompt) and clean flags of the queries;
     k_block, k_clean, key_ok: (B, Lk) the same for the keys, and False on padding keys.
+    clean_stream: ``block`` or ``causal``; ``causal`` needs the columns of the queries (Lq,) and the
+    keys (Lk,), in the sequence's order (a clean key of the query's own block after it is refused).
     """
     qb, qc = q_block[:, :, None], q_clean.bool()[:, :, None]
     kb, kc = k_block[:, None, :], k_clean.bool()[:, None, :]
-    clean_key = kc & ((kb < qb) | (qc & (kb == qb)))
+    own_clean = qc & (kb == qb)
+    if check_clean_stream(clean_stream) == "causal":
+        if q_column is None or k_column is None:
+            raise ValueError("clean_stream='causal' needs the query and key columns")
+        own_clean = own_clean & (k_column[None, None, :] <= q_column[None, :, None])
+    clean_key = kc & ((kb < qb) | own_clean)
     own_noised = ~qc & ~kc & (kb == qb)
     return key_ok.bool()[:, None, :] & (clean_key | own_noised)
 
 
-def block_causal_pattern(canvas_mask: torch.Tensor, num_queries: int, block_size: int) -> torch.Tensor:
+def block_causal_pattern(
+    canvas_mask: torch.Tensor, num_queries: int, block_size: int, clean_stream: str = "block"
+) -> torch.Tensor:
     """(B, Lq, Lk) block-causal "may attend" of one canvas (the sampler's layout), padding left out.
 
     ``canvas_mask`` (B, Lk) marks the answer over all keys (a KV cache's keys first); the queries are the
     last ``num_queries`` keys. The last key's block is the one being denoised (noised); the prompt
-    and every earlier answer block are clean (committed).
+    and every earlier answer block are clean (committed), attending as ``clean_stream`` says.
     """
     block_id = answer_block_ids(canvas_mask, block_size)  # (B, Lk)
     clean = ~canvas_mask.bool() | (block_id < block_id[:, -1:])
-    q = slice(canvas_mask.shape[1] - num_queries, None)
-    return block_causal_allowed(block_id[:, q], clean[:, q], block_id, clean, torch.ones_like(clean))
+    num_keys = canvas_mask.shape[1]
+    q = slice(num_keys - num_queries, None)
+    column = torch.arange(num_keys, device=canvas_mask.device)  # (Lk,)
+    return block_causal_allowed(
+        block_id[:, q],
+        clean[:, q],
+        block_id,
+        clean,
+        torch.ones_like(clean),
+        clean_stream=clean_stream,
+        q_column=column[q],
+        k_column=column,
+    )
 
 
 @dataclass
@@ -119,11 +212,13 @@ def two_copy_layout(
     attention_mask: torch.Tensor | None,
     answer_mask: torch.Tensor,
     block_size: int,
+    clean_stream: str = "block",
 ) -> TwoCopy:
     """Build the two-copy sequence of rows ``x0`` (clean) and ``xt`` (noised), both (B, L).
 
     ``answer_mask`` (B, L) marks one contiguous answer span per row (the prompt before it); the
     answer's blocks start at its first token. Right padding (``attention_mask`` 0) is allowed.
+    ``clean_stream``: how the clean copy attends inside its own block (module docstring).
     """
     answer_mask = answer_mask.bool()
     batch, length = x0.shape
@@ -148,7 +243,10 @@ def two_copy_layout(
     position_ids = torch.cat([base_pos, base_pos.gather(1, src)], dim=1)
     block_id = torch.cat([blocks, copy_blocks], dim=1)
     clean = torch.cat([torch.ones_like(key_ok), torch.zeros_like(in_answer)], dim=1)
-    allowed = block_causal_allowed(block_id, clean, block_id, clean, all_ok)
+    column = torch.arange(length + width, device=device)  # (L + A,)
+    allowed = block_causal_allowed(
+        block_id, clean, block_id, clean, all_ok, clean_stream=clean_stream, q_column=column, k_column=column
+    )
     answer_index = answer_mask.long().cumsum(dim=1) - 1
     noised_at = torch.where(answer_mask, length + answer_index, torch.full_like(answer_index, -1))
     return TwoCopy(input_ids, all_ok, position_ids, allowed, noised_at)
@@ -178,3 +276,15 @@ def two_copy_sources(
         first = a % block_size == 0
         column = torch.where(first, cols - 1, column - 1)
     return rows * (length + width) + column
+
+
+def clean_copy_sources(targets: torch.Tensor, width: int) -> torch.Tensor:
+    """(N,) flat columns of the two-copy sequence whose hidden states predict the N True ``targets``
+    (B, L) as the next token, in row-major order: the clean copy at i - 1 for token i,
+    ``row * (L + width) + i - 1`` (``width`` = A, the noised copy's columns). With
+    ``clean_stream="causal"`` these are the causal model's next-token predictions."""
+    targets = targets.bool()
+    if targets[:, 0].any():
+        raise ValueError("position 0 has no next-token prediction; targets must follow a prompt token")
+    rows, cols = targets.nonzero(as_tuple=True)
+    return rows * (targets.shape[1] + width) + cols - 1

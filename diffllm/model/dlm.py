@@ -24,7 +24,7 @@ from diffllm.model.attention import (
     custom_attention_mask,
     may_attend,
 )
-from diffllm.model.blocks import two_copy_layout, two_copy_sources
+from diffllm.model.blocks import check_clean_stream, clean_copy_sources, two_copy_layout, two_copy_sources
 
 
 def source_positions(targets: torch.Tensor, shift: bool) -> torch.Tensor:
@@ -56,7 +56,8 @@ class DiffusionLM(nn.Module):
     keys/values never depend on the canvas, as in the AR model, so a prefix KV cache of the prompt
     is exact) or ``causal``. Callers mark the canvas with ``canvas_mask=`` (B, L_keys) in
     ``hidden_states`` / ``logits_at``; without it there is no canvas and ``prefix_lm`` is
-    bidirectional. ``attention_options`` go to the mode's mask function (e.g. a block size).
+    bidirectional. ``attention_options`` go to the mode's mask function: ``block_causal`` takes
+    ``block_size`` and ``clean_stream`` (``block``, the default, or ``causal``: ``diffllm.model.blocks``).
     """
 
     def __init__(
@@ -79,11 +80,17 @@ class DiffusionLM(nn.Module):
                 raise ValueError(
                     f"model.attention=block_causal needs model.block_size, a positive integer; got {size!r}"
                 )
+            check_clean_stream(self.attention_options.setdefault("clean_stream", "block"))
 
     @property
     def block_size(self) -> int | None:
         """The block size of a block-diffusion model (``attention == "block_causal"``), else None."""
         return self.attention_options["block_size"] if self.attention == "block_causal" else None
+
+    @property
+    def clean_stream(self) -> str | None:
+        """How a block model's clean tokens attend inside their block (``block`` or ``causal``), else None."""
+        return self.attention_options["clean_stream"] if self.attention == "block_causal" else None
 
     @property
     def base(self) -> nn.Module:
@@ -216,6 +223,7 @@ class DiffusionLM(nn.Module):
         answer_mask: torch.Tensor,
         *,
         extra_mask: torch.Tensor | None = None,
+        block_size: int | None = None,
     ) -> torch.Tensor:
         """(N, V) predictions at the N True ``targets`` (B, L) of the noised rows ``xt``, row-major.
 
@@ -223,24 +231,60 @@ class DiffusionLM(nn.Module):
         over ``xt`` (``logits_at``). A block model: one pass over the two-copy sequence (clean ``x0``
         then the noised answer, ``diffllm.model.blocks``), the logits read at
         ``two_copy_sources`` (the first token of a block from the clean copy of the token before it).
+        ``block_size``: the blocks of this pass (a block-size curriculum's size in force); default
+        the model's own (the final size: validation, bounds, sampling).
         """
         if self.block_size is None:
+            if block_size is not None:
+                raise ValueError(
+                    f"block_size={block_size} needs a block model (model.attention=block_causal); this one is "
+                    f"{self.attention!r}"
+                )
             return self.logits_at(xt, targets, attention_mask, canvas_mask=answer_mask, extra_mask=extra_mask)
         if extra_mask is not None:
             raise ValueError(
                 "model.attention=block_causal does not compose with attention annealing (its mask is "
                 "over the two-copy layout); set anneal=none"
             )
-        layout = two_copy_layout(x0, xt, attention_mask, answer_mask, self.block_size)
+        return self.two_copy_logits(x0, xt, targets, attention_mask, answer_mask, block_size=block_size)[0]
+
+    def two_copy_logits(
+        self,
+        x0: torch.Tensor,
+        xt: torch.Tensor,
+        targets: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        answer_mask: torch.Tensor,
+        *,
+        block_size: int | None = None,
+        clean_targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A block model's one pass over the two-copy sequence: (the (N, V) denoising predictions at
+        ``targets``, as ``noised_logits``; the (M, V) next-token predictions of the clean copy at the
+        M True ``clean_targets`` (B, L), row-major, or None). Token i of ``clean_targets`` is read from
+        the clean copy at i - 1 whatever ``shift`` is: with ``clean_stream="causal"`` that is the causal
+        model's next-token prediction (the AR loss of ``loss.ar_weight``); with ``block`` it sees its
+        own block, the token it predicts included.
+        """
+        if self.block_size is None:
+            raise ValueError(
+                f"two_copy_logits needs a block model (model.attention=block_causal), not {self.attention!r}"
+            )
+        size = self.block_size if block_size is None else int(block_size)
+        layout = two_copy_layout(x0, xt, attention_mask, answer_mask, size, self.clean_stream)
         hidden = self.hidden_states(
             layout.input_ids,
             layout.key_ok.long(),
             attention="bidirectional",  # every constraint is in the layout's block-causal pattern
             extra_mask=layout.allowed,
             position_ids=layout.position_ids,
-        )  # (B, L + A, H)
-        sources = two_copy_sources(answer_mask, targets, self.block_size, self.shift, x0.shape[1])
-        return self.lm_head(hidden.flatten(0, 1)[sources])
+        ).flatten(0, 1)  # (B * (L + A), H)
+        sources = two_copy_sources(answer_mask, targets, size, self.shift, x0.shape[1])
+        logits = self.lm_head(hidden[sources])
+        if clean_targets is None:
+            return logits, None
+        width = layout.input_ids.shape[1] - x0.shape[1]  # A, the noised copy's columns
+        return logits, self.lm_head(hidden[clean_copy_sources(clean_targets, width)])
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from diffllm.model.attention import NATIVE_MODES, attention_mode, check_attention_mode, set_bidirectional
+from diffllm.model.blocks import check_clean_stream
 from diffllm.model.dlm import DiffusionLM
 
 log = logging.getLogger(__name__)
@@ -258,14 +259,20 @@ def check_attention(attention: str, attn_implementation: str) -> None:
         )
 
 
-def attention_options(attention: str, block_size: int | None) -> dict[str, Any]:
-    """The mode's options from the model node: ``block_size`` belongs to ``block_causal`` alone."""
+def attention_options(attention: str, block_size: int | None, clean_stream: str = "block") -> dict[str, Any]:
+    """The mode's options from the model node: ``block_size`` and ``clean_stream`` belong to
+    ``block_causal`` alone (``clean_stream="block"``, the default, is what every other mode does anyway)."""
     if attention == "block_causal":
-        return {"block_size": block_size}
+        return {"block_size": block_size, "clean_stream": check_clean_stream(clean_stream)}
     if block_size is not None:
         raise ValueError(
             f"model.block_size={block_size} is read only by model.attention=block_causal (attention is "
             f"{attention!r}); set model.attention=block_causal or model.block_size=null"
+        )
+    if clean_stream != "block":
+        raise ValueError(
+            f"model.clean_stream={clean_stream!r} is read only by model.attention=block_causal (attention is "
+            f"{attention!r}); set model.attention=block_causal or model.clean_stream=block"
         )
     return {}
 
@@ -278,6 +285,7 @@ def build_diffusion_model(
     attention: str | None = None,
     prefix_lm: bool | None = None,
     block_size: int | None = None,
+    clean_stream: str = "block",
     attn_implementation: str = "sdpa",
     dtype: str = "float32",
     mask_token: Mapping[str, Any] | None = None,
@@ -295,8 +303,10 @@ def build_diffusion_model(
     ``gradient_checkpointing=True`` recomputes each decoder block's activations in the backward
     pass (memory for compute, see ``enable_checkpointing``).
     ``attention``: ``model.attention`` (default ``bidirectional``); ``prefix_lm`` is the key it
-    replaced, still read from old configs and checkpoints (``attention_mode``).
-    Extra keys (the model node's ``config`` architecture, used by the dry run) are ignored here.
+    replaced, still read from old configs and checkpoints (``attention_mode``). ``block_size`` and
+    ``clean_stream``: ``block_causal``'s options (``diffllm.model.blocks``).
+    Extra keys (the model node's ``config`` architecture, used by the dry run, and ``block_schedule``,
+    the training module's curriculum) are ignored here.
     """
     attention = attention_mode(attention, prefix_lm)
     check_attention(attention, attn_implementation)
@@ -320,7 +330,7 @@ def build_diffusion_model(
         mask_id=mask_id,
         shift=shift,
         attention=attention,
-        attention_options=attention_options(attention, block_size),
+        attention_options=attention_options(attention, block_size, clean_stream),
     )
     return dlm, tokenizer
 
@@ -349,6 +359,7 @@ def build_from_config(
     attention: str | None = None,
     prefix_lm: bool | None = None,
     block_size: int | None = None,
+    clean_stream: str = "block",
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     **_: Any,
@@ -373,7 +384,7 @@ def build_from_config(
         mask_id=mask_id,
         shift=shift,
         attention=attention,
-        attention_options=attention_options(attention, block_size),
+        attention_options=attention_options(attention, block_size, clean_stream),
     )
 
 

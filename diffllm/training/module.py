@@ -18,12 +18,19 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from diffllm.config.schema import MODULE_ARGS, OptimizerNode, ValLikelihoodNode
+from diffllm.config.schema import (
+    MODULE_ARGS,
+    ConfigError,
+    OptimizerNode,
+    ValLikelihoodNode,
+    check_block_recipe,
+)
 from diffllm.config.trust import module_args, read_hparams
 from diffllm.config.upgrade import upgrade_model
 from diffllm.data.template import end_of_answer_id
@@ -35,7 +42,7 @@ from diffllm.evaluation.compare import validation_scores
 from diffllm.evaluation.names import FIGURES
 from diffllm.evaluation.scoring import TOKENS_OF
 from diffllm.model.attention import attention_of
-from diffllm.model.blocks import check_block_size
+from diffllm.model.blocks import check_block_size, scheduled_block_size
 from diffllm.model.load import build_diffusion_model, trainable_line
 from diffllm.training.distributed import GlobalNormaliser, draw_keys, nominal_batch_size
 from diffllm.training.objectives import objective_of
@@ -106,6 +113,8 @@ class DiffusionLitModule(L.LightningModule):
         # config time, before the model is built (AR-SFT trains the causal model: no blocks)
         if attention_of(args["model"]) == "block_causal" and self.objective.attention is None:
             check_block_size(args["model"].get("block_size"), args["data"].get("answer_pad_to"))
+        # block_schedule, clean_stream and ar_weight together (run configs are checked before this too)
+        check_block_recipe(args["model"], args["data"], args["loss"])
         self.dlm, self.tokenizer = build_diffusion_model(lora=args["lora"], **args["model"])
         # The end-of-answer id (EOS, or the chat template's end of turn) the sampler stops at.
         self.eos_id = end_of_answer_id(self.tokenizer, args["data"]["template"])
@@ -113,6 +122,8 @@ class DiffusionLitModule(L.LightningModule):
         log.info("%s", trainable_line(self.dlm.model))
         if self.objective.attention is not None:  # AR-SFT: the model it trains is causal
             self.dlm.attention = self.objective.attention
+        # the block-size curriculum (model.block_schedule), a block model's only: AR-SFT ignores it
+        self.block_schedule = args["model"].get("block_schedule") if self.dlm.block_size is not None else None
         self.schedule = instantiate(args["schedule"])  # training only: bounds use evaluation.EVAL_SCHEDULE
         self.time_sampler = instantiate(args["time_sampler"])
         self.loss_fn = instantiate(args["loss"])
@@ -178,17 +189,32 @@ class DiffusionLitModule(L.LightningModule):
     def mask_id(self) -> int:
         return self.dlm.mask_id
 
+    def block_size_at(self, step: int) -> int | None:
+        """The block size training uses at optimizer step ``step`` (``model.block_schedule``); None
+        without a schedule (the model's own ``block_size`` throughout). A pure function of the step:
+        a resumed run trains at the size the uninterrupted one would. Validation, bounds, the sampler
+        and the export always use the final size, ``model.block_size``, so ``val/nll_bound`` (and
+        ``best.ckpt``, chosen by it) compares every step at the size the model is used at."""
+        return scheduled_block_size(self.block_schedule, step)
+
     # -- the objective ---------------------------------------------------------------------------
     def diffusion_loss(
         self,
         batch: dict[str, torch.Tensor],
         generator: torch.Generator | None = None,
         keys: DrawKeys | None = None,
+        block_size: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Sample t, hide answer tokens w.p. 1 - alpha(t), predict them back; returns (loss, stats).
 
         The draws come from ``keys`` (training: keyed per row) or else from ``generator``.
-        stats: n_answer, n_hidden, and the loss's numerator ``weighted_sum`` and normaliser ``count``.
+        ``block_size``: a block model's blocks for this loss (training: the curriculum's size in
+        force, ``block_size_at``); None: the model's own.
+        With ``loss.ar_weight`` w > 0 the clean copy's next-token CE on the scored tokens (``score_mask``:
+        answer + first end token) is added, from the same forward pass:
+        ``weighted_sum`` = S_diffusion + w * S_AR over the same ``count`` Z (``diffllm.diffusion.loss``).
+        stats: n_answer, n_hidden, the loss's numerator ``weighted_sum`` and normaliser ``count``, and
+        with the AR term ``ar_sum`` (its unweighted CE sum, nats) and ``n_scored``.
         """
         x0, attention_mask, answer_mask = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
         if keys is not None:
@@ -203,12 +229,23 @@ class DiffusionLitModule(L.LightningModule):
         visible = self.annealing.visible(
             *x0.shape, self.global_step, device=x0.device, generator=generator, keys=keys
         )
-        logits = self.dlm.noised_logits(
-            x0, xt, hidden, attention_mask, answer_mask, extra_mask=visible
-        )  # (N, V) only at hidden positions
+        ar_weight, ar_stats = self.loss_fn.ar_weight, {}
+        if ar_weight > 0:  # one pass: the denoising logits and the clean copy's next-token ones
+            scored = batch.get("score_mask", answer_mask).bool()  # (B, L) answer + its first end token
+            logits, ar_logits = self.dlm.two_copy_logits(
+                x0, xt, hidden, attention_mask, answer_mask, block_size=block_size, clean_targets=scored
+            )  # (N, V) at hidden positions, (M, V) at scored ones
+            ar_sum = F.cross_entropy(ar_logits.float(), x0[scored], reduction="sum")  # nats, scored tokens
+            ar_stats = {"ar_sum": ar_sum.detach(), "n_scored": scored.sum()}
+        else:
+            logits = self.dlm.noised_logits(
+                x0, xt, hidden, attention_mask, answer_mask, extra_mask=visible, block_size=block_size
+            )  # (N, V) only at hidden positions
         t_pos = t[:, None].expand_as(x0)[hidden]  # (N,) the t of each hidden token's row
         n_answer = answer_mask.sum()
         weighted_sum = self.loss_fn.weighted_sum(logits, x0[hidden], t_pos, self.schedule)
+        if ar_weight > 0:
+            weighted_sum = weighted_sum + ar_weight * ar_sum
         count = self.loss_fn.count(n_answer=n_answer, n_hidden=hidden.sum(), n_tokens=attention_mask.sum())
         loss = weighted_sum / count.clamp_min(1)
         return loss, {
@@ -216,6 +253,7 @@ class DiffusionLitModule(L.LightningModule):
             "n_hidden": hidden.sum(),
             "weighted_sum": weighted_sum,
             "count": count,
+            **ar_stats,
         }
 
     @override
@@ -232,10 +270,15 @@ class DiffusionLitModule(L.LightningModule):
         torch.manual_seed(key_seed(seed, self.global_step, rank, batch_idx % k, "dropout"))
         if batch_idx % k == 0:  # a new accumulation window (Lightning's): drop any unfinished one
             self.normaliser.reset()
-        _, stats = self.objective.loss(self, batch, keys=keys)
+        block_size = self.block_size_at(self.global_step)  # the curriculum's size in force, or None
+        _, stats = self.objective.loss(self, batch, keys=keys, block_size=block_size)
         self.tokens_seen += trainer.strategy.reduce(batch["attention_mask"].sum(), reduce_op="sum")
         self.normaliser.add(stats["weighted_sum"], stats["count"])
         self.log("train/hidden_frac", stats["n_hidden"] / stats["n_answer"].clamp_min(1), batch_size=bs)
+        if block_size is not None:
+            self.log("train/block_size", float(block_size), batch_size=bs)
+        if "ar_sum" in stats:  # the clean stream's AR CE per scored token (nats), this micro-batch
+            self.log("train/ar_ce", stats["ar_sum"] / stats["n_scored"].clamp_min(1), batch_size=bs)
         return stats["weighted_sum"]
 
     @override
@@ -342,6 +385,13 @@ class DiffusionLitModule(L.LightningModule):
         # load is exact and quiet (nothing is reported missing).
         for key, value in self.state_dict().items():
             checkpoint["state_dict"].setdefault(key, value)
+        saved_model = checkpoint.get("hyper_parameters", {}).get("model") or {}
+        saved_schedule = saved_model.get("block_schedule")
+        if saved_schedule != self.hparams["model"].get("block_schedule"):  # the size in force is f(step)
+            raise ConfigError(
+                f"the checkpoint was trained with model.block_schedule={saved_schedule}, this run says "
+                f"{self.hparams['model'].get('block_schedule')}; resume with the checkpoint's schedule"
+            )
         extra = checkpoint.get("diffllm", {})
         self.tokens_seen.fill_(int(extra.get("tokens_seen", 0)))
         legacy = checkpoint.get("hyper_parameters", {}).get("cfg") or {}  # a checkpoint of the cfg= era

@@ -45,10 +45,12 @@ class DiffusionObjective:
         batch: Mapping[str, torch.Tensor],
         generator: torch.Generator | None = None,
         keys: DrawKeys | None = None,
+        block_size: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``module.diffusion_loss``: (loss, stats with ``weighted_sum`` / ``count``, its numerator and
-        normaliser, that training sums over the whole optimizer step)."""
-        return module.diffusion_loss(batch, generator=generator, keys=keys)
+        normaliser, that training sums over the whole optimizer step). ``block_size``: the
+        curriculum's size in force (``model.block_schedule``), None for the model's own."""
+        return module.diffusion_loss(batch, generator=generator, keys=keys, block_size=block_size)
 
     def answers(
         self,
@@ -82,8 +84,10 @@ class ARObjective:
         batch: Mapping[str, torch.Tensor],
         generator: torch.Generator | None = None,
         keys: DrawKeys | None = None,
+        block_size: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(mean next-token CE over the scored tokens, stats); ``generator`` / ``keys`` are unused (no noise).
+        """(mean next-token CE over the scored tokens, stats); ``generator`` / ``keys`` are unused (no
+        noise), and so is ``block_size`` (the causal model has no blocks: AR-SFT ignores a curriculum).
 
         stats ``weighted_sum`` (the CE sum) and ``count`` (the scored tokens): training divides the
         sum over the whole optimizer step (micro-batches and ranks) by the total count.
