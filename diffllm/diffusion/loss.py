@@ -31,6 +31,12 @@ spans count more), as in LLaDA. In training, the sums and Z run over the optimiz
 global batch, all ranks and micro-batches included (``weighted_sum`` per micro-batch, ``count``
 summed into ``diffllm.training.distributed.GlobalNormaliser``): a step with accumulation k on W ranks takes
 the gradient of one batch of all its rows.
+
+Two recipe options ride on the loss node, off by default (issue 18): ``complementary`` trains every row
+with its mask and the complement of that mask (``diffllm.diffusion.complementary``; Z counts both
+halves), and ``distill_weight`` adds that multiple of KL(base next-token || converted) at the masked
+scored positions over the same Z (``diffllm.diffusion.distill``). ``DiffusionLitModule.diffusion_loss``
+applies them.
 """
 
 from __future__ import annotations
@@ -98,7 +104,13 @@ class MaskedDiffusionLoss:
     loss is 0 rather than NaN.
     """
 
-    def __init__(self, weighting: str = "elbo", normalisation: str = "supervised_tokens") -> None:
+    def __init__(
+        self,
+        weighting: str = "elbo",
+        normalisation: str = "supervised_tokens",
+        complementary: bool = False,
+        distill_weight: float = 0.0,
+    ) -> None:
         if normalisation in RENAMED_NORMALISATIONS:
             new = RENAMED_NORMALISATIONS[normalisation]
             warnings.warn(
@@ -114,8 +126,12 @@ class MaskedDiffusionLoss:
             raise ValueError(
                 f"unknown loss normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}"
             )
+        if not distill_weight >= 0:
+            raise ValueError(f"loss distill_weight must be >= 0, got {distill_weight}")
         self.weighting = weighting
         self.normalisation = normalisation
+        self.complementary = bool(complementary)  # recipe options (module docstring)
+        self.distill_weight = float(distill_weight)
 
     def __call__(
         self,
@@ -152,4 +168,6 @@ class MaskedDiffusionLoss:
         return counts[NORMALISATIONS[self.normalisation]]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(weighting={self.weighting!r}, normalisation={self.normalisation!r})"
+        recipe = f", complementary={self.complementary}" if self.complementary else ""
+        recipe += f", distill_weight={self.distill_weight}" if self.distill_weight else ""
+        return f"{type(self).__name__}(weighting={self.weighting!r}, normalisation={self.normalisation!r}{recipe})"

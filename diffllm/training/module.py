@@ -27,11 +27,14 @@ from diffllm.config.schema import (
     MODULE_ARGS,
     OptimizerNode,
     ValLikelihoodNode,
+    check_loss_recipe,
     module_args,
     read_hparams,
     upgrade_model,
 )
 from diffllm.data.template import end_of_answer_id
+from diffllm.diffusion.complementary import ComplementaryTimes, complementary_pair
+from diffllm.diffusion.distill import distill_sum
 from diffllm.diffusion.forward import forward_process, keyed_forward_process
 from diffllm.diffusion.keys import DrawKeys, key_seed
 from diffllm.diffusion.likelihood import validation_seed
@@ -111,6 +114,7 @@ class DiffusionLitModule(L.LightningModule):
         self.limit_val_batches: int | float | None = None  # recorded in checkpoints for evaluate
         if attention_of(args["model"]) == "block_causal":  # config time: before the model is built
             check_block_size(args["model"].get("block_size"), args["data"].get("answer_pad_to"))
+        check_loss_recipe(args)  # loss.complementary / loss.distill_weight against their keys, before loading
         self.dlm, self.tokenizer = build_diffusion_model(lora=args["lora"], **args["model"])
         # The end-of-answer id (EOS, or the chat template's end of turn) the sampler stops at.
         self.eos_id = end_of_answer_id(self.tokenizer, args["data"]["template"])
@@ -124,6 +128,8 @@ class DiffusionLitModule(L.LightningModule):
         self.schedule = instantiate(args["schedule"])  # training only: bounds use evaluation.EVAL_SCHEDULE
         self.time_sampler = instantiate(args["time_sampler"])
         self.loss_fn = instantiate(args["loss"])
+        if self.loss_fn.complementary:  # t in [eps, 1 - eps], so both halves of the pair have a finite w
+            self.time_sampler = ComplementaryTimes(self.time_sampler)
         # annealing composes with model.attention (diffllm.diffusion.annealing), block_causal aside
         self.annealing = instantiate(args["anneal"])
         if self.dlm.block_size is not None and self.annealing.steps > 0:
@@ -196,7 +202,10 @@ class DiffusionLitModule(L.LightningModule):
         """Sample t, hide answer tokens w.p. 1 - alpha(t), predict them back; returns (loss, stats).
 
         The draws come from ``keys`` (training: keyed per row) or else from ``generator``.
-        stats: n_answer, n_hidden, and the loss's numerator ``weighted_sum`` and normaliser ``count``.
+        stats: n_answer, n_hidden, and the loss's numerator ``weighted_sum`` and normaliser ``count``;
+        with ``loss.distill_weight`` also ``distill_kl`` (the KL sum) and ``n_distilled``.
+        ``loss.complementary``: the rows are doubled after the draws (``complementary_pair``), so
+        every count covers both halves; ``loss.distill_weight``: ``distill_sum``'s KL joins the numerator.
         """
         x0, attention_mask, answer_mask = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
         if keys is not None:
@@ -211,6 +220,14 @@ class DiffusionLitModule(L.LightningModule):
         visible = self.annealing.visible(
             *x0.shape, self.global_step, device=x0.device, generator=generator, keys=keys
         )
+        if self.loss_fn.complementary:  # each row again, with the complement of its mask at 1 - t
+            batch, t, xt, hidden = complementary_pair(batch, t, hidden, self.mask_id)
+            x0, attention_mask, answer_mask = (
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["answer_mask"],
+            )
+            visible = None if visible is None else torch.cat([visible, visible])
         logits = self.dlm.noised_logits(
             x0, xt, hidden, attention_mask, answer_mask, extra_mask=visible
         )  # (N, V) only at hidden positions
@@ -218,12 +235,19 @@ class DiffusionLitModule(L.LightningModule):
         n_answer = answer_mask.sum()
         weighted_sum = self.loss_fn.weighted_sum(logits, x0[hidden], t_pos, self.schedule)
         count = self.loss_fn.count(n_answer=n_answer, n_hidden=hidden.sum(), n_tokens=attention_mask.sum())
+        recipe = {}
+        if self.loss_fn.distill_weight > 0:  # the teacher: the inner model with its adapters off, no grad
+            score_mask = batch.get("score_mask", answer_mask)
+            kl_sum, n_distilled = distill_sum(self.dlm, x0, attention_mask, hidden, score_mask, logits)
+            weighted_sum = weighted_sum + self.loss_fn.distill_weight * kl_sum
+            recipe = {"distill_kl": kl_sum.detach(), "n_distilled": n_distilled}
         loss = weighted_sum / count.clamp_min(1)
         return loss, {
             "n_answer": n_answer,
             "n_hidden": hidden.sum(),
             "weighted_sum": weighted_sum,
             "count": count,
+            **recipe,
         }
 
     @override
@@ -244,6 +268,10 @@ class DiffusionLitModule(L.LightningModule):
         self.tokens_seen += trainer.strategy.reduce(batch["attention_mask"].sum(), reduce_op="sum")
         self.normaliser.add(stats["weighted_sum"], stats["count"])
         self.log("train/hidden_frac", stats["n_hidden"] / stats["n_answer"].clamp_min(1), batch_size=bs)
+        if "distill_kl" in stats:  # nats per distilled position (loss.distill_weight)
+            self.log(
+                "train/distill_kl", stats["distill_kl"] / stats["n_distilled"].clamp_min(1), batch_size=bs
+            )
         return stats["weighted_sum"]
 
     @override
