@@ -418,10 +418,18 @@ class LossNode:
     # w of loss = L_diffusion + w * L_AR, L_AR the next-token CE of the clean copy's scored tokens
     # (model.attention=block_causal with model.clean_stream=causal only); 0 = off
     ar_weight: float = 0.0
+    # recipe options (issue 18; cross-checks in check_loss_recipe): each row also trained with the
+    # complement of its mask (linear schedule only), and KL(base || converted) at the masked scored
+    # positions (block_causal only)
+    complementary: bool = False
+    distill_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check_target(self, "loss")
         _require(self.ar_weight >= 0, "loss.ar_weight", self.ar_weight, "a number >= 0 (0 = off)")
+        _require(
+            self.distill_weight >= 0, "loss.distill_weight", self.distill_weight, "a number >= 0 (0 = off)"
+        )
         _require(self.weighting in WEIGHTINGS, "loss.weighting", self.weighting, " | ".join(WEIGHTINGS))
         _require(
             # an old name (RENAMED_NORMALISATIONS) is read by the loss, with a warning
@@ -680,6 +688,7 @@ def check_run_config(cfg: Any) -> TrainNode:
     check_trainer(node.trainer)
     check_combination(node)
     check_block_recipe(node.model, node.data, node.loss, node.trainer.get("max_steps"))
+    check_loss_recipe(node)
     return node
 
 
@@ -722,6 +731,57 @@ def check_block_recipe(model: Any, data: Any, loss: Any, max_steps: int | None =
             f"loss.ar_weight={ar_weight} needs model.attention=block_causal with model.clean_stream=causal "
             f"(got {attention}, {clean_stream}): the AR loss reads the clean copy, which must not see the token "
             "it predicts; set both, or loss.ar_weight=0"
+        )
+
+
+def check_loss_recipe(node: Any) -> None:
+    """The loss's recipe options against the keys they depend on (a ``TrainNode``/``ModuleNode`` or the
+    module's plain arguments); ``objective=ar`` ignores the loss node, so nothing is checked for it.
+
+    ``loss.complementary``: the linear schedule (the complement of ``u < t`` is the mask at 1 - t) and
+    ``time_sampler.eps < 0.5`` (t is drawn in [eps, 1 - eps]). ``loss.distill_weight > 0``:
+    ``model.attention=block_causal`` (the student sees the teacher's clean left context) and LoRA
+    adapters (the teacher is the model with its adapters off).
+    """
+
+    def get(owner: Any, key: str, default: Any = None) -> Any:
+        return owner.get(key, default) if isinstance(owner, dict) else getattr(owner, key, default)
+
+    objective = str(get(get(node, "objective") or {}, "_target_") or "")
+    if objective.rsplit(".", 1)[-1] == "ARObjective":
+        return
+    loss = get(node, "loss") or {}
+    if get(loss, "complementary", False):
+        schedule = get(get(node, "schedule") or {}, "_target_")
+        _require(
+            schedule == ScheduleNode._target_,
+            "schedule._target_",
+            schedule,
+            f"{ScheduleNode._target_} with loss.complementary=true (the complement of the mask u < t is the "
+            "mask at 1 - t under the linear schedule only): set schedule=linear or loss.complementary=false",
+        )
+        eps = get(get(node, "time_sampler") or {}, "eps", TimeSamplerNode.eps)
+        _require(
+            eps < 0.5,
+            "time_sampler.eps",
+            eps,
+            "0 <= eps < 0.5 with loss.complementary=true (t is drawn in [eps, 1 - eps])",
+        )
+    weight = get(loss, "distill_weight", 0.0)
+    if weight:
+        attention = get(get(node, "model") or {}, "attention")
+        _require(
+            attention == "block_causal",
+            "model.attention",
+            attention,
+            f"block_causal with loss.distill_weight={weight} (the student must see the clean left context "
+            "the base model sees): set model.attention=block_causal model.block_size=B, or loss.distill_weight=0",
+        )
+        _require(
+            get(node, "lora") is not None,
+            "lora",
+            None,
+            f"LoRA adapters with loss.distill_weight={weight} (the teacher is the model with its adapters off)",
         )
 
 

@@ -42,6 +42,12 @@ both sums in nats over the same global Z: the AR term is w * (AR-SFT's mean CE p
 sum_b |S_b| / Z, i.e. nats per supervised position like the diffusion term (with the default
 "supervised_tokens", Z counts the EOS padding too, so w = 1 weighs one scored token's CE as much as one
 supervised position's share of the bound). ``training.module.DiffusionLitModule.diffusion_loss`` adds it.
+
+Two recipe options ride on the loss node, off by default (issue 18): ``complementary`` trains every row
+with its mask and the complement of that mask (``diffllm.diffusion.complementary``; Z counts both
+halves), and ``distill_weight`` adds that multiple of KL(base next-token || converted) at the masked
+scored positions over the same Z (``diffllm.diffusion.distill``). ``DiffusionLitModule.diffusion_loss``
+applies them.
 """
 
 from __future__ import annotations
@@ -110,7 +116,12 @@ class MaskedDiffusionLoss:
     """
 
     def __init__(
-        self, weighting: str = "elbo", normalisation: str = "supervised_tokens", ar_weight: float = 0.0
+        self,
+        weighting: str = "elbo",
+        normalisation: str = "supervised_tokens",
+        ar_weight: float = 0.0,
+        complementary: bool = False,
+        distill_weight: float = 0.0,
     ) -> None:
         if normalisation in RENAMED_NORMALISATIONS:
             new = RENAMED_NORMALISATIONS[normalisation]
@@ -129,9 +140,13 @@ class MaskedDiffusionLoss:
             )
         if ar_weight < 0:
             raise ValueError(f"loss.ar_weight={ar_weight} must be >= 0 (0 = off)")
+        if not distill_weight >= 0:
+            raise ValueError(f"loss distill_weight must be >= 0, got {distill_weight}")
         self.weighting = weighting
         self.normalisation = normalisation
         self.ar_weight = float(ar_weight)  # w of the AR term (module docstring); 0 = off
+        self.complementary = bool(complementary)  # recipe options (module docstring)
+        self.distill_weight = float(distill_weight)
 
     def __call__(
         self,
@@ -168,7 +183,7 @@ class MaskedDiffusionLoss:
         return counts[NORMALISATIONS[self.normalisation]]
 
     def __repr__(self) -> str:
-        ar = f", ar_weight={self.ar_weight}" if self.ar_weight else ""
-        return (
-            f"{type(self).__name__}(weighting={self.weighting!r}, normalisation={self.normalisation!r}{ar})"
-        )
+        recipe = f", ar_weight={self.ar_weight}" if self.ar_weight else ""
+        recipe += f", complementary={self.complementary}" if self.complementary else ""
+        recipe += f", distill_weight={self.distill_weight}" if self.distill_weight else ""
+        return f"{type(self).__name__}(weighting={self.weighting!r}, normalisation={self.normalisation!r}{recipe})"

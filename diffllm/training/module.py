@@ -30,10 +30,13 @@ from diffllm.config.schema import (
     OptimizerNode,
     ValLikelihoodNode,
     check_block_recipe,
+    check_loss_recipe,
 )
 from diffllm.config.trust import module_args, read_hparams
 from diffllm.config.upgrade import upgrade_model
 from diffllm.data.template import end_of_answer_id
+from diffllm.diffusion.complementary import ComplementaryTimes, complementary_pair
+from diffllm.diffusion.distill import distill_sum
 from diffllm.diffusion.forward import forward_process, keyed_forward_process
 from diffllm.diffusion.keys import DrawKeys, key_seed
 from diffllm.diffusion.likelihood import validation_seed
@@ -115,6 +118,7 @@ class DiffusionLitModule(L.LightningModule):
             check_block_size(args["model"].get("block_size"), args["data"].get("answer_pad_to"))
         # block_schedule, clean_stream and ar_weight together (run configs are checked before this too)
         check_block_recipe(args["model"], args["data"], args["loss"])
+        check_loss_recipe(args)  # loss.complementary / loss.distill_weight against their keys, before loading
         self.dlm, self.tokenizer = build_diffusion_model(lora=args["lora"], **args["model"])
         # The end-of-answer id (EOS, or the chat template's end of turn) the sampler stops at.
         self.eos_id = end_of_answer_id(self.tokenizer, args["data"]["template"])
@@ -127,6 +131,8 @@ class DiffusionLitModule(L.LightningModule):
         self.schedule = instantiate(args["schedule"])  # training only: bounds use evaluation.EVAL_SCHEDULE
         self.time_sampler = instantiate(args["time_sampler"])
         self.loss_fn = instantiate(args["loss"])
+        if self.loss_fn.complementary:  # t in [eps, 1 - eps], so both halves of the pair have a finite w
+            self.time_sampler = ComplementaryTimes(self.time_sampler)
         # annealing composes with model.attention (diffllm.diffusion.annealing), block_causal aside
         self.annealing = instantiate(args["anneal"])
         if self.dlm.block_size is not None and self.annealing.steps > 0:
@@ -215,6 +221,8 @@ class DiffusionLitModule(L.LightningModule):
         ``weighted_sum`` = S_diffusion + w * S_AR over the same ``count`` Z (``diffllm.diffusion.loss``).
         stats: n_answer, n_hidden, the loss's numerator ``weighted_sum`` and normaliser ``count``, and
         with the AR term ``ar_sum`` (its unweighted CE sum, nats) and ``n_scored``.
+        ``loss.complementary``: the rows are doubled after the draws (``complementary_pair``), so
+        every count covers both halves; ``loss.distill_weight``: ``distill_sum``'s KL joins the numerator.
         """
         x0, attention_mask, answer_mask = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
         if keys is not None:
@@ -229,6 +237,14 @@ class DiffusionLitModule(L.LightningModule):
         visible = self.annealing.visible(
             *x0.shape, self.global_step, device=x0.device, generator=generator, keys=keys
         )
+        if self.loss_fn.complementary:  # each row again, with the complement of its mask at 1 - t
+            batch, t, xt, hidden = complementary_pair(batch, t, hidden, self.mask_id)
+            x0, attention_mask, answer_mask = (
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["answer_mask"],
+            )
+            visible = None if visible is None else torch.cat([visible, visible])
         ar_weight, ar_stats = self.loss_fn.ar_weight, {}
         if ar_weight > 0:  # one pass: the denoising logits and the clean copy's next-token ones
             scored = batch.get("score_mask", answer_mask).bool()  # (B, L) answer + its first end token
@@ -247,6 +263,12 @@ class DiffusionLitModule(L.LightningModule):
         if ar_weight > 0:
             weighted_sum = weighted_sum + ar_weight * ar_sum
         count = self.loss_fn.count(n_answer=n_answer, n_hidden=hidden.sum(), n_tokens=attention_mask.sum())
+        recipe = {}
+        if self.loss_fn.distill_weight > 0:  # the teacher: the inner model with its adapters off, no grad
+            score_mask = batch.get("score_mask", answer_mask)
+            kl_sum, n_distilled = distill_sum(self.dlm, x0, attention_mask, hidden, score_mask, logits)
+            weighted_sum = weighted_sum + self.loss_fn.distill_weight * kl_sum
+            recipe = {"distill_kl": kl_sum.detach(), "n_distilled": n_distilled}
         loss = weighted_sum / count.clamp_min(1)
         return loss, {
             "n_answer": n_answer,
@@ -254,6 +276,7 @@ class DiffusionLitModule(L.LightningModule):
             "weighted_sum": weighted_sum,
             "count": count,
             **ar_stats,
+            **recipe,
         }
 
     @override
@@ -279,6 +302,10 @@ class DiffusionLitModule(L.LightningModule):
             self.log("train/block_size", float(block_size), batch_size=bs)
         if "ar_sum" in stats:  # the clean stream's AR CE per scored token (nats), this micro-batch
             self.log("train/ar_ce", stats["ar_sum"] / stats["n_scored"].clamp_min(1), batch_size=bs)
+        if "distill_kl" in stats:  # nats per distilled position (loss.distill_weight)
+            self.log(
+                "train/distill_kl", stats["distill_kl"] / stats["n_distilled"].clamp_min(1), batch_size=bs
+            )
         return stats["weighted_sum"]
 
     @override
