@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -316,9 +317,7 @@ def test_dual_cache(shift):
 
 # ---------------------------------------------------------------- end to end on the embedded default
 
-# the report's quality grid: k tokens per step must give a step count the 2 blocks of TINY_RUN's
-# 8 positions divide (checked at start: diffllm.config.schema.check_block_model)
-BLOCK_RUN = ["model.attention=block_causal", "model.block_size=4", "report.quality.tokens_per_step=[1,2,4]"]
+BLOCK_RUN = ["model.attention=block_causal", "model.block_size=4"]
 # issue 18's options 1-2 on top (TINY_RUN trains 6 steps): a curriculum from AR, the causal clean stream
 # and its AR loss, so the end-to-end test below carries them through training, the report and the export
 RECIPE = ["model.block_schedule=[[0,1],[3,4]]", "model.clean_stream=causal", "loss.ar_weight=0.5"]
@@ -349,8 +348,13 @@ def test_block_model_trains_validates_reports_and_exports(tmp_path):
     assert objects["module"].dlm.block_size == 4 and objects["module"].dlm.clean_stream == "causal"
     assert math.isfinite(metrics["train/ar_ce"]) and metrics["train/block_size"] == 4
     assert math.isfinite(metrics["val/nll_bound"]) and "val/exact_match" in metrics
-    report = (out / "report.json").read_text()
-    assert '"diffusion"' in report
+    report = json.loads((out / "report.json").read_text())
+    assert "diffusion" in json.dumps(report)
+    # the default quality grid (1, 2, 4, 8 tokens per step) on TINY_RUN's 2 blocks of 4: k=8 gives 1
+    # step, which 2 blocks cannot share; the run is not refused, that grid point is a skipped row
+    grid = {row["tokens_per_step"]: row for row in report["quality_vs_compute"]}
+    assert sorted(grid) == [1, 2, 4, 8] and "skipped" in grid[8]
+    assert all("skipped" not in grid[k] for k in (1, 2, 4)), grid
     written = export(out / "checkpoints" / "last.ckpt", tmp_path / "export")
     ckpt_model = load_for_inference(out / "checkpoints" / "last.ckpt")
     questions = ["Reverse these words: cat dog sun", "Sort these numbers: 3 1 2"]

@@ -796,20 +796,16 @@ def check_combination(run: TrainNode) -> None:
     """How the groups go together, checked before anything loads (one line naming the keys and the fix).
 
     A block model (``model.attention=block_causal``) is checked by ``check_block_model``: its sampler,
-    its answer padding, annealing and the report's quality-vs-compute grid against its blocks.
+    its answer padding and annealing against its blocks. (A k of the report's quality-vs-compute grid
+    whose step count the blocks do not divide is not refused: the sweep keeps it as a ``skipped`` row
+    with the reason, ``diffllm.evaluation.sweep``.)
     ``objective=ar`` trains the causal model whatever the model node says, so none of this applies
     to it (``make train`` passes the same ARGS to the AR-SFT run and the diffusion run).
     """
     if run.objective._target_ == AR_OBJECTIVE or run.model.attention != "block_causal":
         return
-    quality = run.report.quality
     check_block_model(
-        run.model.block_size,
-        run.sampler,
-        answer_pad_to=run.data.answer_pad_to,
-        anneal_steps=run.anneal.steps,
-        tokens_per_step=quality.tokens_per_step if run.report.enabled and quality.enabled else (),
-        grid_key="report.quality.tokens_per_step",
+        run.model.block_size, run.sampler, answer_pad_to=run.data.answer_pad_to, anneal_steps=run.anneal.steps
     )
 
 
@@ -819,17 +815,13 @@ def check_block_model(
     *,
     answer_pad_to: int | None = None,
     anneal_steps: int = 0,
-    tokens_per_step: list[int] | tuple[int, ...] = (),
-    grid_key: str = "quality.tokens_per_step",
 ) -> None:
     """A block model of block size b decodes its own blocks, so:
 
     * ``sampler.block_length`` is null or b, ``sampler.cache`` none or block (exact);
     * b divides ``sampler.gen_length``, and the blocks divide ``sampler.steps`` (schedule mode);
     * b divides ``data.answer_pad_to`` (``diffllm.model.blocks.check_block_size``);
-    * no attention annealing (its mask is over one copy; a block model trains on two);
-    * each k of the quality-vs-compute grid (``grid_key``, k tokens per step: gen_length // k steps)
-      gives a step count the blocks divide.
+    * no attention annealing (its mask is over one copy; a block model trains on two).
 
     Every rule broken is named in one ``ConfigError`` line with its fix. The step rules are the
     sampler's own (``SamplerConfig`` built with ``block_length = b``).
@@ -860,21 +852,6 @@ def check_block_model(
             "trains on a clean and a noised copy; set anneal=none"
         )
 
-    def fits(k: int) -> bool:
-        try:
-            SamplerConfig(**{**values, "block_length": b, "steps": gen // int(k), "threshold": None})
-        except ValueError:
-            return False
-        return True
-
-    bad = [k for k in tokens_per_step if not fits(k)] if not gen % b else []
-    if bad:
-        problems.append(
-            f"{grid_key}={list(tokens_per_step)}: k={bad[0]} tokens per step gives "
-            f"{gen // int(bad[0])} steps, "
-            f"which {gen // b} blocks do not divide; keep the k that divide {b}: "
-            f"{grid_key}={[k for k in tokens_per_step if fits(k)]}"
-        )
     if problems:
         raise ConfigError(
             f"model.attention=block_causal with model.block_size={b} decodes blocks of {b}: "
