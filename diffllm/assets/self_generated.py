@@ -28,7 +28,7 @@ machine and cached (like the SmolLM2 folder):
    without it is an interrupted build. ``key`` hashes every setting, ``data.max_length``, this
    builder's version and the model's content (the SHA-256 of its folder's files), not its path.
 
-Cost (upper bounds on a loaded 2-core machine, one thread): docs/h18d.md.
+Cost (upper bounds on a loaded 2-core machine, one thread): docs/self-generated-data.md.
 """
 
 from __future__ import annotations
