@@ -191,7 +191,11 @@ def test_ar_sft_once_then_everything_skipped(tmp_path, capsys):
     )
     trained = fake.trainings()
     ar = [p for p in trained if p.name.startswith("ar-sft-")]
-    assert len(ar) == 1 and [p.name for p in trained] == [ar[0].name, "a", "b"]
+    assert len(ar) == 1 and [p.name for p in trained] == [
+        "a",
+        ar[0].name,
+        "b",
+    ]  # the conversion, then the baseline it is scored against
     assert [c[1] for c in fake.calls].count("diffllm.evaluate") == 2
     lines = rc.read_results(out / "results.jsonl")
     assert [x["recipe"] for x in lines] == ["a", "b"]
@@ -202,9 +206,9 @@ def test_ar_sft_once_then_everything_skipped(tmp_path, capsys):
         if c[1] == "diffllm.evaluate"
     )
     # the exact commands: the AR-SFT and training commands launched, with the thread setting
-    b = lines[1]  # calls: AR-SFT, a, a's evaluation, b, b's evaluation
+    b = lines[1]  # calls: a, AR-SFT, a's evaluation, b, b's evaluation
     assert b["commands"]["train"] == [rc.shown(fake.calls[3], 1)]
-    assert b["commands"]["ar_sft_train"] == [rc.shown(fake.calls[0], 1)]
+    assert b["commands"]["ar_sft_train"] == [rc.shown(fake.calls[1], 1)]
     assert b["commands"]["eval"] == rc.shown(fake.calls[4], 1)
     assert b["commands"]["train"][0].startswith(
         "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m diffllm.train "
@@ -220,8 +224,8 @@ def test_ar_sft_once_then_everything_skipped(tmp_path, capsys):
     third = FakeLauncher()
     assert rc.main(["--recipes", str(lst), "--out", str(out), "--no-check"], launcher=third) == 0
     assert [p.name for p in third.trainings()] == [
-        f"ar-sft-{rc.ar_key(('trainer.max_steps=6',), ('trainer.max_steps=9',))}",
         "c",
+        f"ar-sft-{rc.ar_key(('trainer.max_steps=6',), ('trainer.max_steps=9',))}",
     ]
     assert len(rc.read_results(out / "results.jsonl")) == 3
 
@@ -346,10 +350,11 @@ TINY_BASE = [o for o in TINY_RUN if not o.startswith(("trainer.max_steps", "trai
 
 @pytest.mark.slow
 def test_real_runs_killed_and_resumed(tmp_path, monkeypatch, capsys):
-    """The real commands on the tiny model (4 processes): the runner is SIGKILLed, with the AR-SFT
-    training it runs, once that training has a checkpoint; the next invocation resumes it from that
-    very checkpoint (its step file untouched) to the end, then trains and evaluates the recipe; a
-    third launches nothing; the table's paired differences are eval.json's per-row ones."""
+    """The real commands on the tiny model (4 processes): the runner trains the recipe, then is
+    SIGKILLed, with the AR-SFT training it runs, once that training has a checkpoint; the next
+    invocation keeps the trained recipe, resumes AR-SFT from that very checkpoint (its step file
+    untouched) to the end, then evaluates; a third launches nothing; the table's paired differences
+    are eval.json's per-row ones."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     lst = write_list(
         tmp_path / "l.yaml",
@@ -378,7 +383,8 @@ def test_real_runs_killed_and_resumed(tmp_path, monkeypatch, capsys):
     assert 2 <= killed_at < 40, "AR-SFT finished before it was killed: nothing to resume"
     kept = ar / "checkpoints" / f"step={killed_at:06d}.ckpt"
     kept_stat = kept.stat()
-    assert not (out / "b" / "checkpoints").exists() and not (out / "results.jsonl").exists()
+    assert rc.checkpoint_step(out / "b" / "checkpoints" / "last.ckpt") == 40  # the conversion came first
+    assert not (out / "results.jsonl").exists()
 
     assert rc.main(args) == 0
     ar_state = rc.read_json(ar / rc.STATE)

@@ -21,10 +21,11 @@ is a YAML file (``diffllm/bench/recipe_lists/*.yaml``; ``--recipes FILE`` for yo
 
 For each recipe, in ``--out`` (default ``outputs/recipes/<list>``):
 
-1. AR-SFT: ``python -m diffllm.train objective=ar <base> <shared>`` into ``ar-sft-<key>/``, where
+1. the conversion: ``python -m diffllm.train <base> <shared> <overrides>`` into ``<recipe>/`` (it
+   needs no baseline: a second runner trains its conversion while the first trains AR-SFT);
+2. AR-SFT: ``python -m diffllm.train objective=ar <base> <shared>`` into ``ar-sft-<key>/``, where
    the key hashes (base, shared): trained once, reused by every recipe with the same key, in this
    invocation and the next;
-2. the conversion: ``python -m diffllm.train <base> <shared> <overrides>`` into ``<recipe>/``;
 3. ``python -m diffllm.evaluate ckpt_path=<recipe>/checkpoints/last.ckpt
    ar_ckpt_path=ar-sft-<key>/checkpoints/last.ckpt <eval>``: the bound, the L2R NLL, AR-SFT's NLL,
    exact match of both on the same validation rows and prompts, paired differences with their
@@ -502,9 +503,11 @@ class Runner:
             if done is not None:
                 self.say(f"[{recipe.name}] finished, skipped: {run.folder / 'eval.json'}")
                 return None if self.dry_run else self._record(recipe, run, ar, eval_overrides, done, results)
+            # the conversion first: it needs no baseline, so a second runner trains it while the first
+            # holds the shared AR-SFT folder; the baseline is needed by the evaluation only
+            state = self.ensure_trained(run)
             with self._locked(ar.folder):  # never held while waiting for a recipe's lock: no deadlock
                 self.ensure_trained(ar)
-            state = self.ensure_trained(run)
             argv = eval_argv(run, ar, eval_overrides)
             self.say(f"[{recipe.name}] evaluate: {shown(argv, self.threads)}")
             if self.dry_run:
