@@ -12,7 +12,7 @@ checkpoint's ``sampler`` config with the given fields replaced (``SamplerConfig.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from diffllm.config.schema import ConfigError, check_positive, check_sampler_ove
 from diffllm.data.prompt_fit import PromptTooLongError, context_limit, fit_prompts
 from diffllm.data.template import get_format
 from diffllm.diffusion.sampler import SamplerConfig
-from diffllm.diffusion.trajectory import trajectories_to_json
+from diffllm.diffusion.trajectory import StepFrame, trajectories_to_json
 from diffllm.evaluation.metrics import normalise
 from diffllm.evaluation.scoring import ar_answers, diffusion_answers
 from diffllm.inference.inputs import InputError, PromptRow, check_device
@@ -40,6 +40,7 @@ def generate_answers(
     *,
     batch_size: int = 16,
     prompt_overflow: str = "error",
+    on_step: Callable[[StepFrame], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Answer every instruction with the diffusion sampler (and the original AR model if ``ar``).
 
@@ -59,6 +60,8 @@ def generate_answers(
     every row's generator (it matters only with temperature > 0). A prompt that leaves no room for
     the ``gen_length`` canvas within the model's positions is refused (``InputError``), or with
     ``prompt_overflow="truncate_left"`` cut from the left (``prompt_truncated`` is then True).
+    ``on_step`` (a live view) gets the sampler's frames of every batch (``sampler.generate``), each
+    with its ``first_row`` among ``instructions``.
     """
     if isinstance(instructions, str):
         instructions = [instructions]
@@ -108,6 +111,7 @@ def generate_answers(
         seed=seed,
         batch_size=batch_size,
         trajectory=trajectory,
+        on_step=on_step,
     )
     ar_out = None
     if ar:
