@@ -695,7 +695,9 @@ def generate(
     steps_taken = 0
 
     if on_step is not None:
-        start = [TrajectoryStep(block=0, canvas=[mask_id] * gen, committed=[], confidences=[]) for _ in prompts]
+        start = [
+            TrajectoryStep(block=0, canvas=[mask_id] * gen, committed=[], confidences=[]) for _ in prompts
+        ]
         on_step(StepFrame(0, start))
 
     was_training = dlm.training

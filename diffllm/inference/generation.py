@@ -11,6 +11,7 @@ checkpoint's ``sampler`` config with the given fields replaced (``SamplerConfig.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from diffllm.diffusion.trajectory import StepFrame, trajectories_to_json
 from diffllm.evaluation.metrics import normalise
 from diffllm.evaluation.scoring import ar_answers, diffusion_answers
 from diffllm.inference.inputs import InputError, PromptRow, check_device
+from diffllm.inference.live import LiveTerminal
 from diffllm.inference.loading import InferenceModel, load_quietly
 
 LABEL_WIDTH = 12  # "instruction:" and the answers under it start in the same column
@@ -160,10 +162,14 @@ def generate_from_checkpoint(
     ar: bool = False,
     batch_size: int = 16,
     prompt_overflow: str = "error",
+    live: bool = False,
+    live_delay: float = 0.0,
 ) -> tuple[InferenceModel, SamplerConfig, list[dict[str, Any]]]:
     """``python -m diffllm.generate``'s library call: check the arguments (before anything loads), load
     the checkpoint or exported folder, answer every request (``generate_answers``). Returns (the
-    model, the sampler config used, the rows). Bad input of any kind is one ``InputError`` line."""
+    model, the sampler config used, the rows). Bad input of any kind is one ``InputError`` line.
+    ``live``: every answer's canvas redrawn in the terminal at every step (``live.LiveTerminal``),
+    ``live_delay`` seconds after each."""
     if ckpt_path is None:
         raise InputError(
             "ckpt_path is missing; pass ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt "
@@ -176,6 +182,8 @@ def generate_from_checkpoint(
             "(outputs/<date>/<time>/checkpoints/last.ckpt) or a folder written by diffllm.export"
         )
     overrides = dict(sampler or {})
+    if live_delay < 0:
+        raise InputError(f"live_delay={live_delay}; pass seconds >= 0")
     try:  # the command line against the schema, before anything is read
         check_positive({"batch_size": batch_size})
         check_sampler_overrides(overrides)
@@ -195,17 +203,23 @@ def generate_from_checkpoint(
         config = model.sampler_config.with_overrides(overrides)  # fail before any work
     except ValueError as err:
         raise InputError(str(err)) from None
-    results = generate_answers(
-        model,
-        [r.instruction for r in requests],
-        [r.input for r in requests],
-        sampler_overrides=overrides,
-        seed=seed,
-        trajectory=trajectory,
-        ar=ar,
-        batch_size=batch_size,
-        prompt_overflow=prompt_overflow,
-    )
+    view = None
+    if live:
+        labels = [f"{i + 1}/{len(requests)} {r.instruction[:70]}" for i, r in enumerate(requests)]
+        view = LiveTerminal(model, config, labels, delay=live_delay)
+    with view or contextlib.nullcontext():
+        results = generate_answers(
+            model,
+            [r.instruction for r in requests],
+            [r.input for r in requests],
+            sampler_overrides=overrides,
+            seed=seed,
+            trajectory=trajectory,
+            ar=ar,
+            batch_size=batch_size,
+            prompt_overflow=prompt_overflow,
+            on_step=None if view is None else view.on_step,
+        )
     return model, config, results
 
 
