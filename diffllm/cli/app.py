@@ -45,8 +45,9 @@ from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.diffusion.strategies import STRATEGIES
 from diffllm.diffusion.trajectory import StepFrame, trajectories_to_json
 from diffllm.inference.inputs import EXIT_BAD_INPUT, InputError, check_device
-from diffllm.inference.live import LiveCanvas, ar_answer, canvas_html, scale_steps, stream_answer
+from diffllm.inference.live import LiveCanvas, canvas_html, scale_steps
 from diffllm.inference.loading import InferenceModel, ar_baseline_model, load_quietly, newest_checkpoint
+from diffllm.inference.stream import ar_answer, stream_answer
 
 try:  # the optional `app` extra
     import gradio as gr
@@ -204,7 +205,9 @@ def build_app(
             raise gr.Error(str(err)) from None
         if not (instruction or "").strip():
             raise gr.Error("write an instruction first")
-        canvas = LiveCanvas(lambda t: tok.decode([t]), mask_id, config.gen_length, model.eos_id, scale_steps(config))
+        canvas = LiveCanvas(
+            lambda t: tok.decode([t]), mask_id, config.gen_length, model.eos_id, scale_steps(config)
+        )
         row = None
         stream = stream_answer(
             model,
@@ -267,9 +270,13 @@ def build_app(
             with gr.Accordion("more settings", open=False), gr.Row():
                 components += [_component(c, getattr(start, c.name)) for c in rest]
             with gr.Row():
-                delay_box = gr.Slider(0.0, 2.0, value=delay, step=0.05, label="delay per step (s)", elem_id="dl-delay")
+                delay_box = gr.Slider(
+                    0.0, 2.0, value=delay, step=0.05, label="delay per step (s)", elem_id="dl-delay"
+                )
                 seed_box = gr.Number(value=seed, precision=0, label="seed", elem_id="dl-seed")
-                ar_check = gr.Checkbox(value=ar_model is not None, label="AR answer too", visible=ar_model is not None)
+                ar_check = gr.Checkbox(
+                    value=ar_model is not None, label="AR answer too", visible=ar_model is not None
+                )
         if examples:
             gr.Examples(examples, [instruction, input_box], label="validation prompts")
         inputs = [instruction, input_box, delay_box, seed_box, ar_check, *components]
@@ -324,7 +331,6 @@ def validation_examples(model: InferenceModel, limit: int = 6) -> list[list[str]
         if len(out) == limit:
             break
     return out
-
 
 
 def resolve_checkpoint(cfg: DictConfig) -> Path:
@@ -391,4 +397,3 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
-
