@@ -39,8 +39,8 @@ from omegaconf import DictConfig
 
 from diffllm.cli.support import is_set, set_keys
 from diffllm.config.paths import CONF_DIR
-from diffllm.data.reader import parse_file
 from diffllm.config.schema import CACHE_MODES, FUTURE_MODES, ConfigError, check_sampler_overrides
+from diffllm.data.reader import parse_file
 from diffllm.diffusion.sampler import SamplerConfig
 from diffllm.diffusion.strategies import STRATEGIES
 from diffllm.diffusion.trajectory import StepFrame, trajectories_to_json
