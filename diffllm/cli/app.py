@@ -39,14 +39,14 @@ from omegaconf import DictConfig
 
 from diffllm.cli.support import is_set, set_keys
 from diffllm.config.paths import CONF_DIR
-from diffllm.config.schema import CACHE_MODES, FUTURE_MODES, ConfigError, check_sampler_overrides
 from diffllm.data.reader import parse_file
-from diffllm.diffusion.sampler import SamplerConfig
+from diffllm.diffusion.sampler import CACHE_MODES, FUTURE_MODES, SamplerConfig
 from diffllm.diffusion.strategies import STRATEGIES
 from diffllm.diffusion.trajectory import StepFrame, trajectories_to_json
-from diffllm.inference.inputs import EXIT_BAD_INPUT, InputError, check_device
+from diffllm.inference.generation import load_checked
+from diffllm.inference.inputs import EXIT_BAD_INPUT, InputError
 from diffllm.inference.live import LiveCanvas, canvas_html, scale_steps
-from diffllm.inference.loading import InferenceModel, ar_baseline_model, load_quietly, newest_checkpoint
+from diffllm.inference.loading import InferenceModel, ar_baseline_model, newest_checkpoint
 from diffllm.inference.stream import ar_answer, stream_answer
 
 try:  # the optional `app` extra
@@ -359,19 +359,12 @@ def run(cfg: DictConfig, block: bool = True) -> tuple[Any, str]:
         raise InputError("the app needs Gradio, the `app` extra: pip install -e '.[app]'")
     ckpt = resolve_checkpoint(cfg)
     overrides = set_keys(cfg.get("sampler"))
-    try:
-        check_sampler_overrides(overrides)
-    except ConfigError as err:
-        raise InputError(str(err)) from None
     if float(cfg.delay) < 0:
         raise InputError(f"delay={cfg.delay}; pass seconds >= 0")
-    check_device(str(cfg.device))
     print(f"# checkpoint: {ckpt}" + ("" if is_set(cfg, "ckpt_path") else " (the newest run)"), flush=True)
-    try:
-        model = load_quietly(ckpt, str(cfg.device), trust_remote_code=bool(cfg.trust_remote_code))
-        model.sampler_config.with_overrides(overrides)
-    except (ConfigError, ValueError) as err:
-        raise InputError(str(err)) from None
+    model, _ = load_checked(
+        ckpt, overrides, device=str(cfg.device), trust_remote_code=bool(cfg.trust_remote_code)
+    )
     ar_model = ar_baseline_model(model, str(cfg.device)) if cfg.ar else None
     demo = build_app(
         model,

@@ -150,6 +150,50 @@ def generate_answers(
     return results
 
 
+def load_checked(
+    ckpt_path: str | Path | None,
+    sampler: Mapping[str, Any] | None = None,
+    *,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[InferenceModel, SamplerConfig]:
+    """A checkpoint or exported folder loaded for answering (the generate command line and the app):
+    the sampler overrides checked against the schema before anything is read, then the model, then
+    its sampler config with ``sampler`` applied. Returns (the model, that config); bad input of any
+    kind is one ``InputError`` line."""
+    if ckpt_path is None:
+        raise InputError(
+            "ckpt_path is missing; pass ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt "
+            "(printed as 'checkpoint:' at the end of `make train`) or an exported folder"
+        )
+    ckpt = Path(str(ckpt_path))
+    if not ckpt.exists():
+        raise InputError(
+            f"ckpt_path={str(ckpt)!r} does not exist; pass a .ckpt from a run folder "
+            "(outputs/<date>/<time>/checkpoints/last.ckpt) or a folder written by diffllm.export"
+        )
+    overrides = dict(sampler or {})
+    try:  # the command line against the schema, before anything is read
+        check_sampler_overrides(overrides)
+    except ConfigError as err:
+        raise InputError(str(err)) from None
+    check_device(str(device))
+    try:
+        model = load_quietly(ckpt, str(device), trust_remote_code=trust_remote_code)
+    except ConfigError as err:  # a file refused as data (diffllm.config.schema.check_untrusted)
+        raise InputError(str(err)) from None
+    except Exception as err:  # an unreadable / foreign file is bad input, not a crash
+        raise InputError(
+            f"ckpt_path={str(ckpt)!r} could not be loaded ({type(err).__name__}: {err}); "
+            "pass a .ckpt written by diffllm.train or a folder written by diffllm.export"
+        ) from None
+    try:
+        config = model.sampler_config.with_overrides(overrides)  # fail before any work
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    return model, config
+
+
 def generate_from_checkpoint(
     ckpt_path: str | Path | None,
     requests: Sequence[PromptRow],
@@ -170,39 +214,13 @@ def generate_from_checkpoint(
     model, the sampler config used, the rows). Bad input of any kind is one ``InputError`` line.
     ``live``: every answer's canvas redrawn in the terminal at every step (``live.LiveTerminal``),
     ``live_delay`` seconds after each."""
-    if ckpt_path is None:
-        raise InputError(
-            "ckpt_path is missing; pass ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt "
-            "(printed as 'checkpoint:' at the end of `make train`) or an exported folder"
-        )
-    ckpt = Path(str(ckpt_path))
-    if not ckpt.exists():
-        raise InputError(
-            f"ckpt_path={str(ckpt)!r} does not exist; pass a .ckpt from a run folder "
-            "(outputs/<date>/<time>/checkpoints/last.ckpt) or a folder written by diffllm.export"
-        )
-    overrides = dict(sampler or {})
     if live_delay < 0:
         raise InputError(f"live_delay={live_delay}; pass seconds >= 0")
-    try:  # the command line against the schema, before anything is read
+    try:
         check_positive({"batch_size": batch_size})
-        check_sampler_overrides(overrides)
     except ConfigError as err:
         raise InputError(str(err)) from None
-    check_device(str(device))
-    try:
-        model = load_quietly(ckpt, str(device), trust_remote_code=trust_remote_code)
-    except ConfigError as err:  # a file refused as data (diffllm.config.schema.check_untrusted)
-        raise InputError(str(err)) from None
-    except Exception as err:  # an unreadable / foreign file is bad input, not a crash
-        raise InputError(
-            f"ckpt_path={str(ckpt)!r} could not be loaded ({type(err).__name__}: {err}); "
-            "pass a .ckpt written by diffllm.train or a folder written by diffllm.export"
-        ) from None
-    try:
-        config = model.sampler_config.with_overrides(overrides)  # fail before any work
-    except ValueError as err:
-        raise InputError(str(err)) from None
+    model, config = load_checked(ckpt_path, sampler, device=device, trust_remote_code=trust_remote_code)
     view = None
     if live:
         labels = [f"{i + 1}/{len(requests)} {r.instruction[:70]}" for i, r in enumerate(requests)]
@@ -212,7 +230,7 @@ def generate_from_checkpoint(
             model,
             [r.instruction for r in requests],
             [r.input for r in requests],
-            sampler_overrides=overrides,
+            sampler_overrides=dict(sampler or {}),
             seed=seed,
             trajectory=trajectory,
             ar=ar,
