@@ -36,7 +36,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from diffllm.cli.app import build_app, launch, read_controls, sampler_controls  # noqa: E402
-from diffllm.diffusion.sampler import SamplerConfig  # noqa: E402
+from diffllm.diffusion.sampler import CACHE_MODES, FUTURE_MODES, SamplerConfig  # noqa: E402
+from diffllm.diffusion.strategies import STRATEGIES  # noqa: E402
 from diffllm.diffusion.trajectory import trajectories_from_json  # noqa: E402
 from diffllm.inference.generation import generate_answers  # noqa: E402
 from diffllm.inference.inputs import InputError  # noqa: E402
@@ -192,6 +193,14 @@ def test_the_controls_are_the_sampler_fields():
     kinds = {c.name: (c.kind, c.optional) for c in controls}
     assert kinds["steps"] == (int, True) and kinds["threshold"] == (float, True)
     assert kinds["stop_early"] == (bool, False) and kinds["strategy"] == (str, False)
+    # a dropdown wherever the sampler's field ranges list the values (a new mode needs no app change)
+    choices = {c.name: c.choices for c in controls if c.choices is not None}
+    assert choices == {
+        "strategy": tuple(STRATEGIES),
+        "cache": CACHE_MODES,
+        "future_blocks": FUTURE_MODES,
+        **{k: v for k, v in choices.items() if k in ("mode", "verifier", "draft")},  # h19b's, if merged
+    }
     config = SamplerConfig(gen_length=8, steps=8)
     values = {c.name: getattr(config, c.name) for c in controls}
     # only what differs from the model's sampler; an empty box is null; a number box gives floats

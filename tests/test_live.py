@@ -35,6 +35,7 @@ CONFIGS = {
     "schedule, blocks": dict(gen_length=8, steps=4, block_length=4, temperature=1.0),
     "threshold": dict(gen_length=8, threshold=0.2, block_length=4, temperature=1.0),
     "prefix cache, EOS fill": dict(gen_length=8, steps=8, cache="prefix", fill_after_eos=True),
+    "remask": dict(gen_length=8, steps=4, block_length=4, temperature=1.0, remask=True, remask_bound=0.5),
 }
 
 
@@ -228,6 +229,27 @@ def test_generate_live_true_prints_the_last_view_when_not_a_terminal(tiny_run, c
     )[0]["trajectory"]
     assert decoded_frames(load_quietly(tiny_run[1]), trajectory)[-1] in out
     assert out.index("1/1 Reverse") < out.index("diffusion:   " + results[0]["answer"])
+
+
+def test_generate_answers_hands_each_batch_its_first_row(model):
+    instructions = [REVERSE, "Copy these words: red blue", "Sort these words: b a c"]
+    overrides = {"gen_length": 8, "steps": 4}
+    frames = []
+    rows = generate_answers(
+        model, instructions, sampler_overrides=overrides, batch_size=2, trajectory=True, on_step=frames.append
+    )
+    # batch 1 (rows 0-1) then batch 2 (row 2), each from its all-[MASK] frame 0, one frame a step
+    groups = [(f.first_row, len(f.rows)) for f in frames]
+    first = groups.count((0, 2))
+    assert groups == [(0, 2)] * first + [(2, 1)] * (len(frames) - first) and first < len(frames)
+    assert [f.index for f in frames] == list(range(first)) + list(range(len(frames) - first))
+    for k, row in enumerate(rows):
+        shown = [
+            f.rows[k - f.first_row]
+            for f in frames
+            if f.index and f.first_row <= k < f.first_row + len(f.rows)
+        ]
+        assert [s for s in shown if s is not None] == row["trajectory"].steps
 
 
 def test_newest_checkpoint_skips_the_ar_sft_baseline(tmp_path):

@@ -8,8 +8,8 @@ A prompt box; the answer canvas as it denoises, streamed step by step from the s
 ``on_step`` callback (the first frame all [MASK], every token coloured by the step that committed
 it); the AR model's answer beside it (the base: adapters off, causal attention, KV cache) with both
 timings; the sampler's settings as controls, built from ``SamplerConfig``'s fields (a new field
-appears without a change here: a dropdown where ``CHOICES`` knows its values, else a box of its
-type); the trajectory as a JSON download (``trajectories_to_json``). ``delay`` seconds per step make
+appears without a change here: a dropdown where its ``FIELD_RANGES`` entry lists the values, else a
+box of its type); the trajectory as a JSON download (``trajectories_to_json``). ``delay`` seconds per step make
 the stream easy to follow (the timings leave it out).
 
 Gradio is the optional ``app`` extra (``pip install -e '.[app]'``). Offline: analytics off
@@ -40,8 +40,7 @@ from omegaconf import DictConfig
 from diffllm.cli.support import is_set, set_keys
 from diffllm.config.paths import CONF_DIR
 from diffllm.data.reader import parse_file
-from diffllm.diffusion.sampler import CACHE_MODES, FUTURE_MODES, SamplerConfig
-from diffllm.diffusion.strategies import STRATEGIES
+from diffllm.diffusion.sampler import FIELD_RANGES, SamplerConfig
 from diffllm.diffusion.trajectory import StepFrame, trajectories_to_json
 from diffllm.inference.generation import load_checked
 from diffllm.inference.inputs import EXIT_BAD_INPUT, InputError
@@ -54,13 +53,6 @@ try:  # the optional `app` extra
 except ImportError:  # pragma: no cover - exercised without the extra
     gr = None
 
-# The values of the sampler's string fields that have a fixed set (a dropdown); any other field is a
-# box of its type, checked by SamplerConfig when the form is sent.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "strategy": tuple(STRATEGIES),
-    "cache": CACHE_MODES,
-    "future_blocks": FUTURE_MODES,
-}
 # shown first (the rest under "more settings"), in this order where they exist
 PRIMARY = ("strategy", "steps", "threshold", "block_length", "cache", "mode")
 HELP = {
@@ -107,6 +99,16 @@ class Control:
     choices: tuple[str, ...] | None = None
 
 
+def field_choices(name: str) -> tuple[str, ...] | None:
+    """The values of a sampler field with a fixed set: its ``FIELD_RANGES`` words split at " | "
+    (``"none | prefix | dual | block"``) when every part passes the field's own test; else None."""
+    if name not in FIELD_RANGES:
+        return None
+    ok, valid = FIELD_RANGES[name]
+    parts = tuple(valid.split(" | "))
+    return parts if len(parts) > 1 and all(ok(p) for p in parts) else None
+
+
 def sampler_controls() -> list[Control]:
     """A control per ``SamplerConfig`` field, the ``PRIMARY`` ones first (from the dataclass: a new
     field needs no change here)."""
@@ -117,7 +119,7 @@ def sampler_controls() -> list[Control]:
         kinds = [a for a in args if a is not type(None)]
         if len(kinds) != 1 or kinds[0] not in (bool, int, float, str):
             continue  # nothing a form can hold (none today)
-        out.append(Control(f.name, kinds[0], type(None) in args, CHOICES.get(f.name)))
+        out.append(Control(f.name, kinds[0], type(None) in args, field_choices(f.name)))
     rank = {name: i for i, name in enumerate(PRIMARY)}
     return sorted(out, key=lambda c: rank.get(c.name, len(PRIMARY)))
 
