@@ -68,6 +68,8 @@ HELP = {
     "stop_early": "skip a block's remaining steps once it is full",
     "fill_after_eos": "every [MASK] after a committed EOS becomes EOS",
     "future_blocks": "what a block sees of the later ones",
+    "remask": "hide a committed token of the block again when its probability drops below remask_bound",
+    "remask_steps": "steps a block may take beyond what it needs without remasking",
 }
 
 CSS = """
@@ -152,6 +154,8 @@ def read_controls(controls: list[Control], values: list[Any], config: SamplerCon
 
 def _component(control: Control, value: Any) -> Any:
     info = HELP.get(control.name)
+    if info is None and control.choices is None and control.name in FIELD_RANGES:
+        info = FIELD_RANGES[control.name][1]  # a field without its own help: its valid values
     if control.optional and control.kind is not str:
         info = f"{info}; empty = null" if info else "empty = null"
     common = {"label": control.name, "info": info, "elem_id": f"dl-sampler-{control.name}"}
@@ -224,16 +228,26 @@ def build_app(
             for item in stream:
                 if isinstance(item, StepFrame):
                     canvas.update(item.index, item.rows[0])
-                    yield canvas_html(canvas), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    if item.index == 0:  # a new answer: the last one's results cleared
+                        yield canvas_html(canvas), "", "", "", gr.File(value=None, visible=False)
+                    else:
+                        yield canvas_html(canvas), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 else:
                     row = item
         except InputError as err:
             raise gr.Error(str(err)) from None
-        path = out_dir / f"trajectory-{id(row)}.json"
-        path.write_text(trajectories_to_json([row["trajectory"]], indent=1))
+        handle, name = tempfile.mkstemp(prefix="trajectory-", suffix=".json", dir=out_dir)
+        with os.fdopen(handle, "w") as file:
+            file.write(trajectories_to_json([row["trajectory"]], indent=1))
         ar_on = bool(run_ar) and ar_model is not None
         waiting = "…" if ar_on else ""
-        yield canvas_html(canvas), row["answer"], waiting, _timings(row, None), str(path)
+        yield (
+            canvas_html(canvas),
+            row["answer"],
+            waiting,
+            _timings(row, None),
+            gr.File(value=name, visible=True),
+        )
         if ar_on:
             ar = ar_answer(model, ar_model, row["trajectory"].prompt, config, int(seed_v or 0))
             yield gr.skip(), gr.skip(), ar["answer"], _timings(row, ar), gr.skip()
@@ -262,7 +276,7 @@ def build_app(
                 )
                 timings = gr.Markdown(elem_id="dl-timings")
                 trajectory = gr.File(
-                    label="trajectory (JSON)", interactive=False, height=70, elem_id="dl-trajectory"
+                    label="trajectory (JSON)", interactive=False, visible=False, elem_id="dl-trajectory"
                 )
         with gr.Accordion("sampler settings", open=True):
             primary = [c for c in controls if c.name in PRIMARY]
@@ -283,8 +297,9 @@ def build_app(
             gr.Examples(examples, [instruction, input_box], label="validation prompts")
         inputs = [instruction, input_box, delay_box, seed_box, ar_check, *components]
         outputs = [live, diffusion, ar_box, timings, trajectory]
-        go.click(answer, inputs, outputs)
-        instruction.submit(answer, inputs, outputs)
+        # the canvas is the progress: no spinner or pending outline over the outputs
+        go.click(answer, inputs, outputs, show_progress="hidden")
+        instruction.submit(answer, inputs, outputs, show_progress="hidden")
     return demo
 
 
