@@ -35,7 +35,6 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from diffllm.cli.app import build_app, launch, read_controls, sampler_controls  # noqa: E402
 from diffllm.diffusion.sampler import CACHE_MODES, FUTURE_MODES, SamplerConfig  # noqa: E402
 from diffllm.diffusion.strategies import STRATEGIES  # noqa: E402
 from diffllm.diffusion.trajectory import trajectories_from_json  # noqa: E402
@@ -43,6 +42,7 @@ from diffllm.inference.generation import generate_answers  # noqa: E402
 from diffllm.inference.inputs import InputError  # noqa: E402
 from diffllm.inference.live import frames_of  # noqa: E402
 from diffllm.inference.loading import ar_baseline_model, load_quietly  # noqa: E402
+from diffllm.inference.webapp import build_app, launch, read_controls, sampler_controls  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 needs_browser = pytest.mark.skipif(
@@ -214,6 +214,30 @@ def test_the_controls_are_the_sampler_fields():
     ]:
         with pytest.raises(InputError, match=message):
             read_controls(controls, [{**values, key: value}[c.name] for c in controls], config)
+
+
+def test_no_ckpt_path_serves_the_newest_diffusion_run(tiny_run, tiny_ar_run, tmp_path, capsys):
+    """``python -m diffllm.app`` after ``make train``: its layout, the AR-SFT baseline the newest."""
+    from diffllm.cli.app import run
+    from diffllm.config.resolvers import compose
+
+    run_dir = tmp_path / "2025-01-01" / "10-00-00"
+    for name, (folder, ckpt, *_) in (("diffusion", tiny_run), ("ar_sft", tiny_ar_run)):
+        (run_dir / name / "checkpoints").mkdir(parents=True)
+        (run_dir / name / "config.yaml").write_text((folder / "config.yaml").read_text())
+        shutil.copy(ckpt, run_dir / name / "checkpoints" / "last.ckpt")
+    cfg = compose([f"outputs_dir={tmp_path}", "ar=false", f"port={free_port()}"], config_name="app")
+    demo, url = run(cfg, block=False)
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/config") as response:
+            page = json.loads(response.read().decode())
+    finally:
+        demo.close()
+    newest = run_dir / "diffusion" / "checkpoints" / "last.ckpt"
+    assert f"# checkpoint: {newest} (the newest run)" in capsys.readouterr().out
+    assert page["title"] == "diffllm: watch it denoise"  # the page is served
+    with pytest.raises(InputError, match="no ckpt_path and no run checkpoint under"):
+        run(compose([f"outputs_dir={tmp_path / 'none'}"], config_name="app"), block=False)
 
 
 # ----------------------------------------------------------------------------------- the screenshot

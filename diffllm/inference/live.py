@@ -3,7 +3,7 @@
 One view, two front ends. ``LiveCanvas`` folds the frames (``StepFrame``) of one answer into
 cells: each answer position's token, its text, and the step that committed it (None while it is
 [MASK]). ``canvas_html`` renders it for the browser app (``python -m diffllm.app``,
-``diffllm.cli.app``); ``canvas_text`` for the terminal, where ``LiveTerminal`` redraws a rich
+``diffllm.inference.webapp``); ``canvas_text`` for the terminal, where ``LiveTerminal`` redraws a rich
 ``Live`` display at every step (``python -m diffllm.generate ... live=true``).
 
 A token's colour is the step s that committed it, on a viridis scale from dark violet (step 1)
@@ -169,7 +169,7 @@ def frames_of(trajectory: Trajectory, gen_length: int | None = None) -> list[Ste
 
 
 def canvas_html(canvas: LiveCanvas) -> str:
-    """The canvas as HTML (the app's live panel; styles in ``diffllm.cli.app.CSS``).
+    """The canvas as HTML (the app's live panel; styles in ``diffllm.inference.webapp.CSS``).
 
     The outer ``div.dl-canvas`` carries ``data-frame`` (the frame index) and ``data-ids`` (the
     canvas's token ids, comma-separated), so a page script can record exactly what was shown.
