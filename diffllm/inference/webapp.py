@@ -161,16 +161,14 @@ def _component(control: Control, value: Any) -> Any:
 # ----------------------------------------------------------------------------------- the page
 
 
-def _timings(row: dict[str, Any], ar: dict[str, Any] | None, ar_note: str = "") -> str:
-    lines = [
-        "| | time | forward passes | steps |",
-        "|---|---:|---:|---:|",
-        f"| diffusion | {row['seconds']:.3f} s | {row['nfe']} | {len(row['trajectory'].steps)} |",
-    ]
+def _timings(row: dict[str, Any], ar: dict[str, Any] | None) -> str:
+    """Both models' wall time and forward passes, one line each (Markdown)."""
+    steps = len(row["trajectory"].steps)
+    lines = [f"**diffusion** {row['seconds']:.3f} s · {row['nfe']} forward passes · {steps} steps"]
     if ar is not None:
-        lines.append(f"| AR (base) | {ar['seconds']:.3f} s | {ar['nfe']} | |")
-    note = "Times are the sampler's own; the per-step delay is left out."
-    return "\n".join(lines) + f"\n\n{note}" + (f" {ar_note}" if ar_note else "")
+        lines.append(f"**AR (base)** {ar['seconds']:.3f} s · {ar['nfe']} forward passes")
+    lines.append("<small>the models' own time: the per-step delay is left out</small>")
+    return "  \n".join(lines)
 
 
 def build_app(
