@@ -31,7 +31,7 @@ LAYERS = [
     ("diffllm.harness", "harness"),
     ("diffllm.harness.__main__", "cli"),
     ("diffllm.cli", "cli"),
-    *((f"diffllm.{name}", "cli") for name in ("train", "generate", "evaluate", "export")),
+    *((f"diffllm.{name}", "cli") for name in ("train", "generate", "evaluate", "export", "app")),
     ("diffllm.bench", "tools"),
     ("diffllm.assets.build", "tools"),
     ("diffllm.assets.__main__", "tools"),
@@ -52,7 +52,7 @@ ORDER = [
 
 # ``python -m diffllm.<command>``: a two-line module that runs the command line of ``diffllm.cli``.
 SHIMS = {
-    **{f"diffllm.{c}": f"diffllm.cli.{c}" for c in ("train", "generate", "evaluate", "export")},
+    **{f"diffllm.{c}": f"diffllm.cli.{c}" for c in ("train", "generate", "evaluate", "export", "app")},
     "diffllm.harness.__main__": "diffllm.cli.harness",
 }
 
@@ -211,7 +211,7 @@ def layer(name: str) -> str:
 
 def test_the_command_lines_are_the_ones_expected():
     clis = {name for name in MODULES if is_cli(name)}
-    commands = ("train", "generate", "evaluate", "export", "harness")
+    commands = ("train", "generate", "evaluate", "export", "app", "harness")
     assert {f"diffllm.cli.{c}" for c in commands} <= clis
     assert {f"diffllm.{c}" for c in commands if c != "harness"} | {"diffllm.harness.__main__"} <= clis
     assert "diffllm.assets.__main__" in clis and "diffllm.bench.sampler" in clis

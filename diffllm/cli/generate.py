@@ -3,6 +3,7 @@
     python -m diffllm.generate ckpt_path=RUN/checkpoints/last.ckpt prompt="Reverse these words: a b c"
     python -m diffllm.generate ckpt_path=... prompts_file=prompts.jsonl sampler.threshold=0.9 sampler.cache=prefix
     python -m diffllm.generate ckpt_path=... prompt="..." ar=true trajectory=traj.json show_trajectory=true
+    python -m diffllm.generate ckpt_path=... prompt="..." live=true live_delay=0.2   # watch it denoise
 
 Node (``conf/generate.yaml``) -> ``diffllm.inference.generation.generate_from_checkpoint`` -> print.
 Every instruction is rendered through the run's own prompt template and tokenised as in training;
@@ -48,6 +49,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         ar=bool(cfg.ar),
         batch_size=cfg.batch_size,
         prompt_overflow=str(cfg.prompt_overflow),
+        live=bool(cfg.get("live", False)),
+        live_delay=float(cfg.get("live_delay") or 0.0),
     )
     references = [r.reference for r in requests]
     width = shutil.get_terminal_size((160, 24)).columns

@@ -80,7 +80,7 @@ from transformers import DynamicCache
 
 from diffllm.data.collate import left_pad, truncate_at_eos
 from diffllm.diffusion.strategies import STRATEGIES, TokenSampling, choose_positions, token_probability
-from diffllm.diffusion.trajectory import Trajectory, TrajectoryStep
+from diffllm.diffusion.trajectory import StepFrame, Trajectory, TrajectoryStep
 
 # the sampler's KV-cache modes (see the module docstring) and what a block sees of the blocks after it
 CACHE_MODES = ("none", "prefix", "dual", "block")
@@ -661,6 +661,7 @@ def generate(
     pad_id: int | None,
     seed: int = 0,
     record_trajectory: bool = False,
+    on_step: Callable[[StepFrame], None] | None = None,
 ) -> SampleOutput:
     """Denoise ``config.gen_length`` answer tokens after each prompt (see the module docstring).
 
@@ -668,6 +669,8 @@ def generate(
     ``shift``; ``.base.config`` for the prefix cache). The model is put in eval mode for the call.
     ``prompts`` are token-id lists of any lengths; ``pad_id`` only fills the left padding, which the
     attention mask hides (None = use ``eos_id``, as for LLaMA tokenizers without a pad token).
+    ``on_step`` (a live view) is called with a ``StepFrame`` once before the first forward pass (every
+    answer position [MASK]) and after every step, before the next; it changes nothing in the output.
     """
     config = block_config(config, getattr(dlm, "block_size", None))
     device = _device(dlm)
@@ -683,12 +686,19 @@ def generate(
     attention_mask = torch.cat([prompt_mask, torch.ones(batch, gen, dtype=torch.long)], 1).to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # (B, P + G), 0 at the first real token
     generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(batch)]
-    trajectories = [Trajectory(list(p), mask_id) for p in prompts] if record_trajectory else None
+    record = record_trajectory or on_step is not None  # a live view is fed from the trajectory
+    trajectories = [Trajectory(list(p), mask_id) for p in prompts] if record else None
     canvas_mask = (torch.arange(width + gen) >= width).expand(batch, -1).to(device)  # (B, P + G)
     denoise = make_denoiser(dlm, config, prompt_mask.to(device), canvas_mask)
     block_len = config.resolved_block_length
     nfe_per_step = 2 if config.cfg_scale > 0 else 1
     steps_taken = 0
+
+    if on_step is not None:
+        start = [
+            TrajectoryStep(block=0, canvas=[mask_id] * gen, committed=[], confidences=[]) for _ in prompts
+        ]
+        on_step(StepFrame(0, start))
 
     was_training = dlm.training
     dlm.eval()
@@ -727,6 +737,10 @@ def generate(
                     _record(
                         trajectories, answer, block, lo - width, active, chosen, proposal, filled, remasked
                     )
+                if on_step is not None:  # the rows that stepped appended this step's record
+                    stepped = active.tolist()
+                    records = [t.steps[-1] if stepped[r] else None for r, t in enumerate(trajectories)]
+                    on_step(StepFrame(steps_taken, records))
     finally:
         dlm.train(was_training)
 
@@ -739,5 +753,5 @@ def generate(
         canvas=canvas.cpu(),
         nfe=steps_taken * nfe_per_step,
         steps=steps_taken,
-        trajectories=trajectories,
+        trajectories=trajectories if record_trajectory else None,
     )

@@ -48,6 +48,22 @@ class TrajectoryStep:
 
 
 @dataclass
+class StepFrame:
+    """What ``generate(..., on_step=fn)`` hands to ``fn``: once before the first step, then after each.
+
+    ``index`` 0 is the start: every row's canvas all [MASK], nothing committed, block 0. Index s >= 1
+    follows the s-th denoising step of the batch, and ``rows[r]`` is exactly the ``TrajectoryStep``
+    that row r's trajectory records for it (the same object), or None where row r took no part in
+    that step (its current block was already full). ``first_row``: the batch's first row among the
+    caller's prompts (``generate_answers`` decodes in batches).
+    """
+
+    index: int
+    rows: list[TrajectoryStep | None]
+    first_row: int = 0
+
+
+@dataclass
 class Trajectory:
     """All steps of one row, with what is needed to read them back."""
 

@@ -41,6 +41,7 @@ forward passes per row, summed over rows; a batch's forward pass counts once for
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -55,7 +56,7 @@ from diffllm.diffusion.likelihood import causal_token_ce, elbo_nll, validation_s
 from diffllm.diffusion.order import order_nll
 from diffllm.diffusion.sampler import SamplerConfig, generate
 from diffllm.diffusion.schedule import LinearSchedule
-from diffllm.diffusion.trajectory import Trajectory
+from diffllm.diffusion.trajectory import StepFrame, Trajectory
 from diffllm.evaluation.metrics import exact_match, normalise
 from diffllm.evaluation.names import FIGURES, GAPS
 from diffllm.model.ar_generate import ar_generate
@@ -258,14 +259,22 @@ def diffusion_answers(
     seed: int,
     batch_size: int,
     trajectory: bool = False,
+    on_step: Callable[[StepFrame], None] | None = None,
 ) -> Answers:
     """The diffusion sampler's answers (each batch seeded ``seed``; rows never interact); with
-    ``trajectory`` each row's denoising trajectory too.
+    ``trajectory`` each row's denoising trajectory too. ``on_step``: the sampler's per-step callback
+    (``sampler.generate``), each frame's ``first_row`` set to its batch's first row among ``prompt_ids``.
 
     ``eos_id``: the end-of-answer id (``diffllm.data.template.end_of_answer_id``).
     """
 
+    decoded = [0]  # prompts decoded before the current batch
+
     def decode(prompts: list[list[int]]) -> Any:
+        first_row, decoded[0] = decoded[0], decoded[0] + len(prompts)
+        hook = None
+        if on_step is not None:
+            hook = lambda frame: on_step(dataclasses.replace(frame, first_row=first_row))  # noqa: E731
         return generate(
             dlm,
             prompts,
@@ -274,6 +283,7 @@ def diffusion_answers(
             pad_id=tokenizer.pad_token_id,
             seed=seed,
             record_trajectory=trajectory,
+            on_step=hook,
         )
 
     return decode_answers(decode, prompt_ids, tokenizer, eos_id=eos_id, batch_size=batch_size)

@@ -11,8 +11,9 @@ checkpoint's ``sampler`` config with the given fields replaced (``SamplerConfig.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,11 @@ from diffllm.config.schema import ConfigError, check_positive, check_sampler_ove
 from diffllm.data.prompt_fit import PromptTooLongError, context_limit, fit_prompts
 from diffllm.data.template import get_format
 from diffllm.diffusion.sampler import SamplerConfig
-from diffllm.diffusion.trajectory import trajectories_to_json
+from diffllm.diffusion.trajectory import StepFrame, trajectories_to_json
 from diffllm.evaluation.metrics import normalise
 from diffllm.evaluation.scoring import ar_answers, diffusion_answers
 from diffllm.inference.inputs import InputError, PromptRow, check_device
+from diffllm.inference.live import LiveTerminal
 from diffllm.inference.loading import InferenceModel, load_quietly
 
 LABEL_WIDTH = 12  # "instruction:" and the answers under it start in the same column
@@ -40,6 +42,7 @@ def generate_answers(
     *,
     batch_size: int = 16,
     prompt_overflow: str = "error",
+    on_step: Callable[[StepFrame], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Answer every instruction with the diffusion sampler (and the original AR model if ``ar``).
 
@@ -59,6 +62,8 @@ def generate_answers(
     every row's generator (it matters only with temperature > 0). A prompt that leaves no room for
     the ``gen_length`` canvas within the model's positions is refused (``InputError``), or with
     ``prompt_overflow="truncate_left"`` cut from the left (``prompt_truncated`` is then True).
+    ``on_step`` (a live view) gets the sampler's frames of every batch (``sampler.generate``), each
+    with its ``first_row`` among ``instructions``.
     """
     if isinstance(instructions, str):
         instructions = [instructions]
@@ -108,6 +113,7 @@ def generate_answers(
         seed=seed,
         batch_size=batch_size,
         trajectory=trajectory,
+        on_step=on_step,
     )
     ar_out = None
     if ar:
@@ -144,22 +150,17 @@ def generate_answers(
     return results
 
 
-def generate_from_checkpoint(
+def load_checked(
     ckpt_path: str | Path | None,
-    requests: Sequence[PromptRow],
-    *,
     sampler: Mapping[str, Any] | None = None,
+    *,
     device: str = "cpu",
     trust_remote_code: bool = False,
-    seed: int = 0,
-    trajectory: bool = False,
-    ar: bool = False,
-    batch_size: int = 16,
-    prompt_overflow: str = "error",
-) -> tuple[InferenceModel, SamplerConfig, list[dict[str, Any]]]:
-    """``python -m diffllm.generate``'s library call: check the arguments (before anything loads), load
-    the checkpoint or exported folder, answer every request (``generate_answers``). Returns (the
-    model, the sampler config used, the rows). Bad input of any kind is one ``InputError`` line."""
+) -> tuple[InferenceModel, SamplerConfig]:
+    """A checkpoint or exported folder loaded for answering (the generate command line and the app):
+    the sampler overrides checked against the schema before anything is read, then the model, then
+    its sampler config with ``sampler`` applied. Returns (the model, that config); bad input of any
+    kind is one ``InputError`` line."""
     if ckpt_path is None:
         raise InputError(
             "ckpt_path is missing; pass ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt "
@@ -173,7 +174,6 @@ def generate_from_checkpoint(
         )
     overrides = dict(sampler or {})
     try:  # the command line against the schema, before anything is read
-        check_positive({"batch_size": batch_size})
         check_sampler_overrides(overrides)
     except ConfigError as err:
         raise InputError(str(err)) from None
@@ -191,17 +191,53 @@ def generate_from_checkpoint(
         config = model.sampler_config.with_overrides(overrides)  # fail before any work
     except ValueError as err:
         raise InputError(str(err)) from None
-    results = generate_answers(
-        model,
-        [r.instruction for r in requests],
-        [r.input for r in requests],
-        sampler_overrides=overrides,
-        seed=seed,
-        trajectory=trajectory,
-        ar=ar,
-        batch_size=batch_size,
-        prompt_overflow=prompt_overflow,
-    )
+    return model, config
+
+
+def generate_from_checkpoint(
+    ckpt_path: str | Path | None,
+    requests: Sequence[PromptRow],
+    *,
+    sampler: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    trajectory: bool = False,
+    ar: bool = False,
+    batch_size: int = 16,
+    prompt_overflow: str = "error",
+    live: bool = False,
+    live_delay: float = 0.0,
+) -> tuple[InferenceModel, SamplerConfig, list[dict[str, Any]]]:
+    """``python -m diffllm.generate``'s library call: check the arguments (before anything loads), load
+    the checkpoint or exported folder, answer every request (``generate_answers``). Returns (the
+    model, the sampler config used, the rows). Bad input of any kind is one ``InputError`` line.
+    ``live``: every answer's canvas redrawn in the terminal at every step (``live.LiveTerminal``),
+    ``live_delay`` seconds after each."""
+    if live_delay < 0:
+        raise InputError(f"live_delay={live_delay}; pass seconds >= 0")
+    try:
+        check_positive({"batch_size": batch_size})
+    except ConfigError as err:
+        raise InputError(str(err)) from None
+    model, config = load_checked(ckpt_path, sampler, device=device, trust_remote_code=trust_remote_code)
+    view = None
+    if live:
+        labels = [f"{i + 1}/{len(requests)} {r.instruction[:70]}" for i, r in enumerate(requests)]
+        view = LiveTerminal(model, config, labels, delay=live_delay)
+    with view or contextlib.nullcontext():
+        results = generate_answers(
+            model,
+            [r.instruction for r in requests],
+            [r.input for r in requests],
+            sampler_overrides=dict(sampler or {}),
+            seed=seed,
+            trajectory=trajectory,
+            ar=ar,
+            batch_size=batch_size,
+            prompt_overflow=prompt_overflow,
+            on_step=None if view is None else view.on_step,
+        )
     return model, config, results
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from hydra.utils import instantiate
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
@@ -104,6 +105,29 @@ def load_for_inference(
         cfg=cfg,
         source=str(path),
     )
+
+
+def newest_checkpoint(outputs: str | Path) -> Path | None:
+    """The newest diffusion run checkpoint under ``outputs``, or None.
+
+    Every ``<outputs>/**/checkpoints/last.ckpt`` by modification time (``make train`` writes
+    ``<date>/<time>/ar_sft/`` then ``<date>/<time>/diffusion/``; a plain run ``<date>/<time>/``), minus
+    the AR-SFT baselines: a run whose ``config.yaml`` (read as data) has ``objective=ar``.
+    """
+    found = sorted(Path(outputs).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    for ckpt in reversed(found):
+        if not _is_ar_sft_run(ckpt.parent.parent / "config.yaml"):
+            return ckpt
+    return None
+
+
+def _is_ar_sft_run(config_file: Path) -> bool:
+    try:
+        cfg = yaml.safe_load(config_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # no readable config: let loading decide
+    objective = (cfg or {}).get("objective") if isinstance(cfg, dict) else None
+    return isinstance(objective, dict) and str(objective.get("_target_", "")).endswith(".ARObjective")
 
 
 def load_quietly(

@@ -20,6 +20,7 @@ from diffllm.config.resolvers import compose
 from diffllm.diffusion.sampler import generate
 from diffllm.diffusion.strategies import STRATEGIES
 from diffllm.diffusion.trajectory import Trajectory, answer_text, order_tau
+from diffllm.inference.loading import newest_checkpoint
 from diffllm.training.run import train
 
 
@@ -111,9 +112,8 @@ NOTEBOOK_RUN = [
 
 
 def latest_checkpoint(outputs: str | Path) -> Path | None:
-    """The newest ``<outputs>/*/*/checkpoints/last.ckpt`` (by modification time), or None."""
-    found = sorted(Path(outputs).glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    """The newest diffusion run checkpoint under ``outputs`` (``loading.newest_checkpoint``), or None."""
+    return newest_checkpoint(outputs)
 
 
 def resolve_checkpoint(
