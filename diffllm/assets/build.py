@@ -133,13 +133,14 @@ class BuildConfig:
 
 
 # The long-answer base: the tiny architecture with 256 positions, on rows 3.4x longer than the tiny
-# set's (mean 95 tokens against 28), so a step costs about 3.4x more: the same 2000 steps at lr 1e-3, on
-# one thread (it is built in the background on a shared machine).
+# set's (mean 95 tokens against 28), so a step costs about 3.4x more: 1200 steps at lr 1e-3 on one
+# thread (built in the background on a shared 2-core machine; build_info.json has the wall time).
 BUILD_CONFIGS = {
     "tiny": BuildConfig(),
     "tiny_long": BuildConfig(
         n_train=6000,
         model={**BuildConfig().model, "max_position_embeddings": 256},
+        steps=1200,
         lr=1e-3,
         threads=1,
     ),

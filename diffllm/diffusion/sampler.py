@@ -713,7 +713,9 @@ def generate(
             dlm,
             prompts,
             config,
-            new_drafter=lambda prompt_mask, canvas_mask: make_denoiser(dlm, config, prompt_mask, canvas_mask),
+            new_drafter=lambda model, prompt_mask, canvas_mask: make_denoiser(
+                model, config, prompt_mask, canvas_mask
+            ),
             draft_block=lambda *args: draft_block(*args, config=config, eos_id=eos_id, mask_id=mask_id),
             eos_id=eos_id,
             seed=seed,

@@ -44,7 +44,6 @@ verifier's; ``accepted`` and ``committed`` hold, per row and verify pass, the dr
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +54,8 @@ from transformers import DynamicCache
 from diffllm.data.collate import truncate_at_eos
 from diffllm.diffusion.strategies import TokenSampling, sample_tokens
 from diffllm.diffusion.trajectory import Trajectory, TrajectoryStep
-from diffllm.model.dlm import DiffusionLM, adapters_disabled
+from diffllm.model.attention import causal_attention
+from diffllm.model.dlm import DiffusionLM, ar_mode
 
 if TYPE_CHECKING:
     from diffllm.diffusion.sampler import SamplerConfig
@@ -93,15 +93,17 @@ class SpeculativeOutput:
 
 
 class CausalVerifier:
-    """The verifier of one row: a DiffusionLM run causally (adapters off for ``base``) on a KV cache.
+    """The verifier of one row: the decoder of ``model`` run as it is, on its own KV cache.
 
-    ``extend(tokens)`` runs the tokens after the cached ones and returns the (n, V) float32 next-token
-    logits at those positions ([MASK] banned); ``crop(length)`` forgets every position >= ``length``.
+    The caller holds the verifier's mode for the whole decode (causal attention, the adapters off for
+    ``base``), so a pass is one decoder call with no switch to flip. ``extend(tokens)`` runs the
+    tokens after the cached ones and returns the (n, V) float32 next-token logits at those positions
+    ([MASK] banned); ``crop(length)`` forgets every position >= ``length``.
     """
 
-    def __init__(self, model: DiffusionLM, *, adapters: bool, mask_id: int) -> None:
-        self.model = model
-        self.adapters = adapters
+    def __init__(self, model: DiffusionLM, *, mask_id: int) -> None:
+        self.decoder = model.base.get_decoder()
+        self.lm_head = model.lm_head
         self.mask_id = mask_id
         self.cache = DynamicCache(config=model.base.config)
 
@@ -112,17 +114,10 @@ class CausalVerifier:
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
         start = self.length
         positions = torch.arange(start, start + tokens.shape[-1], device=tokens.device)[None]  # (1, n)
-        switch = nullcontext() if self.adapters else adapters_disabled(self.model.model)
-        with switch:
-            hidden = self.model.hidden_states(
-                tokens[None],
-                None,
-                attention="causal",
-                position_ids=positions,
-                cache=self.cache,
-                use_cache=True,
-            )  # (1, n, H)
-            logits = self.model.lm_head(hidden[0]).float()  # (n, V)
+        hidden = self.decoder(
+            input_ids=tokens[None], position_ids=positions, cache=self.cache, use_cache=True
+        ).last_hidden_state  # (1, n, H); no mask: the attention modules' causal switch decides
+        logits = self.lm_head(hidden[0]).float()  # (n, V)
         if logits.shape[-1] > self.mask_id:
             logits[:, self.mask_id] = float("-inf")
         return logits
@@ -134,12 +129,14 @@ class CausalVerifier:
 
 def verifier_model(
     dlm: nn.Module, config: SamplerConfig, verifier: nn.Module | None
-) -> tuple[DiffusionLM, bool]:
-    """(the model that verifies, whether its adapters stay on) for ``config.verifier``.
+) -> tuple[nn.Module, DiffusionLM, bool]:
+    """(the drafter, the verifier, whether the verifier's adapters stay on) for ``config.verifier``.
 
     ``base``: ``verifier`` if given (a DiffusionLM or a Hugging Face causal LM: the AR base), else
-    ``dlm`` with its adapters off, which needs adapters to switch off. ``self``: ``dlm`` as it is,
-    which must be a block model with a causal clean stream.
+    ``dlm`` with its adapters off, which needs adapters to switch off; when the verifier is ``dlm``'s
+    own model, the drafter is a copy with the adapters merged (``DiffusionLM.merged_copy``), so that
+    the verifier's switches, set once, never reach the drafter. ``self``: ``dlm`` drafts and verifies;
+    it must be a block model whose clean stream is causal.
     """
     if config.verifier == "self":
         if verifier is not None:
@@ -147,10 +144,10 @@ def verifier_model(
         if getattr(dlm, "clean_stream", None) != "causal":
             raise ValueError(
                 "sampler.verifier=self needs a block model whose clean stream is the causal model "
-                f"(model.clean_stream=causal, trained with loss.ar_weight > 0); this one has "
+                "(model.clean_stream=causal, trained with loss.ar_weight > 0); this one has "
                 f"clean_stream={getattr(dlm, 'clean_stream', None)!r}: use sampler.verifier=base"
             )
-        return dlm, True
+        return dlm, dlm, True
     if verifier is None:
         if not callable(getattr(getattr(dlm, "model", None), "disable_adapter", None)):
             raise ValueError(
@@ -158,10 +155,11 @@ def verifier_model(
                 "has no adapters (an exported merged folder): pass the base model as verifier= "
                 "(diffllm.inference.loading.ar_baseline_model loads it beside the export)"
             )
-        return dlm, False
+        verifier = dlm
     if not isinstance(verifier, DiffusionLM):
         verifier = DiffusionLM(verifier, mask_id=int(dlm.mask_id))
-    return verifier, False
+    drafter = dlm.merged_copy().eval() if verifier.model is getattr(dlm, "model", None) else dlm
+    return drafter, verifier, False
 
 
 def check_speculative(config: SamplerConfig) -> None:
@@ -216,7 +214,7 @@ def speculative_generate(
     prompts: list[list[int]],
     config: SamplerConfig,
     *,
-    new_drafter: Callable[[torch.Tensor, torch.Tensor], Any],
+    new_drafter: Callable[[nn.Module, torch.Tensor, torch.Tensor], Any],
     draft_block: Callable[..., int] | None = None,
     eos_id: int,
     seed: int = 0,
@@ -225,41 +223,36 @@ def speculative_generate(
 ) -> SpeculativeOutput:
     """Decode every prompt (one row at a time) by drafting with ``dlm`` and verifying causally.
 
-    ``config`` has ``block_length`` resolved (``sampler.block_config``). ``new_drafter(prompt_mask,
-    canvas_mask)`` builds the sampler's denoiser for one row (``sampler.make_denoiser``);
+    ``config`` has ``block_length`` resolved (``sampler.block_config``). ``new_drafter(model,
+    prompt_mask, canvas_mask)`` builds the sampler's denoiser of one row (``sampler.make_denoiser``);
     ``draft_block`` runs the sampler's own block loop for ``draft=denoise`` (``sampler.draft_block``).
     ``verifier``: the AR base for ``verifier=base`` when ``dlm`` has no adapters to switch off.
     """
     check_speculative(config)
-    model, adapters = verifier_model(dlm, config, verifier)
+    was_training = (dlm.training, verifier.training if verifier is not None else False)
+    dlm.eval()
+    drafter, model, adapters = verifier_model(dlm, config, verifier)
+    model.eval()
     mask_id = int(dlm.mask_id)
     device = next(dlm.parameters()).device
     out = SpeculativeOutput(tokens=[], canvas=torch.empty(0), nfe=0, steps=0)
     out.trajectories = [] if record_trajectory else None
     canvases = []
-    was_training = (dlm.training, model.training)
-    dlm.eval()
-    model.eval()
+    # the verifier's mode, set once for every pass: causal attention (the drafter's block-causal and
+    # prefix-LM passes bring their own 4D mask), and the adapters off for the base
+    mode = causal_attention(model.model) if adapters else ar_mode(model.model)
     try:
-        for prompt in prompts:
-            generator = torch.Generator(device=device).manual_seed(seed)
-            answer = _decode_row(
-                dlm,
-                model,
-                adapters,
-                prompt,
-                config,
-                new_drafter,
-                draft_block,
-                eos_id,
-                mask_id,
-                generator,
-                out,
-            )
-            canvases.append(answer)
+        with mode:
+            for prompt in prompts:
+                generator = torch.Generator(device=device).manual_seed(seed)
+                answer = _decode_row(
+                    drafter, model, prompt, config, new_drafter, draft_block, eos_id, mask_id, generator, out
+                )
+                canvases.append(answer)
     finally:
         dlm.train(was_training[0])
-        model.train(was_training[1])
+        if verifier is not None:
+            verifier.train(was_training[1])
     out.canvas = (
         torch.stack(canvases).cpu() if canvases else torch.empty(0, config.gen_length, dtype=torch.long)
     )
@@ -269,12 +262,11 @@ def speculative_generate(
 
 
 def _decode_row(
-    dlm: nn.Module,
+    drafter: nn.Module,
     model: DiffusionLM,
-    adapters: bool,
     prompt: list[int],
     config: SamplerConfig,
-    new_drafter: Callable[[torch.Tensor, torch.Tensor], Any],
+    new_drafter: Callable[[nn.Module, torch.Tensor, torch.Tensor], Any],
     draft_block: Callable[..., int] | None,
     eos_id: int,
     mask_id: int,
@@ -289,8 +281,8 @@ def _decode_row(
     attention_mask = torch.ones(1, total, dtype=torch.long, device=device)
     position_ids = torch.arange(total, device=device)[None]  # (1, P + G)
     canvas_mask = (torch.arange(total, device=device) >= width)[None]  # (1, P + G)
-    denoise = new_drafter(torch.ones(1, width, dtype=torch.bool, device=device), canvas_mask)
-    verify = CausalVerifier(model, adapters=adapters, mask_id=mask_id)
+    denoise = new_drafter(drafter, torch.ones(1, width, dtype=torch.bool, device=device), canvas_mask)
+    verify = CausalVerifier(model, mask_id=mask_id)
     trajectory = Trajectory(list(prompt), mask_id) if out.trajectories is not None else None
     passes_per_draft = 2 if config.cfg_scale > 0 else 1
     accepted, committed = [], []
