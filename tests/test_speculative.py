@@ -72,11 +72,11 @@ def rounds_check(out, canvas: torch.Tensor, eos_id: int, gen_length: int, block:
     ids=["G16-single", "G4-single-cut", "G16-denoise-threshold"],
 )
 def test_greedy_speculative_output_is_the_ar_output(tiny64, gen_length, draft):
-    """float64, 40 validation prompts: token for token the AR model's greedy answers (``ar_generate``),
+    """float64, 24 validation prompts: token for token the AR model's greedy answers (``ar_generate``),
     rows ending early (G = 16: every answer ends; G = 4: some are cut at G), rejected drafts and
     blocks committed in parts all present."""
     dlm, tok = tiny64
-    prompts = val_prompts(tok, 40)
+    prompts = val_prompts(tok, 24)
     eos = tok.eos_token_id
     extra = dict(threshold=0.5) if draft == "denoise" else {}
     config = SamplerConfig(gen_length=gen_length, draft=draft, **SPECULATIVE, **extra)

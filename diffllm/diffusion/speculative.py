@@ -52,7 +52,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from diffllm.data.collate import truncate_at_eos
-from diffllm.diffusion.strategies import TokenSampling, sample_tokens
+from diffllm.diffusion.strategies import TokenSampling, filter_logits, sample_tokens
 from diffllm.diffusion.trajectory import Trajectory, TrajectoryStep
 from diffllm.model.attention import causal_attention
 from diffllm.model.dlm import DiffusionLM, ar_mode
@@ -172,6 +172,12 @@ def check_speculative(config: SamplerConfig) -> None:
         )
 
 
+def sampling_distribution(logits: torch.Tensor, sampling: TokenSampling) -> torch.Tensor:
+    """(..., V) float32 p = softmax(filter(logits / T)): what ``strategies.sample_tokens`` draws from."""
+    logits = logits.float() / sampling.temperature if sampling.temperature > 0 else logits.float()
+    return filter_logits(logits, sampling.top_k, sampling.top_p).softmax(dim=-1)
+
+
 def _accept_greedy(draft: torch.Tensor, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
     """(j, the verifier's token at position j): j = the longest prefix of ``draft`` (m,) equal to the
     verifier's argmax of ``logits`` (m + 1, V)."""
@@ -192,8 +198,7 @@ def _accept_sampled(
 
     ``draft`` (m,) drawn from ``draft_probs`` (m, V) = q; ``logits`` (m + 1, V) the verifier's.
     """
-    _, p = sample_tokens(logits, sampling, None)  # (m + 1, V) the verifier's distribution; no draw
-    p = p.double()
+    p = sampling_distribution(logits, sampling).double()  # (m + 1, V) the verifier's p
     q = draft_probs.double()
     for i in range(draft.numel()):
         d = int(draft[i])
@@ -298,7 +303,9 @@ def _decode_row(
         if config.draft == "single":
             hidden = denoise(x[:, :end], attention_mask[:, :end], position_ids[:, :end], lo, hi)
             logits = denoise.block_logits(hidden, config.cfg_scale)[0, width + n - lo :]  # (m, V)
-            drafts, draft_probs = sample_tokens(logits, config.sampling, generator)  # (m,), (m, V)
+            draw_at = torch.ones(1, logits.shape[0], dtype=torch.bool, device=device)
+            drafts, draft_probs = sample_tokens(logits[None], config.sampling, [generator], draw_at)
+            drafts, draft_probs = drafts[0], draft_probs[0]  # (m,), (m, V) the draft and its q
             x[0, width + n : hi] = drafts
             out.draft_nfe += passes_per_draft
         else:
