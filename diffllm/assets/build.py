@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from diffllm.assets import TINY_AR_BASE
 from diffllm.data import tiny_long_tasks, tiny_tasks
 from diffllm.data.collate import Collator
 from diffllm.data.datamodule import encode_row as encode_for_training
@@ -53,6 +52,7 @@ from diffllm.model.dlm import DiffusionLM
 TEMPLATE = "short"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 MAX_LENGTH = 128  # the tokenizer's model_max_length; every tiny row is far shorter (<= 48 tokens)
+ASSETS_DIR = Path(__file__).resolve().parent  # diffllm/assets: one folder per embedded world
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class TaskSet:
     generator_module: str  # where the rows come from (for the README)
     max_length: int = MAX_LENGTH  # the tokenizer's model_max_length and the encoding cap
     max_new_tokens: int = 12  # greedy evaluation budget (the longest answer + EOS, and some)
-    tokenizer_from: Path | None = None  # reuse this folder's tokenizer (None: train a BPE on the rows)
+    tokenizer_from: str | None = None  # reuse the tokenizer of this asset folder's ar_base/ (None: train one)
     command: str = "python -m diffllm.assets --force"
     build_time: str = "about 3-4 minutes on 2 idle CPU cores"
     title: str = "Tiny embedded world"
@@ -90,7 +90,7 @@ TINY_LONG = TaskSet(
     "diffllm/data/tiny_long_tasks.py",
     max_length=256,  # the longest row is 146 tokens; a 128-token answer budget after an 82-token prompt fits
     max_new_tokens=72,  # answers of at most 63 tokens + EOS
-    tokenizer_from=TINY_AR_BASE,  # the same words and digits: the tiny tokenizer covers them
+    tokenizer_from="tiny",  # the same words and digits: the tiny tokenizer covers them
     command="python -m diffllm.assets tiny_long --force",
     build_time="see train_seconds below: one thread under `nice` on a shared machine",
     title="Tiny embedded world, long answers (the tokenizer and words of `tiny/`)",
@@ -333,8 +333,9 @@ def build(out: str | Path, cfg: BuildConfig | None = None, task_set: TaskSet = T
         print(f"[2/4] tokenizer: byte-level BPE, vocab <= {cfg.vocab_size}, trained on rendered train rows")
         tokenizer = train_tokenizer(["".join(render(r, TEMPLATE)) for r in train_rows], cfg.vocab_size)
     else:
-        print(f"[2/4] tokenizer: reused from {ts.tokenizer_from} (model_max_length {ts.max_length})")
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(ts.tokenizer_from, model_max_length=ts.max_length)
+        source = ASSETS_DIR / ts.tokenizer_from / "ar_base"
+        print(f"[2/4] tokenizer: reused from {source} (model_max_length {ts.max_length})")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(source, model_max_length=ts.max_length)
     encoded = [encode_row(tokenizer, r, ts.max_length) for r in train_rows]
     lengths = [len(r["input_ids"]) for r in encoded]
     print(
