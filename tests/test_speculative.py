@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -358,3 +359,62 @@ def test_smollm2_speculative_output_and_its_near_ties():
     print("first differing position and top-2 logit gap per prompt (None = equal):", reports)
     assert all(r is None or r[1] < 1e-3 for r in reports), reports
     assert out.mean_accepted > 0
+
+
+# ---------------------------------------------------------------- the benchmark's speculative rows
+
+
+def test_benchmark_speculative_row_agreement_and_goal():
+    from diffllm.bench.sampler import (
+        AR,
+        SPECULATIVE,
+        Measurement,
+        agreement,
+        build_table,
+        check_goals,
+        sampler_settings,
+    )
+
+    config = SamplerConfig(**sampler_settings(SPECULATIVE, 64, block=4))
+    assert (config.mode, config.verifier, config.draft, config.cache) == (
+        "speculative",
+        "base",
+        "single",
+        "block",
+    )
+    assert agreement([[1, 2], [3], [4, 5]], [[1, 2], [3, 9], [4, 5]]) == pytest.approx(2 / 3)
+    rows, g = 128, 128
+    ar = Measurement(AR, g, 4.0, 6000, 6100, 0.9, "s", batches=rows, rows=rows, agreement=1.0)
+    spec = Measurement(
+        SPECULATIVE, g, 2.5, 6000, 2400, 0.9, "s", batches=rows, rows=rows, agreement=1.0, accepted=2.6
+    )
+    table = build_table([spec, ar], rows=rows, batch_size=1, threads=1, device="cpu")
+    # 6000 answer tokens in 2.5 s: 2,400 tokens/s, 1.6x AR's 1,500; 6000 / 2400 = 2.5 tokens per pass
+    assert (
+        f"| {SPECULATIVE} | s | 2400 | 2.50 | 2,400 | – | 1.60× | 90.0 % | 2.50 | 100.0 % | 2.60 |" in table
+    )
+    goal = [gl for gl in check_goals([spec, ar]) if SPECULATIVE in gl.text]
+    assert [gl.passed for gl in goal] == [True] and goal[0].value.startswith(
+        "1.60×, agreement with AR 100.0 %"
+    )
+    inexact = dataclasses.replace(spec, agreement=127 / 128)  # fast, but one answer differs from AR's
+    assert [gl.passed for gl in check_goals([inexact, ar]) if SPECULATIVE in gl.text] == [False]
+    slow = dataclasses.replace(spec, seconds=3.0)  # exact, 1.33x
+    assert [gl.passed for gl in check_goals([slow, ar]) if SPECULATIVE in gl.text] == [False]
+
+
+def test_generate_answers_of_a_merged_export_verify_with_the_base(tiny_run, tmp_path):
+    """An exported merged folder has no adapters: ``generate_answers`` loads the recorded base beside it,
+    and the speculative answers are the checkpoint's AR answers (adapters off) token for token."""
+    from diffllm.inference.export import export_model
+    from diffllm.inference.generation import generate_answers
+    from diffllm.inference.loading import load_exported, load_for_inference
+
+    checkpoint = load_for_inference(tiny_run[1])
+    export_model(checkpoint, tmp_path, ["merged"])
+    merged = load_exported(tmp_path / "merged")
+    instructions = ["Reverse these words: cat dog sun", "What is 3 + 4?", "Repeat these words: red blue"]
+    overrides = {"mode": "speculative", "cache": "none", "future_blocks": "hidden", "block_length": 4}
+    got = generate_answers(merged, instructions, sampler_overrides=overrides)
+    want = generate_answers(checkpoint, instructions, ar=True)
+    assert [r["answer_ids"] for r in got] == [r["ar_answer_ids"] for r in want]
