@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,15 @@ LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_p
 SPECULATIVE = dict(mode="speculative", cache="block", future_blocks="hidden")
 
 
-def converted(dtype: torch.dtype, seed: int = 0, std: float = 0.05) -> tuple[DiffusionLM, object]:
+def converted(
+    dtype: torch.dtype, seed: int = 0, std: float = 0.05, clean_stream: str = "block"
+) -> tuple[DiffusionLM, object]:
     """The tiny default's AR base converted to a block model (block 4) whose LoRA B matrices are drawn
     at random (std ``std``): a drafter that agrees with its base often but not always, so that rounds
     accept whole blocks, parts of blocks and nothing."""
-    dlm, tok = build_diffusion_model(str(TINY_AR_BASE), LORA, attention="block_causal", block_size=4)
+    dlm, tok = build_diffusion_model(
+        str(TINY_AR_BASE), LORA, attention="block_causal", block_size=4, clean_stream=clean_stream
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in dlm.named_parameters():
@@ -204,9 +209,13 @@ def test_exported_merged_model_needs_the_base_beside_it(tiny64):
 def test_settings_speculative_decoding_refuses():
     with pytest.raises(ValueError, match="temperature=0.7 with sampler.draft='denoise'.*single-pass"):
         SamplerConfig(gen_length=8, mode="speculative", draft="denoise", temperature=0.7)
-    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+    with pytest.raises(
+        ValueError, match=re.escape("sampler.mode='fast' is out of range; valid: denoise | speculative")
+    ):
         SamplerConfig(gen_length=8, mode="fast")
-    with pytest.raises(ValueError, match="unknown verifier 'ar'"):
+    with pytest.raises(
+        ValueError, match=re.escape("sampler.verifier='ar' is out of range; valid: base | self")
+    ):
         SamplerConfig(gen_length=8, mode="speculative", verifier="ar")
 
 
@@ -215,6 +224,25 @@ def test_verifier_self_needs_a_causal_clean_stream(tiny64):
     config = SamplerConfig(gen_length=8, mode="speculative", verifier="self", cache="block")
     with pytest.raises(ValueError, match="verifier=self needs .*clean_stream=causal"):
         generate(dlm, val_prompts(tok, 1), config, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+
+
+@pytest.mark.parametrize("gen_length", [16, 4], ids=["G16", "G4-cut"])
+def test_verifier_self_output_is_the_causal_clean_stream_greedy_output(gen_length):
+    """``verifier=self`` on a ``clean_stream=causal`` block model, float64: token for token the greedy
+    answers of the model itself run causally with its adapters on (``ar_generate(adapters=True)``),
+    which differ from the base's (the random LoRA is on), with rejected and accepted drafts."""
+    dlm, tok = converted(torch.float64, seed=2, clean_stream="causal")
+    prompts = val_prompts(tok, 16)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    config = SamplerConfig(gen_length=gen_length, verifier="self", **SPECULATIVE)
+    out = generate(dlm, prompts, config, eos_id=eos, pad_id=pad)
+    own = ar_generate(dlm, prompts, max_new_tokens=gen_length, eos_id=eos, pad_id=pad, adapters=True)
+    base = ar_generate(dlm, prompts, max_new_tokens=gen_length, eos_id=eos, pad_id=pad)
+    assert out.tokens == own.tokens and own.tokens != base.tokens
+    assert not (out.canvas == dlm.mask_id).any()
+    rounds_check(out, out.canvas, eos, gen_length, 4)
+    accepted = [a for row in out.accepted for a in row]
+    assert 0 in accepted and max(accepted) >= 1
 
 
 def test_trajectory_commits_every_answer_position_once(tiny64):
