@@ -446,3 +446,37 @@ def test_generate_answers_of_a_merged_export_verify_with_the_base(tiny_run, tmp_
     got = generate_answers(merged, instructions, sampler_overrides=overrides)
     want = generate_answers(checkpoint, instructions, ar=True)
     assert [r["answer_ids"] for r in got] == [r["ar_answer_ids"] for r in want]
+
+
+def test_benchmark_interleaved_timing_measures_the_same_outputs(tiny64):
+    """``measure(interleave=True)`` (methods taking turns batch by batch) gives every method the outputs,
+    forward passes, agreement and accepted lengths of the method-by-method run; only the seconds differ."""
+    import types
+
+    from diffllm.bench.sampler import AR, BLOCK_CACHED, SPECULATIVE, measure
+
+    dlm, tok = tiny64
+    model = types.SimpleNamespace(tokenizer=tok, dlm=dlm, eos_id=tok.eos_token_id)
+    prompts = val_prompts(tok, 6)
+    refs = [r["output"] for r in read_jsonl(TINY_VAL)[:6]]
+    runs = [
+        measure(
+            model,
+            prompts,
+            refs,
+            [16],
+            batch_size=2,
+            methods=[SPECULATIVE, BLOCK_CACHED, AR],
+            block_model=model,
+            interleave=interleave,
+        )
+        for interleave in (False, True)
+    ]
+    fields = [
+        [(m.method, m.tokens, m.nfe, m.exact_match, m.agreement, m.accepted, m.batches) for m in run]
+        for run in runs
+    ]
+    assert fields[0] == fields[1]
+    by = {m.method: m for m in runs[1]}
+    assert by[AR].method == runs[1][0].method and by[SPECULATIVE].agreement == 1.0
+    assert by[SPECULATIVE].accepted is not None and by[AR].nfe > 0

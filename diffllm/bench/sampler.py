@@ -380,6 +380,34 @@ def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return best, result
 
 
+def _time_interleaved(
+    methods: Sequence[str], gen_length: int, batches: list, run: Callable, repeats: int
+) -> dict[str, tuple[float, Any]]:
+    """{method: (seconds, outputs)} with the methods taking turns batch by batch: each method's time
+    is the sum over the batches of its calls, the best of ``repeats`` such sums. A change of load on a
+    shared machine then falls on every method alike (the ratios hold; the seconds stay upper bounds)."""
+    best = dict.fromkeys(methods, float("inf"))
+    outputs: dict[str, list] = {}
+    for _ in range(repeats):
+        total = dict.fromkeys(methods, 0.0)
+        parts: dict[str, list] = {m: [] for m in methods}
+        for batch in batches:
+            for method in methods:
+                t0 = time.perf_counter()
+                parts[method].append(run(method, gen_length, [batch]))
+                total[method] += time.perf_counter() - t0
+        for method in methods:
+            best[method] = min(best[method], total[method])
+        outputs = parts
+    merged = {}
+    for method, chunks in outputs.items():
+        tokens = [t for c in chunks for t in c[0]]
+        ended = [e for c in chunks for e in c[1]]
+        accepted = [a for c in chunks for a in c[3]]
+        merged[method] = (best[method], (tokens, ended, sum(c[2] for c in chunks), accepted))
+    return merged
+
+
 def measure(
     model: Any,
     prompt_ids: list[list[int]],
@@ -395,8 +423,12 @@ def measure(
     log: Callable[[str], None] = lambda s: None,
     block_model: Any = None,
     ar_model: Any = None,
+    interleave: bool = False,
 ) -> list[Measurement]:
     """Run every method at every length on the same prompts; warm every method up once first.
+
+    ``interleave``: the methods take turns batch by batch (``_time_interleaved``) instead of running
+    one after the other, for ratios that a changing load on a shared machine does not bias.
 
     ``block_model`` (an ``InferenceModel`` of a block-diffusion checkpoint) runs the ``BLOCK_METHODS``
     with its own block size; without it they are skipped. ``ar_model``: the AR model of the AR row
@@ -442,10 +474,15 @@ def measure(
         results = []
         for gen_length in lengths:
             ar_tokens = None  # AR first: the agreement of every other row is measured against it
-            for method in sorted(methods, key=lambda name: name != AR):
-                seconds, (tokens, ended, nfe, accepted) = _time(
-                    lambda m=method, g=gen_length: run(m, g, batches), repeats
-                )
+            order = sorted(methods, key=lambda name: name != AR)
+            timed = _time_interleaved(order, gen_length, batches, run, repeats) if interleave else {}
+            for method in order:
+                if interleave:
+                    seconds, (tokens, ended, nfe, accepted) = timed[method]
+                else:
+                    seconds, (tokens, ended, nfe, accepted) = _time(
+                        lambda m=method, g=gen_length: run(m, g, batches), repeats
+                    )
                 if method == AR:
                     ar_tokens = tokens
                 preds = [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
@@ -549,6 +586,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=list(METHODS),
         default=None,
         help="a subset of the rows (default: all)",
+    )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the methods batch by batch in turn (each method's seconds = the sum of its calls), so "
+        "that a changing load on a shared machine falls on every method alike",
     )
     p.add_argument(
         "--prompts",
@@ -757,6 +800,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         block_model=block_model,
         methods=args.methods or METHODS,
         ar_model=plain_base(model, args.device),
+        interleave=args.interleave,
     )
     command = "python -m diffllm.bench.sampler " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = build_report(
