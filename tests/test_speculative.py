@@ -34,7 +34,9 @@ def converted(
 ) -> tuple[DiffusionLM, object]:
     """The tiny default's AR base converted to a block model (block 4) whose LoRA B matrices are drawn
     at random (std ``std``): a drafter that agrees with its base often but not always, so that rounds
-    accept whole blocks, parts of blocks and nothing."""
+    accept whole blocks, parts of blocks and nothing. Seeded whole: PEFT draws the LoRA A matrices from
+    the global generator, which the tests run before this one would otherwise move."""
+    torch.manual_seed(seed)
     dlm, tok = build_diffusion_model(
         str(TINY_AR_BASE), LORA, attention="block_causal", block_size=4, clean_stream=clean_stream
     )
@@ -56,10 +58,12 @@ def val_prompts(tok, rows: int | None = None) -> list[list[int]]:
     return [fmt.prompt_ids(r, tok) for r in read_jsonl(TINY_VAL)[:rows]]
 
 
-def rounds_check(out, canvas: torch.Tensor, eos_id: int, gen_length: int, block: int) -> None:
+def rounds_check(out, canvas: torch.Tensor, eos_id: int, gen_length: int, block: int) -> int:
     """The bookkeeping of every row: a round commits its accepted drafts + 1 (fewer only at the end),
-    never more than the rest of its block + 1, and the rounds commit exactly the answer through EOS."""
+    never more than the rest of its block + 1, and the rounds commit exactly the answer through EOS.
+    Returns the number of rounds whose draft was rejected at some position (the verifier corrected it)."""
     assert out.verify_nfe == out.steps == sum(len(c) for c in out.committed)
+    rejected = 0
     for row, (accepted, committed) in enumerate(zip(out.accepted, out.committed)):
         answer = canvas[row].tolist()
         length = answer.index(eos_id) + 1 if eos_id in answer else gen_length
@@ -69,7 +73,9 @@ def rounds_check(out, canvas: torch.Tensor, eos_id: int, gen_length: int, block:
             room = block - n % block  # draft positions left in the block
             assert a <= room and c <= room + 1
             assert c == a + 1 or n + c == length  # + the verifier's token, unless the answer ended
+            rejected += a < room and c == a + 1
             n += c
+    return rejected
 
 
 @pytest.mark.parametrize(
@@ -92,12 +98,12 @@ def test_greedy_speculative_output_is_the_ar_output(tiny64, gen_length, draft):
     ended = [eos in row for row in out.canvas.tolist()]
     assert ended == ar.ended and any(ended) and (all(ended) if gen_length == 16 else not all(ended))
     assert not (out.canvas == dlm.mask_id).any()
-    rounds_check(out, out.canvas, eos, gen_length, 4)
+    rejected = rounds_check(out, out.canvas, eos, gen_length, 4)
     accepted = [a for row in out.accepted for a in row]
     # rejected drafts, and accepted ones: a random-LoRA drafter gets the first masked token of a single
     # pass right (read from the clean token before it) but rarely the ones after it; its own block loop
     # (draft=denoise) drafts (nearly) whole blocks the base agrees with
-    assert 0 in accepted and max(accepted) >= (3 if draft == "denoise" else 1)
+    assert rejected > 0 and max(accepted) >= (3 if draft == "denoise" else 1)
     partial = [c for row in out.committed for c in row[:-1] if 1 < c < 5]
     assert partial, "no block was committed in parts"
     assert out.nfe == out.draft_nfe + out.verify_nfe
@@ -238,11 +244,12 @@ def test_verifier_self_output_is_the_causal_clean_stream_greedy_output(gen_lengt
     out = generate(dlm, prompts, config, eos_id=eos, pad_id=pad)
     own = ar_generate(dlm, prompts, max_new_tokens=gen_length, eos_id=eos, pad_id=pad, adapters=True)
     base = ar_generate(dlm, prompts, max_new_tokens=gen_length, eos_id=eos, pad_id=pad)
-    assert out.tokens == own.tokens and own.tokens != base.tokens
+    assert out.tokens == own.tokens
+    if gen_length == 16:  # the random LoRA shows within 16 tokens (not always within 4)
+        assert own.tokens != base.tokens
     assert not (out.canvas == dlm.mask_id).any()
-    rounds_check(out, out.canvas, eos, gen_length, 4)
-    accepted = [a for row in out.accepted for a in row]
-    assert 0 in accepted and max(accepted) >= 1
+    rejected = rounds_check(out, out.canvas, eos, gen_length, 4)
+    assert rejected > 0 and max(a for row in out.accepted for a in row) >= 1
 
 
 def test_trajectory_commits_every_answer_position_once(tiny64):
