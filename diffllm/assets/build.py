@@ -70,6 +70,7 @@ class TaskSet:
     tokenizer_from: str | None = None  # reuse the tokenizer of this asset folder's ar_base/ (None: train one)
     command: str = "python -m diffllm.assets --force"
     build_time: str = "about 3-4 minutes on 2 idle CPU cores"
+    idle_speed: str = "about 0.09 s/step when the two cores are not shared with other jobs"  # README
     title: str = "Tiny embedded world"
 
 
@@ -93,6 +94,7 @@ TINY_LONG = TaskSet(
     tokenizer_from="tiny",  # the same words and digits: the tiny tokenizer covers them
     command="python -m diffllm.assets tiny_long --force",
     build_time="see train_seconds below: one thread under `nice` on a shared machine",
+    idle_speed="not timed on idle cores",
     title="Tiny embedded world, long answers (the tokenizer and words of `tiny/`)",
 )
 TASK_SETS = {ts.name: ts for ts in (TINY, TINY_LONG)}
@@ -441,7 +443,7 @@ below come from that command (`build_info.json` holds them machine-readably).
 - AR training: next-token CE with prompt tokens weighted {cfg["prompt_weight"]} and answer tokens + EOS weighted 1 (mean over the batch's tokens);
   {cfg["steps"]} steps x batch {cfg["batch_size"]}, AdamW lr {cfg["lr"]} (warmup {cfg["warmup_steps"]}, cosine to 10 %),
   {cfg["threads"]} threads: {info["train_seconds"]} s wall, {info["train_seconds"] / cfg["steps"]:.3f} s/step (torch {info["torch"]};
-  about 0.09 s/step when the two cores are not shared with other jobs); final train loss {m["final_train_loss"]}
+  {ts.idle_speed}); final train loss {m["final_train_loss"]}
 
 ## AR base on {info["eval_rows"]} val rows (causal attention)
 
