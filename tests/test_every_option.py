@@ -32,10 +32,13 @@ DEFAULTS = {
 GROUPS = sorted(
     p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra", "cli")
 )
+# options that only fit with another one: data=tiny_long's rows (up to 146 tokens, max_length 192)
+# need the 256 positions of its own base
+COMPANIONS = {"data=tiny_long": ["model=tiny_long"]}
 CASES = (
     [[]]
     + [
-        [f"{group}={p.stem}"]
+        [f"{group}={p.stem}", *COMPANIONS.get(f"{group}={p.stem}", [])]
         for group in GROUPS
         for p in sorted((CONF_DIR / group).glob("*.yaml"))
         if DEFAULTS.get(group) != p.stem

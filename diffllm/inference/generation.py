@@ -26,9 +26,25 @@ from diffllm.evaluation.metrics import normalise
 from diffllm.evaluation.scoring import ar_answers, diffusion_answers
 from diffllm.inference.inputs import InputError, PromptRow, check_device
 from diffllm.inference.live import LiveTerminal
-from diffllm.inference.loading import InferenceModel, load_quietly
+from diffllm.inference.loading import InferenceModel, ar_baseline_model, load_quietly
 
 LABEL_WIDTH = 12  # "instruction:" and the answers under it start in the same column
+
+
+def speculative_verifier(model: InferenceModel, config: Any) -> Any:
+    """The AR base that verifies ``sampler.mode=speculative verifier=base`` drafts of a model without
+    adapters to switch off (an exported merged folder): rebuilt from the recorded ``model.pretrained``.
+    None when there is nothing to load (another mode, or the model's own adapters can be switched off)."""
+    if config.mode != "speculative" or config.verifier != "base":
+        return None
+    device = next(model.dlm.parameters()).device
+    base = ar_baseline_model(model, device)
+    if base is None:
+        raise InputError(
+            f"sampler.mode=speculative with verifier=base needs the AR base beside {model.source}, which records "
+            "none that loads (model.pretrained); use sampler.verifier=self or the denoising sampler"
+        )
+    return None if base is model.dlm else base
 
 
 def generate_answers(
@@ -104,6 +120,7 @@ def generate_answers(
     cut = [len(a) != len(b) for a, b in zip(fitted, prompt_ids)]
     prompt_ids = fitted
 
+    verifier = speculative_verifier(model, config)
     diffusion = diffusion_answers(
         model.dlm,
         tok,
@@ -114,6 +131,7 @@ def generate_answers(
         batch_size=batch_size,
         trajectory=trajectory,
         on_step=on_step,
+        verifier=verifier,
     )
     ar_out = None
     if ar:
