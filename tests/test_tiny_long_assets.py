@@ -91,7 +91,7 @@ def test_answers_are_32_to_63_tokens_of_the_tiny_tokenizer(tokenizer):
 
 def test_ar_base_has_256_positions_and_counts_greedily(tokenizer):
     """The base counts (build_info: 0.90 / 0.84 exact match up / down on 500 val rows) but does not copy
-    or reverse long lists (0.0: no induction circuit formed in its 1200 steps; docs/h19b.md): greedy
+    or reverse long lists (0.0: no induction circuit formed in its 1200 steps; docs/speculative.md): greedy
     answers of the first 10 counting rows, at least 8 right."""
     model = AutoModelForCausalLM.from_pretrained(TINY_LONG_AR_BASE).eval()
     assert model.config.max_position_embeddings == 256 and model.config.tie_word_embeddings
