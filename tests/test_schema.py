@@ -54,7 +54,14 @@ def test_every_experiment_fits_the_schema_and_holds_only_what_it_changes(experim
     check_run_config(compose([f"+experiment={experiment}", "output_dir=/tmp/unused"]))
     text = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())
     # the same group choices without the experiment's own values: every value it sets must differ
-    choices = [f"{k.split('/')[-1]}={v}" for d in text.pop("defaults", []) for k, v in d.items()]
+    # (a plain name in the defaults list is another experiment this one extends)
+    choices = [
+        choice
+        for d in text.pop("defaults", [])
+        for choice in (
+            [f"+experiment={d}"] if isinstance(d, str) else [f"{k.split('/')[-1]}={v}" for k, v in d.items()]
+        )
+    ]
     base = OmegaConf.to_container(compose([*choices, "output_dir=/tmp/unused"]), resolve=False)
 
     def leaves(node, prefix=""):
