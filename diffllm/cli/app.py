@@ -15,11 +15,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from diffllm.cli.support import is_set, set_keys
-from diffllm.config.paths import CONF_DIR
+from diffllm.config.resolvers import hydra_main
 from diffllm.inference.inputs import EXIT_BAD_INPUT, InputError
 from diffllm.inference.webapp import serve
 
@@ -42,7 +41,7 @@ def run(cfg: DictConfig, block: bool = True) -> tuple[Any, str]:
     )
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="app")
+@hydra_main("app", exit_code=EXIT_BAD_INPUT)
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
