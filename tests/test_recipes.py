@@ -230,6 +230,33 @@ def test_ar_sft_once_then_everything_skipped(tmp_path, capsys):
     assert len(rc.read_results(out / "results.jsonl")) == 3
 
 
+def test_baselines_trains_only_the_ar_sft_then_the_recipe_reuses_it(tmp_path):
+    """--baselines trains each distinct AR-SFT of the selected recipes once and nothing else (no
+    conversion, no evaluation, no results line); the recipe run afterwards reuses that baseline."""
+    lst = write_list(
+        tmp_path / "l.yaml",
+        {"a": "", "b": BLOCK4, "c": {"overrides": "", "shared": "trainer.max_steps=9"}},
+    )
+    out = tmp_path / "out"
+    fake = FakeLauncher()
+    assert (
+        rc.main(["--recipes", str(lst), "--out", str(out), "--no-check", "--baselines"], launcher=fake) == 0
+    )
+    keys = [
+        rc.ar_key(("trainer.max_steps=6",), ()),
+        rc.ar_key(("trainer.max_steps=6",), ("trainer.max_steps=9",)),
+    ]
+    assert [p.name for p in fake.trainings()] == [f"ar-sft-{k}" for k in keys]
+    assert all(c[1] == "diffllm.train" and arg(c, "objective") == "ar" for c in fake.calls)
+    assert not (out / "results.jsonl").exists() and not (out / "a").exists()
+
+    then = FakeLauncher()
+    assert (
+        rc.main(["--recipes", str(lst), "--out", str(out), "--only", "a", "--no-check"], launcher=then) == 0
+    )
+    assert [p.name for p in then.trainings()] == ["a"]  # the baseline is not trained again
+
+
 def test_a_killed_training_resumes_from_its_checkpoint(tmp_path):
     """A folder left by a killed runner (an attempt without an end, last.ckpt at step 3) is resumed
     from that checkpoint; its killed attempt counts until the checkpoint was written."""

@@ -494,6 +494,13 @@ class Runner:
     def _locked(self, folder: Path) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if self.dry_run else folder_lock(folder, self.say)
 
+    def train_baseline(self, recipe: Recipe) -> None:
+        """Only the recipe's AR-SFT baseline (``--baselines``): a second runner trains it while the
+        first trains a conversion, instead of waiting for it after."""
+        ar = ar_run(self.out, self.base, recipe)
+        with self._locked(ar.folder):
+            self.ensure_trained(ar)
+
     def run_recipe(self, recipe: Recipe, results: Path) -> dict[str, Any] | None:
         """AR-SFT (once per key), the conversion, its evaluation, its results line; None on a dry run."""
         ar, run = ar_run(self.out, self.base, recipe), diffusion_run(self.out, self.base, recipe)
@@ -744,6 +751,11 @@ def main(argv: list[str] | None = None, launcher: Launcher = launch) -> int:
     ap.add_argument("--table", action="store_true", help="print the table of results.jsonl, run nothing")
     ap.add_argument("--keep-going", action="store_true", help="a failed recipe does not stop the others")
     ap.add_argument("--no-check", action="store_true", help="skip composing every config before running")
+    ap.add_argument(
+        "--baselines",
+        action="store_true",
+        help="train only the AR-SFT baselines of the selected recipes (a second runner, beside one running them)",
+    )
     args = ap.parse_args(argv)
     try:
         recipe_list = load_recipes(args.recipes)
@@ -796,13 +808,16 @@ def main(argv: list[str] | None = None, launcher: Launcher = launch) -> int:
             if recipe.name in failed:
                 continue
             try:
+                if args.baselines:
+                    runner.train_baseline(recipe)
+                    continue
                 runner.run_recipe(recipe, results)
             except RunFailed as err:
                 print(str(err), file=sys.stderr, flush=True)
                 failed[recipe.name] = str(err).splitlines()[0]
                 if not args.keep_going:
                     return 1
-        if not args.dry_run:
+        if not args.dry_run and not args.baselines:
             lines = read_results(results)
             print("\n" + table_header(lines, results) + "\n\n" + format_table(lines), flush=True)
         if failed:
