@@ -249,9 +249,9 @@ def nothing_loads(monkeypatch):
 
 BLOCK = ["model.attention=block_causal", "model.block_size=4"]
 REFUSED = [
-    # today's crash: trained, then died in validation (sampler.block_length=16 of +experiment=smollm2)
+    # the old crash: trained, then died in validation (sampler.block_length=16 of the old +experiment=smollm2)
     (["sampler.block_length=16"], "sampler.block_length=16: set null (or 4)"),
-    (["+experiment=smollm2"], "sampler.block_length=16: set null (or 4)"),
+    (["+experiment=smollm2_prefix_lm"], "sampler.block_length=16: set null (or 4)"),
     (["sampler.cache=prefix"], "sampler.cache=prefix: set block (exact) or none"),
     (
         ["sampler.gen_length=18", "sampler.steps=null"],
@@ -279,13 +279,23 @@ def test_a_block_model_that_cannot_decode_is_refused_before_anything_loads(extra
 
 def test_every_broken_rule_is_named_in_the_one_line():
     with pytest.raises(ConfigError) as err:
-        check_run_config(compose(["+experiment=smollm2", *BLOCK, "sampler.cache=prefix", "output_dir=/x"]))
+        check_run_config(
+            compose(["+experiment=smollm2_prefix_lm", *BLOCK, "sampler.cache=prefix", "output_dir=/x"])
+        )
     message = str(err.value)
     assert "sampler.block_length=16" in message and "sampler.cache=prefix" in message
 
 
 def test_block_settings_that_decode_pass():
     check_run_config(compose(["+experiment=block_diffusion", "output_dir=/x"]))
+    # the recipe defaults (issue 18): block 4, a curriculum from AR, the causal clean stream + AR term
+    for name in ("smollm2", "alpaca_lora"):
+        cfg = compose([f"+experiment={name}", "output_dir=/x"])
+        check_run_config(cfg)
+        schedule = [list(p) for p in cfg.model.block_schedule]
+        assert cfg.model.attention == "block_causal" and cfg.model.block_size == 4 == schedule[-1][1]
+        assert schedule[0] == [0, 1] and cfg.model.clean_stream == "causal" and cfg.loss.ar_weight == 1.0
+        assert schedule[-1][0] / cfg.trainer.max_steps == 0.25  # at block 4 for the last three quarters
     # the quality grid's k=8 gives 2 steps for 4 blocks: not refused, the sweep keeps it as a skipped row
     check_run_config(compose([*BLOCK, "report.quality.tokens_per_step=[1,2,4,8]", "output_dir=/x"]))
     check_run_config(
