@@ -270,6 +270,45 @@ def test_trajectory_commits_every_answer_position_once(tiny64):
         assert len(trajectory.steps) == len(out.committed[row])
 
 
+def test_on_step_hands_over_every_round_as_it_is_committed(tiny64):
+    """A live view of speculative decoding: frame 0 all [MASK], then one frame per verify pass with the
+    decoded row's round (the very object its trajectory records) and None for the other rows; each
+    frame shows the tokens committed so far, so the canvases fill in order; the output is unchanged."""
+    dlm, tok = tiny64
+    config = SamplerConfig(gen_length=16, **SPECULATIVE)
+    prompts = val_prompts(tok, 3)
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    frames, shown = [], []
+
+    def on_step(frame):
+        frames.append(frame)
+        shown.append([None if r is None else list(r.canvas) for r in frame.rows])
+
+    live = generate(dlm, prompts, config, on_step=on_step, record_trajectory=True, **kw)
+    plain = generate(dlm, prompts, config, **kw)
+    assert (
+        live.canvas.equal(plain.canvas) and live.committed == plain.committed and plain.trajectories is None
+    )
+    mask = int(dlm.mask_id)
+    assert frames[0].index == 0 and all(r.canvas == [mask] * 16 for r in frames[0].rows)
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert len(frames) == 1 + sum(len(c) for c in live.committed)
+    i = 1
+    for row, trajectory in enumerate(live.trajectories):
+        for step in trajectory.steps:
+            f = frames[i]
+            assert f.rows[row] is step and all(r is None for k, r in enumerate(f.rows) if k != row)
+            assert shown[i][row] == step.canvas  # handed over as it was, not changed afterwards
+            done = {
+                p
+                for s in trajectory.steps[: trajectory.steps.index(step) + 1]
+                for p in s.committed + s.filled
+            }
+            assert all((step.canvas[p] == mask) == (p not in done) for p in range(16))
+            i += 1
+        assert shown[i - 1][row] == live.canvas[row].tolist()  # the last round carries the EOS fill
+
+
 # ---------------------------------------------------------------- sampling: the verifier's distribution
 
 VOCAB, SMALL_MASK, SMALL_EOS = 5, 4, 2  # tokens 0-3, EOS = 2, [MASK] = 4

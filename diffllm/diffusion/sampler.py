@@ -700,8 +700,8 @@ def generate(
     answer position [MASK]) and after every step, before the next; it changes nothing in the output.
     ``config.mode="speculative"`` decodes by drafting and verifying (``speculative_generate``, one
     row at a time: no padding); ``verifier`` is then the AR base for ``verifier=base`` when ``dlm``
-    has no adapters to switch off (an exported merged folder). Speculative decoding calls no ``on_step``
-    (its rounds are no denoising steps).
+    has no adapters to switch off (an exported merged folder); its ``on_step`` frames are its rounds
+    (one per verify pass).
     """
     config = block_config(config, getattr(dlm, "block_size", None))
     device = _device(dlm)
@@ -721,6 +721,7 @@ def generate(
             seed=seed,
             record_trajectory=record_trajectory,
             verifier=verifier,
+            on_step=on_step,
         )
     if verifier is not None:
         raise ValueError("verifier= is for sampler.mode=speculative; this config has mode='denoise'")

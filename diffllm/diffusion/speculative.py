@@ -53,7 +53,7 @@ from transformers import DynamicCache
 
 from diffllm.data.collate import truncate_at_eos
 from diffllm.diffusion.strategies import TokenSampling, filter_logits, sample_tokens
-from diffllm.diffusion.trajectory import Trajectory, TrajectoryStep
+from diffllm.diffusion.trajectory import StepFrame, Trajectory, TrajectoryStep
 from diffllm.model.attention import causal_attention
 from diffllm.model.dlm import DiffusionLM, ar_mode
 
@@ -225,6 +225,7 @@ def speculative_generate(
     seed: int = 0,
     record_trajectory: bool = False,
     verifier: nn.Module | None = None,
+    on_step: Callable[[StepFrame], None] | None = None,
 ) -> SpeculativeOutput:
     """Decode every prompt (one row at a time) by drafting with ``dlm`` and verifying causally.
 
@@ -232,6 +233,9 @@ def speculative_generate(
     prompt_mask, canvas_mask)`` builds the sampler's denoiser of one row (``sampler.make_denoiser``);
     ``draft_block`` runs the sampler's own block loop for ``draft=denoise`` (``sampler.draft_block``).
     ``verifier``: the AR base for ``verifier=base`` when ``dlm`` has no adapters to switch off.
+    ``on_step`` (a live view) gets frame 0 (every row all [MASK]), then one frame per verify pass:
+    ``rows[r]`` is the round's ``TrajectoryStep`` for the row being decoded, None for the others
+    (rows are decoded one after another), the same objects the trajectories record.
     """
     check_speculative(config)
     was_training = (dlm.training, verifier.training if verifier is not None else False)
@@ -241,17 +245,40 @@ def speculative_generate(
     mask_id = int(dlm.mask_id)
     device = next(dlm.parameters()).device
     out = SpeculativeOutput(tokens=[], canvas=torch.empty(0), nfe=0, steps=0)
-    out.trajectories = [] if record_trajectory else None
+    out.trajectories = [] if record_trajectory or on_step is not None else None
     canvases = []
+    frame = None
+    if on_step is not None:
+        start = TrajectoryStep(block=0, canvas=[mask_id] * config.gen_length, committed=[], confidences=[])
+        on_step(StepFrame(0, [start] * len(prompts)))
+
+        sent = [0]  # frames after the start
+
+        def frame(row: int, step: TrajectoryStep) -> None:
+            out_rows: list[TrajectoryStep | None] = [None] * len(prompts)
+            out_rows[row] = step
+            sent[0] += 1
+            on_step(StepFrame(sent[0], out_rows))
+
     # the verifier's mode, set once for every pass: causal attention (the drafter's block-causal and
     # prefix-LM passes bring their own 4D mask), and the adapters off for the base
     mode = causal_attention(model.model) if adapters else ar_mode(model.model)
     try:
         with mode:
-            for prompt in prompts:
+            for row, prompt in enumerate(prompts):
                 generator = torch.Generator(device=device).manual_seed(seed)
                 answer = _decode_row(
-                    drafter, model, prompt, config, new_drafter, draft_block, eos_id, mask_id, generator, out
+                    drafter,
+                    model,
+                    prompt,
+                    config,
+                    new_drafter,
+                    draft_block,
+                    eos_id,
+                    mask_id,
+                    generator,
+                    out,
+                    None if frame is None else (lambda step, row=row: frame(row, step)),
                 )
                 canvases.append(answer)
     finally:
@@ -263,6 +290,8 @@ def speculative_generate(
     )
     out.tokens = [truncate_at_eos(row, eos_id) for row in out.canvas.tolist()]
     out.nfe = out.draft_nfe + out.verify_nfe
+    if not record_trajectory:
+        out.trajectories = None
     return out
 
 
@@ -277,6 +306,7 @@ def _decode_row(
     mask_id: int,
     generator: torch.Generator,
     out: SpeculativeOutput,
+    on_round: Callable[[TrajectoryStep], None] | None = None,
 ) -> torch.Tensor:
     """One row: rounds of draft, verify, commit (module docstring); returns its (G,) answer canvas."""
     device = generator.device
@@ -342,16 +372,18 @@ def _decode_row(
                     confidences=probs.gather(-1, chosen[:, None]).squeeze(-1).tolist(),
                 )
             )
+            if new_n >= gen or ended:  # the row's last round: the EOS fill after it is part of it
+                step = trajectory.steps[-1]
+                step.filled = list(range(new_n, gen))
+                step.canvas = step.canvas[:new_n] + [eos_id] * (gen - new_n)
+            if on_round is not None:
+                on_round(trajectory.steps[-1])
         n = new_n
     out.steps += len(committed)
     out.accepted.append(accepted)
     out.committed.append(committed)
     answer = x[0, width:].clone()
-    filled = list(range(n, gen))
     answer[n:] = eos_id  # after the end token (ended) or nothing (n == gen)
     if trajectory is not None:
-        if filled and trajectory.steps:
-            trajectory.steps[-1].canvas = answer.tolist()
-            trajectory.steps[-1].filled = filled
         out.trajectories.append(trajectory)
     return answer
