@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diffllm-installed
 ARGS ?=
+# make train's conversion recipe (issue 18; conf/experiment/tiny_recipe.yaml); RECIPE= for the bare
+# prefix-LM default. The AR-SFT run gets it too (it trains the causal model and ignores it).
+RECIPE ?= +experiment=tiny_recipe
 # bench-gpu runs with the .venv when there is one, else the node's python3 (a CUDA image's torch).
 BENCH_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 WHEELHOUSE ?= wheelhouse
@@ -36,9 +39,9 @@ setup: $(STAMP)  ## create .venv and install the project (editable) with its dev
 # diffusion conversion whose report carries the AR-SFT row (report.ar_ckpt_path).
 RUN_DIR := outputs/$(shell date +%Y-%m-%d/%H-%M-%S)
 
-train: $(STAMP)  ## embedded default: AR-SFT baseline, then tiny AR LLaMA -> diffusion with both in the report (CPU, < 5 min); ARGS='k=v ...'
-	$(PY) -m diffllm.train objective=ar report.enabled=false hydra.run.dir=$(RUN_DIR)/ar_sft $(ARGS)
-	$(PY) -m diffllm.train hydra.run.dir=$(RUN_DIR)/diffusion report.ar_ckpt_path=$(RUN_DIR)/ar_sft/checkpoints/last.ckpt $(ARGS)
+train: $(STAMP)  ## embedded default: AR-SFT baseline, then tiny AR LLaMA -> diffusion (RECIPE) with both in the report (CPU, < 5 min); ARGS='k=v ...'
+	$(PY) -m diffllm.train objective=ar report.enabled=false hydra.run.dir=$(RUN_DIR)/ar_sft $(RECIPE) $(ARGS)
+	$(PY) -m diffllm.train hydra.run.dir=$(RUN_DIR)/diffusion report.ar_ckpt_path=$(RUN_DIR)/ar_sft/checkpoints/last.ckpt $(RECIPE) $(ARGS)
 
 test: $(STAMP)  ## run the test suite (CPU, hermetic)
 	$(PY) -m pytest $(ARGS)
