@@ -149,9 +149,12 @@ def test_shipped_lists_train_one_ar_sft_per_budget_and_data(tmp_path):
     assert rc.ar_key(task.base, ()) != rc.ar_key(task.base, ("trainer.max_steps=200",))
     tiny = rc.load_recipes("tiny")
     # every option of issue 18 alone on block 4, and together; the SmolLM2 winner's three options
-    combos = {"best", "block4_combo"}
     for key in ("block_schedule", "clean_stream=causal", "ar_weight", "complementary", "distill_weight"):
-        alone = [n for n, r in tiny.recipes.items() if any(key in o for o in r.overrides) and n not in combos]
+        alone = [
+            n
+            for n, r in tiny.recipes.items()
+            if any(key in o for o in r.overrides) and n != "best" and "combo" not in n
+        ]
         assert len(alone) == 1 and any(key in o for o in tiny.recipes["best"].overrides), (key, alone)
     combo = " ".join(tiny.recipes["block4_combo"].overrides)
     assert all(k in combo for k in ("block_schedule", "clean_stream=causal", "ar_weight=1.0"))
