@@ -211,22 +211,29 @@ def test_read_prompts_file_names_the_bad_line(tmp_path, lines, message):
 
 
 def test_cli_bad_input_exits_2_with_a_clear_message(tiny_run, tmp_path):
+    """The process contract once (exit status 2, one line, no traceback), then every other bad input
+    through the same CLI body in-process (``InputError`` is what ``main`` turns into that exit)."""
+    from diffllm.cli.generate import run
+
     ckpt = tiny_run[1]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "fine"}\n{"instruction": "oops",\n')
+    proc = run_cli(f"ckpt_path={ckpt}", f"prompts_file={bad}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in (str(bad), "line 2", "not valid JSON"):
+        assert needle in proc.stderr, proc.stderr
     cases = [
-        ([f"ckpt_path={ckpt}", f"prompts_file={bad}"], [str(bad), "line 2", "not valid JSON"]),
         (["prompt=hi"], ["ckpt_path is missing", "ckpt_path="]),
         ([f"ckpt_path={tmp_path / 'nope.ckpt'}", "prompt=hi"], ["nope.ckpt", "does not exist"]),
         ([f"ckpt_path={ckpt}", f"prompts_file={tmp_path / 'absent.txt'}"], ["absent.txt", "does not exist"]),
         ([f"ckpt_path={ckpt}"], ["no prompt", "prompts_file="]),
     ]
     for args, needles in cases:
-        proc = run_cli(*args, cwd=tmp_path)
-        assert proc.returncode == 2, (args, proc.stderr)
-        assert "Traceback" not in proc.stderr
+        with pytest.raises(InputError) as err:
+            run(compose(args, config_name="generate"))
         for needle in needles:
-            assert needle in proc.stderr, (args, proc.stderr)
+            assert needle in str(err.value), (args, str(err.value))
 
 
 def test_sampler_overrides_on_top_of_the_checkpoint():
