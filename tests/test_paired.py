@@ -1,4 +1,4 @@
-"""Two evaluations paired row by row (diffllm.evaluation.paired), against a hand computation."""
+"""Two evaluations paired row by row (diffllm.bench.paired), against a hand computation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from diffllm.evaluation.paired import main, paired_figures
+from diffllm.bench.paired import main, paired_figures
 
 
 def fake_eval(tokens, bound, l2r, match):

@@ -1,6 +1,6 @@
-"""Two conversions against each other, paired over the same rows: ``python -m diffllm.evaluation.paired``.
+"""Two conversions against each other, paired over the same rows: ``python -m diffllm.bench.paired``.
 
-    python -m diffllm.evaluation.paired RUN_A/eval.json RUN_B/eval.json [RUN_C/eval.json ...]
+    python -m diffllm.bench.paired RUN_A/eval.json RUN_B/eval.json [RUN_C/eval.json ...]
 
 Each eval.json after the first is held against the first (the reference), row by row, from the
 per-row figures ``diffllm.evaluate`` writes (``compare.per_row_figures``):
@@ -91,7 +91,7 @@ def table(paths: Sequence[Path]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m diffllm.evaluation.paired", description=__doc__.splitlines()[0]
+        prog="python -m diffllm.bench.paired", description=__doc__.splitlines()[0]
     )
     parser.add_argument("reference", type=Path, help="the eval.json every other one is held against")
     parser.add_argument("others", type=Path, nargs="+", help="eval.json files scored on the same rows")
