@@ -296,6 +296,9 @@ def test_block_settings_that_decode_pass():
         assert cfg.model.attention == "block_causal" and cfg.model.block_size == 4 == schedule[-1][1]
         assert schedule[0] == [0, 1] and cfg.model.clean_stream == "causal" and cfg.loss.ar_weight == 1.0
         assert schedule[-1][0] / cfg.trainer.max_steps == 0.25  # at block 4 for the last three quarters
+        assert cfg.time_sampler.eps == 0.3  # training times clipped below (measured on SmolLM2)
+    # the old default keeps every old value, the training times included
+    assert compose(["+experiment=smollm2_prefix_lm", "output_dir=/x"]).time_sampler.eps == 1e-3
     # the quality grid's k=8 gives 2 steps for 4 blocks: not refused, the sweep keeps it as a skipped row
     check_run_config(compose([*BLOCK, "report.quality.tokens_per_step=[1,2,4,8]", "output_dir=/x"]))
     check_run_config(

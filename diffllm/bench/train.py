@@ -349,6 +349,7 @@ PREFIX_LM = [
     "model.clean_stream=block",
     "model.block_schedule=null",
     "loss.ar_weight=0.0",
+    "time_sampler.eps=0.001",
     "sampler.block_length=32",
     "sampler.cache=none",
 ]
