@@ -299,6 +299,31 @@ def test_block_settings_that_decode_pass():
         assert cfg.time_sampler.eps == 0.3  # training times clipped below (measured on SmolLM2)
     # the old default keeps every old value, the training times included
     assert compose(["+experiment=smollm2_prefix_lm", "output_dir=/x"]).time_sampler.eps == 1e-3
+    # +recipe=prefix_lm undoes every recipe key on any experiment; the old SmolLM2 default is that
+    # recipe on +experiment=smollm2 with its one 16-position block
+    for name in ("smollm2", "alpaca_lora", "tiny_recipe"):
+        cfg = compose([f"+experiment={name}", "+recipe=prefix_lm", "output_dir=/x"])
+        check_run_config(cfg)
+        assert (cfg.model.attention, cfg.model.block_size, cfg.model.block_schedule) == (
+            "prefix_lm",
+            None,
+            None,
+        )
+        assert (cfg.model.clean_stream, cfg.loss.ar_weight, cfg.time_sampler.eps) == ("block", 0.0, 1e-3)
+        assert (cfg.sampler.cache, cfg.sampler.block_length) == ("prefix", None)
+    from diffllm.bench.train import PREFIX_LM, compose_run  # the step the training benchmark measures
+
+    bench = compose_run(["+experiment=alpaca_lora", *PREFIX_LM])
+    assert (bench["model"]["attention"], bench["loss"]["ar_weight"], bench["sampler"]["cache"]) == (
+        "prefix_lm",
+        0.0,
+        "none",
+    )
+    old = compose(["+experiment=smollm2_prefix_lm", "output_dir=/x"])
+    by_hand = compose(
+        ["+experiment=smollm2", "+recipe=prefix_lm", "sampler.block_length=16", "output_dir=/x"]
+    )
+    assert OmegaConf.to_container(old) == OmegaConf.to_container(by_hand)
     # the quality grid's k=8 gives 2 steps for 4 blocks: not refused, the sweep keeps it as a skipped row
     check_run_config(compose([*BLOCK, "report.quality.tokens_per_step=[1,2,4,8]", "output_dir=/x"]))
     check_run_config(

@@ -344,12 +344,7 @@ def random_llama_folder(architecture: dict[str, Any], folder: Path, device: torc
 # the mission's first recipe on top of +experiment=alpaca_lora (which now trains block diffusion):
 # the step every variant below rewrites and every published figure of this benchmark measured
 PREFIX_LM = [
-    "model.attention=prefix_lm",
-    "model.block_size=null",
-    "model.clean_stream=block",
-    "model.block_schedule=null",
-    "loss.ar_weight=0.0",
-    "time_sampler.eps=0.001",
+    "+recipe=prefix_lm",  # conf/recipe/prefix_lm.yaml
     "sampler.block_length=32",
     "sampler.cache=none",
 ]
