@@ -173,6 +173,95 @@ def test_bad_lists_and_names_fail_with_one_line(tmp_path):
     assert [r.name for r in rc.select(lst, "b,a")] == ["b", "a"]
 
 
+def test_extends_appends_to_the_parent_and_inherits_its_budget(tmp_path):
+    lst = rc.load_recipes(
+        write_list(
+            tmp_path / "l.yaml",
+            {
+                "child": {"extends": "mid", "overrides": "loss.ar_weight=2.0", "eval": "gen_rows=4"},
+                "mid": {"extends": "top", "overrides": "model.clean_stream=causal"},
+                "top": {"overrides": BLOCK4, "shared": "trainer.max_steps=9", "eval": "rows=4"},
+                "own_budget": {"extends": "top", "shared": ""},
+            },
+        )
+    )
+    # file order (write_list sorts the keys), parents before or after their children
+    assert list(lst.recipes) == ["child", "mid", "own_budget", "top"]
+    child = lst.recipes["child"]
+    assert child.overrides == (*BLOCK4.split(), "model.clean_stream=causal", "loss.ar_weight=2.0")
+    assert child.shared == ("trainer.max_steps=9",) and child.eval == ("rows=4", "gen_rows=4")
+    assert lst.recipes["own_budget"].shared == () and lst.recipes["own_budget"].overrides == tuple(
+        BLOCK4.split()
+    )
+    with pytest.raises(rc.RecipeError, match="extends 'nope', which is not a recipe"):
+        rc.load_recipes(write_list(tmp_path / "a.yaml", {"x": {"extends": "nope"}}))
+    with pytest.raises(rc.RecipeError, match=r"cycle \(x -> y -> x\)"):
+        rc.load_recipes(write_list(tmp_path / "b.yaml", {"x": {"extends": "y"}, "y": {"extends": "x"}}))
+
+
+def test_ar_sft_is_keyed_on_the_config_it_trains_with(tmp_path):
+    """Bases that differ in diffusion keys only share one AR-SFT; any key AR-SFT reads gives another;
+    a folder named by another key whose recorded overrides compose to the same config is reused."""
+    smol = ("+experiment=smollm2", "trainer.max_steps=200")
+    key = rc.ar_key(smol, ())
+    assert (
+        rc.ar_key(("+experiment=smollm2_prefix_lm", "trainer.max_steps=100"), ("trainer.max_steps=200",))
+        == key
+    )
+    assert rc.ar_key((*smol, "time_sampler.eps=0.001", "loss.ar_weight=4.0", "sampler.steps=3"), ()) == key
+    for changed in (
+        "trainer.max_steps=100",
+        "optimizer.lr=0.002",
+        "data.batch_size=8",
+        "lora.r=16",
+        "seed=1",
+        "sampler.gen_length=32",
+    ):
+        assert rc.ar_key((*smol, changed), ()) != key, changed
+    out = tmp_path / "out"
+    old = out / "ar-sft-0123456789"  # named by the string hash of an older runner
+    recorded = ["objective=ar", "+experiment=smollm2_prefix_lm", "trainer.max_steps=200"]
+    old.mkdir(parents=True)
+    rc.write_json(old / rc.STATE, {"run_id": "r", "overrides": recorded, "attempts": [], "trained": True})
+    other = out / "ar-sft-9876543210"
+    other.mkdir()
+    rc.write_json(other / rc.STATE, {"overrides": ["objective=ar", *smol, "optimizer.lr=0.002"]})
+    run = rc.ar_run(out, smol[:1], rc.Recipe("r", (), smol[1:]))
+    assert run.folder == old and run.overrides == tuple(recorded)
+    fresh = ("+experiment=smollm2", "trainer.max_steps=50")  # no folder of its key: its own name
+    assert rc.ar_run(out, fresh, rc.Recipe("r", ())).folder == out / f"ar-sft-{rc.ar_key(fresh, ())}"
+
+
+def test_what_the_ar_key_ignores_does_not_change_the_ar_sft_weights(tiny_ar_run, tmp_path):
+    """The claim ``ar_identity`` rests on: objective=ar trained with every ignored key changed (block
+    attention, curriculum, causal clean stream, AR weight, clipped times, cosine schedule, sampler
+    blocks) gives the same weights as the plain run, and the two share a key."""
+    from diffllm.config.resolvers import compose
+    from diffllm.training.run import train
+    from tests.conftest import TINY_AR_RUN
+
+    changed = [
+        "model.attention=block_causal",
+        "model.block_size=4",
+        "model.block_schedule=[[0,1],[2,4]]",
+        "model.clean_stream=causal",
+        "loss.ar_weight=2.0",
+        "time_sampler.eps=0.3",
+        "schedule=cosine",
+        "sampler.block_length=4",
+        "sampler.cache=block",
+    ]
+    plain = [o for o in TINY_AR_RUN if o != "objective=ar"]
+    assert rc.ar_key(tuple(plain), ()) == rc.ar_key((*plain, *changed), ())
+    train(compose(TINY_AR_RUN + changed + [f"output_dir={tmp_path}"]))
+    ours = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ref = torch.load(tiny_ar_run[1], map_location="cpu", weights_only=False)
+    assert ours["global_step"] == ref["global_step"] > 0
+    assert ours["state_dict"].keys() == ref["state_dict"].keys() and ref["state_dict"]
+    for name, value in ref["state_dict"].items():
+        assert torch.equal(ours["state_dict"][name], value), name
+
+
 def test_check_configs_names_the_recipe_whose_key_does_not_exist():
     ok = rc.Run("ok", Path("/x/ok"), tuple(BLOCK4.split()))
     bad = rc.Run("bad", Path("/x/bad"), ("model.no_such_key=1",))

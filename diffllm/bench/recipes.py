@@ -18,14 +18,19 @@ is a YAML file (``diffllm/bench/recipe_lists/*.yaml``; ``--recipes FILE`` for yo
         overrides: "model.attention=block_causal ..."
         shared: "trainer.max_steps=200"                 # AR-SFT at 200 steps too
         eval: "..."                                     # appended to the list's eval
+      best_200_t30:
+        extends: best_200                               # its overrides, shared and eval, then:
+        overrides: "time_sampler.eps=0.3"
 
 For each recipe, in ``--out`` (default ``outputs/recipes/<list>``):
 
 1. the conversion: ``python -m diffllm.train <base> <shared> <overrides>`` into ``<recipe>/`` (it
    needs no baseline: a second runner trains its conversion while the first trains AR-SFT);
 2. AR-SFT: ``python -m diffllm.train objective=ar <base> <shared>`` into ``ar-sft-<key>/``, where
-   the key hashes (base, shared): trained once, reused by every recipe with the same key, in this
-   invocation and the next;
+   the key hashes the config it composes to, less what AR-SFT ignores (``ar_identity``: the block
+   keys, the diffusion loss, time sampler, schedule, annealing, the sampler but its answer budget):
+   trained once, reused by every recipe with the same key, in this invocation and the next, also
+   from a base written differently (an existing ``ar-sft-*`` folder with the same key is found);
 3. ``python -m diffllm.evaluate ckpt_path=<recipe>/checkpoints/last.ckpt
    ar_ckpt_path=ar-sft-<key>/checkpoints/last.ckpt <eval>``: the bound, the L2R NLL, AR-SFT's NLL,
    exact match of both on the same validation rows and prompts, paired differences with their
@@ -48,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -66,6 +72,7 @@ from typing import Any
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from diffllm.config.resolvers import compose
 from diffllm.config.schema import check_run_config
@@ -155,7 +162,7 @@ def load_recipes(recipes: str | Path) -> RecipeList:
         raise RecipeError(
             f"{path}: unknown top-level key(s) {unknown}; the keys are base, eval, recipes, description"
         )
-    out: dict[str, Recipe] = {}
+    specs: dict[str, dict[str, Any]] = {}
     for name, spec in data["recipes"].items():
         name = str(name)
         where = f"{path}: recipe {name!r}"
@@ -165,16 +172,40 @@ def load_recipes(recipes: str | Path) -> RecipeList:
             )
         if spec is None or isinstance(spec, (str, list)):
             spec = {"overrides": spec}
-        if not isinstance(spec, dict) or set(spec) - {"overrides", "shared", "eval"}:
+        if not isinstance(spec, dict) or set(spec) - {"overrides", "shared", "eval", "extends"}:
             raise RecipeError(
-                f"{where}: give a string of overrides or a mapping of overrides / shared / eval"
+                f"{where}: give a string of overrides or a mapping of overrides / shared / eval / extends"
             )
-        out[name] = Recipe(
-            name,
-            split_overrides(spec.get("overrides"), where),
-            split_overrides(spec.get("shared"), f"{where} shared"),
-            split_overrides(spec.get("eval"), f"{where} eval"),
-        )
+        specs[name] = spec
+    out: dict[str, Recipe] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> Recipe:
+        """``extends: parent``: the parent's overrides, then the recipe's own; the parent's shared
+        unless the recipe gives its own; the parent's eval, then the recipe's own."""
+        if name in out:
+            return out[name]
+        spec, where = specs[name], f"{path}: recipe {name!r}"
+        overrides = split_overrides(spec.get("overrides"), where)
+        shared = split_overrides(spec.get("shared"), f"{where} shared")
+        evals = split_overrides(spec.get("eval"), f"{where} eval")
+        parent_name = spec.get("extends")
+        if parent_name is not None:
+            parent_name = str(parent_name)
+            if parent_name not in specs:
+                raise RecipeError(f"{where}: extends {parent_name!r}, which is not a recipe of this list")
+            if parent_name in chain:
+                cycle = " -> ".join((*chain, name, parent_name))
+                raise RecipeError(f"{where}: extends makes a cycle ({cycle}); break it")
+            parent = resolve(parent_name, (*chain, name))
+            overrides = (*parent.overrides, *overrides)
+            shared = shared if "shared" in spec else parent.shared
+            evals = (*parent.eval, *evals)
+        out[name] = Recipe(name, overrides, shared, evals)
+        return out[name]
+
+    for name in specs:
+        resolve(name, ())
+    out = {name: out[name] for name in specs}  # file order
     return RecipeList(
         name=path.stem,
         path=path,
@@ -210,14 +241,54 @@ class Run:
     overrides: tuple[str, ...]
 
 
+# What objective=ar never reads (``ARObjective``: the causal model, next-token loss, no noise): the
+# block keys, the diffusion loss, time sampler, schedule and annealing, the end-of-run report (off in
+# the runner), and the sampler but for its answer budget (AR-SFT decodes validation prompts greedily).
+# Two AR-SFT configs equal outside these train the same weights (tests/test_recipes.py trains both).
+AR_IGNORED_NODES = ("loss", "time_sampler", "schedule", "anneal", "report", "module")
+AR_IGNORED_MODEL_KEYS = ("attention", "block_size", "block_schedule", "clean_stream")
+
+
+@functools.lru_cache(maxsize=256)
+def ar_identity(overrides: tuple[str, ...]) -> str:
+    """The AR-SFT run's composed config (``objective=ar`` and ``overrides``, interpolations as
+    written) without what AR-SFT ignores, as canonical JSON."""
+    cfg = OmegaConf.to_container(compose(["objective=ar", *overrides, "output_dir=/ar-sft"]), resolve=False)
+    for node in AR_IGNORED_NODES:
+        cfg.pop(node, None)
+    for key in AR_IGNORED_MODEL_KEYS:
+        cfg["model"].pop(key, None)
+    cfg["sampler"] = {"gen_length": cfg["sampler"]["gen_length"]}
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
 def ar_key(base: Sequence[str], shared: Sequence[str]) -> str:
-    """The AR-SFT baseline's identity: a hash of the overrides it is trained with (in order)."""
-    return hashlib.sha1(json.dumps([list(base), list(shared)]).encode()).hexdigest()[:10]
+    """The AR-SFT baseline's identity: a hash of the config it trains with (``ar_identity``), so that
+    bases written differently (``+experiment=smollm2`` and ``+experiment=smollm2_prefix_lm``, which
+    differ in diffusion keys only) share one baseline, and any key AR-SFT reads gives another."""
+    identity = ar_identity(tuple(o for o in (*base, *shared) if o != "objective=ar"))
+    return hashlib.sha1(identity.encode()).hexdigest()[:10]
 
 
 def ar_run(out: Path, base: Sequence[str], recipe: Recipe) -> Run:
+    """The recipe's AR-SFT run: ``ar-sft-<key>/``, or an existing ``ar-sft-*`` folder whose recorded
+    overrides compose to the same key (a folder named by the older string hash is reused, with its
+    own overrides kept for its resume commands)."""
     key = ar_key(base, recipe.shared)
-    return Run(f"AR-SFT {key}", out / f"{AR_PREFIX}{key}", ("objective=ar", *base, *recipe.shared))
+    folder = out / f"{AR_PREFIX}{key}"
+    # its own folder first (perhaps trained from a base written differently), then older names
+    states = [folder / STATE] if folder.exists() else sorted(out.glob(f"{AR_PREFIX}*/{STATE}"))
+    for state_file in states:
+        recorded = (read_json(state_file) or {}).get("overrides")
+        if not isinstance(recorded, list):
+            continue
+        try:
+            same = ar_key(tuple(recorded), ()) == key
+        except Exception:  # noqa: BLE001 - a folder whose overrides no longer compose is not this one
+            same = False
+        if same:
+            return Run(f"AR-SFT {key}", state_file.parent, tuple(recorded))
+    return Run(f"AR-SFT {key}", folder, ("objective=ar", *base, *recipe.shared))
 
 
 def diffusion_run(out: Path, base: Sequence[str], recipe: Recipe) -> Run:
@@ -259,15 +330,15 @@ def shown(argv: Sequence[str], threads: int) -> str:
 # ----------------------------------------------------------------------------------- config checks
 
 
+def first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
 def check_configs(runs: Sequence[Run], evals: Mapping[str, Sequence[str]]) -> dict[str, str]:
     """Compose every training run's config (as ``python -m diffllm.train`` would) and check it
     against the schema, and every evaluation's overrides; {label: the first line of its error}."""
     errors: dict[str, str] = {}
-
-    def first_line(err: Exception) -> str:
-        text = str(err).strip().splitlines()
-        return f"{type(err).__name__}: {text[0] if text else ''}"
-
     for run in runs:
         try:
             check_run_config(compose([*run.overrides, *TRAIN_EXTRA, "output_dir=/nonexistent/check"]))
@@ -503,7 +574,11 @@ class Runner:
 
     def run_recipe(self, recipe: Recipe, results: Path) -> dict[str, Any] | None:
         """AR-SFT (once per key), the conversion, its evaluation, its results line; None on a dry run."""
-        ar, run = ar_run(self.out, self.base, recipe), diffusion_run(self.out, self.base, recipe)
+        try:
+            ar = ar_run(self.out, self.base, recipe)
+        except Exception as err:  # noqa: BLE001 - (--no-check) its AR-SFT config does not compose
+            raise RunFailed(f"[{recipe.name}] AR-SFT config: {first_line(err)}") from None
+        run = diffusion_run(self.out, self.base, recipe)
         eval_overrides = (*self.eval, *recipe.eval)
         with self._locked(run.folder):
             done = finished_eval(run.folder)
@@ -781,16 +856,21 @@ def main(argv: list[str] | None = None, launcher: Launcher = launch) -> int:
         )
         failed: dict[str, str] = {}
         if not args.no_check:
-            runs = {}
+            runs, ar_labels = {}, {}
             for r in recipes:
                 if finished_eval(out / r.name) is None:
-                    runs[ar_run(out, base, r).label] = ar_run(out, base, r)
+                    try:
+                        ar = ar_run(out, base, r)
+                    except Exception as err:  # noqa: BLE001 - its AR-SFT config does not compose
+                        failed[r.name] = f"config: AR-SFT: {first_line(err)}"
+                        continue
+                    runs[ar.label], ar_labels[r.name] = ar, ar.label
                     runs[r.name] = diffusion_run(out, base, r)
             errors = check_configs(
                 list(runs.values()), {r.name: (*recipe_list.eval, *r.eval) for r in recipes}
             )
             for r in recipes:
-                err = errors.get(r.name) or errors.get(ar_run(out, base, r).label)
+                err = errors.get(r.name) or errors.get(ar_labels.get(r.name, ""))
                 if err:
                     failed[r.name] = f"config: {err}"
             if failed:
