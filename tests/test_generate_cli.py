@@ -15,11 +15,13 @@ from omegaconf import OmegaConf
 
 from diffllm.bench.sampler import (
     AR,
+    BLOCK_CACHED,
     CACHED,
     NAIVE,
     SCHEDULE,
     THRESHOLD,
     Measurement,
+    _short,
     answer_tokens,
     build_table,
     check_goals,
@@ -325,6 +327,11 @@ def test_benchmark_methods_differ_only_in_commits_and_cache():
         assert configs[SCHEDULE].resolved_steps == g // 4 and configs[SCHEDULE].fill_after_eos
         assert configs[THRESHOLD].threshold == configs[CACHED].threshold == 0.9
         assert (configs[THRESHOLD].cache, configs[CACHED].cache) == ("none", "prefix")
+    # --threshold reaches every threshold row and only them, and the table's settings column names it
+    for m in (THRESHOLD, CACHED, BLOCK_CACHED):
+        assert sampler_settings(m, 64, block=4, tau=0.99)["threshold"] == 0.99
+    assert sampler_settings(NAIVE, 64, block=4, tau=0.99)["threshold"] is None
+    assert _short(BLOCK_CACHED, 64, 4, "hidden", 0.99).startswith("τ 0.99, block 4")
     assert sampler_settings(NAIVE, 8, block=16)["block_length"] == 8  # a block never exceeds the canvas
     assert sampler_settings(CACHED, 64, block=64, future="visible")["future_blocks"] == "visible"
     with pytest.raises(ValueError, match="must divide"):

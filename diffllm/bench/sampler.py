@@ -7,7 +7,7 @@ hold), it times
 
     naive             one token per step: steps = G, no EOS fill
     schedule          steps = G / 4 (4 tokens per step on the even schedule)
-    threshold         commit every position with confidence > 0.9 (at least one)
+    threshold         commit every position with confidence > τ (at least one; 0.9, or --threshold)
     threshold+cache   the same with the Fast-dLLM prefix KV cache per block
     threshold+dual cache  the same with the dual cache (prefix and suffix, refreshed per block)
     AR + KV cache     the original model, greedy, adapters off, causal (``ar_generate``)
@@ -15,7 +15,7 @@ hold), it times
 and, with ``--block-ckpt`` (a block-diffusion checkpoint, ``model.block_size``), on that model:
 
     block: naive                     one token per step, its own blocks
-    block: threshold                 τ = 0.9 inside each block
+    block: threshold                 τ (0.9, or --threshold) inside each block
     block: threshold+block cache     the same with the exact block KV cache (each committed block's
                                      clean keys/values computed once; a step runs one block)
     block: speculative               self-speculative decoding (``sampler.mode=speculative``): the block
@@ -153,10 +153,12 @@ def answer_tokens(tokens: Sequence[Sequence[int]], ended: Sequence[bool]) -> int
     return sum(len(t) + int(e) for t, e in zip(tokens, ended))
 
 
-def sampler_settings(method: str, gen_length: int, block: int = 8, future: str = "hidden") -> dict[str, Any]:
+def sampler_settings(
+    method: str, gen_length: int, block: int = 8, future: str = "hidden", tau: float = TAU
+) -> dict[str, Any]:
     """SamplerConfig fields of a diffusion method at length ``gen_length`` (see the module docstring).
 
-    ``block`` is clipped to ``gen_length``; it must divide it.
+    ``block`` is clipped to ``gen_length``; it must divide it. ``tau``: the threshold methods' τ.
     """
     block = min(block, gen_length)
     if gen_length % block:
@@ -172,13 +174,13 @@ def sampler_settings(method: str, gen_length: int, block: int = 8, future: str =
         steps = blocks * max(block // SCHEDULE_TOKENS_PER_STEP, 1)
         return common | fill | {"steps": steps, "threshold": None, "cache": "none"}
     if method in (THRESHOLD, BLOCK_THRESHOLD):
-        return common | fill | {"steps": None, "threshold": TAU, "cache": "none"}
+        return common | fill | {"steps": None, "threshold": tau, "cache": "none"}
     if method == CACHED:
-        return common | fill | {"steps": None, "threshold": TAU, "cache": "prefix"}
+        return common | fill | {"steps": None, "threshold": tau, "cache": "prefix"}
     if method == DUAL:
-        return common | fill | {"steps": None, "threshold": TAU, "cache": "dual"}
+        return common | fill | {"steps": None, "threshold": tau, "cache": "dual"}
     if method == BLOCK_CACHED:
-        return common | fill | {"steps": None, "threshold": TAU, "cache": "block"}
+        return common | fill | {"steps": None, "threshold": tau, "cache": "block"}
     if method in SPECULATIVE_METHODS:
         verifier = "base" if method == SPECULATIVE else "self"
         speculative = {"mode": "speculative", "verifier": verifier, "draft": "single"}
@@ -194,10 +196,10 @@ def _block_future(method: str, block_dlm: Any, block: int, future: str) -> tuple
     return (block_dlm.block_size, "hidden") if method in BLOCK_METHODS else (block, future)
 
 
-def _short(method: str, gen_length: int, block: int = 8, future: str = "hidden") -> str:
+def _short(method: str, gen_length: int, block: int = 8, future: str = "hidden", tau: float = TAU) -> str:
     if method == AR:
         return f"greedy, max {gen_length} new"
-    s = sampler_settings(method, gen_length, block, future)
+    s = sampler_settings(method, gen_length, block, future, tau)
     if method in SPECULATIVE_METHODS:
         return f"single-pass draft, block {s['block_length']}, block cache, verifier {s['verifier']}"
     text = f"steps {s['steps']}" if s["threshold"] is None else f"τ {s['threshold']}"
@@ -424,6 +426,7 @@ def measure(
     block_model: Any = None,
     ar_model: Any = None,
     interleave: bool = False,
+    tau: float = TAU,
 ) -> list[Measurement]:
     """Run every method at every length on the same prompts; warm every method up once first.
 
@@ -432,7 +435,8 @@ def measure(
 
     ``block_model`` (an ``InferenceModel`` of a block-diffusion checkpoint) runs the ``BLOCK_METHODS``
     with its own block size; without it they are skipped. ``ar_model``: the AR model of the AR row
-    and the speculative rows' verifier (default: ``model.dlm`` with its adapters off).
+    and the speculative rows' verifier (default: ``model.dlm`` with its adapters off). ``tau``: the
+    threshold rows' τ.
     """
     tok, dlm = model.tokenizer, model.dlm
     eos, pad = model.eos_id, tok.pad_token_id
@@ -446,8 +450,8 @@ def measure(
 
     def settings_of(method: str, gen_length: int) -> dict[str, Any]:
         if method in BLOCK_METHODS:
-            return sampler_settings(method, gen_length, block_dlm.block_size, "hidden")
-        return sampler_settings(method, gen_length, block, future)
+            return sampler_settings(method, gen_length, block_dlm.block_size, "hidden", tau)
+        return sampler_settings(method, gen_length, block, future, tau)
 
     def run(
         method: str, gen_length: int, todo: list[list[list[int]]]
@@ -493,7 +497,9 @@ def measure(
                     tokens=answer_tokens(tokens, ended),
                     nfe=nfe,
                     exact_match=exact_match(preds, references),
-                    settings=_short(method, gen_length, *_block_future(method, block_dlm, block, future)),
+                    settings=_short(
+                        method, gen_length, *_block_future(method, block_dlm, block, future), tau
+                    ),
                     batches=len(batches),
                     rows=len(prompt_ids),
                     agreement=None if ar_tokens is None else agreement(tokens, ar_tokens),
@@ -586,6 +592,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=list(METHODS),
         default=None,
         help="a subset of the rows (default: all)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=TAU,
+        help=f"τ of the threshold rows (default {TAU}): commit every position more confident than τ",
     )
     p.add_argument(
         "--interleave",
@@ -734,6 +746,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         _fail(
             f"--rows={args.rows}, --batch-size={args.batch_size}, --repeats={args.repeats}: each must be >= 1"
         )
+    if not 0 < args.threshold < 1:
+        _fail(f"--threshold {args.threshold}: τ must lie strictly between 0 and 1 (default {TAU})")
     if any(g < 1 for g in args.lengths):
         _fail(f"--lengths {args.lengths}: every length must be >= 1")
     if args.ckpt:
@@ -801,6 +815,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         methods=args.methods or METHODS,
         ar_model=plain_base(model, args.device),
         interleave=args.interleave,
+        tau=args.threshold,
     )
     command = "python -m diffllm.bench.sampler " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = build_report(
@@ -831,7 +846,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                 dlm = source.dlm.merged_copy().eval() if not args.no_merge else source.dlm
                 width = dlm.block_size if args.profile in BLOCK_METHODS else block
                 future = "hidden" if args.profile in BLOCK_METHODS else args.future
-                config = SamplerConfig(**sampler_settings(args.profile, g, width, future))
+                config = SamplerConfig(**sampler_settings(args.profile, g, width, future, args.threshold))
                 summary = step_profile(
                     dlm, first, config, eos_id=model.eos_id, pad_id=model.tokenizer.pad_token_id
                 )
