@@ -38,7 +38,8 @@ COMPANIONS = {"data=tiny_long": ["model=tiny_long"]}
 CASES = (
     [[]]
     + [
-        [f"{group}={p.stem}", *COMPANIONS.get(f"{group}={p.stem}", [])]
+        # a group the defaults list does not hold (recipe) is appended: +group=option
+        [f"{'' if group in DEFAULTS else '+'}{group}={p.stem}", *COMPANIONS.get(f"{group}={p.stem}", [])]
         for group in GROUPS
         for p in sorted((CONF_DIR / group).glob("*.yaml"))
         if DEFAULTS.get(group) != p.stem

@@ -53,15 +53,19 @@ def test_every_group_option_fits_the_schema(group, option):
 def test_every_experiment_fits_the_schema_and_holds_only_what_it_changes(experiment):
     check_run_config(compose([f"+experiment={experiment}", "output_dir=/tmp/unused"]))
     text = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())
+
     # the same group choices without the experiment's own values: every value it sets must differ
-    # (a plain name in the defaults list is another experiment this one extends)
-    choices = [
-        choice
-        for d in text.pop("defaults", [])
-        for choice in (
-            [f"+experiment={d}"] if isinstance(d, str) else [f"{k.split('/')[-1]}={v}" for k, v in d.items()]
-        )
-    ]
+    # (a plain name in the defaults list is another experiment this one extends; /group/option, an
+    # option of a group the defaults list does not hold, is appended as +group=option)
+    def choice_of(d) -> list[str]:
+        if isinstance(d, str) and d.startswith("/"):
+            group, option = d[1:].rsplit("/", 1)
+            return [f"+{group}={option}"]
+        if isinstance(d, str):
+            return [f"+experiment={d}"]
+        return [f"{k.split('/')[-1]}={v}" for k, v in d.items()]
+
+    choices = [choice for d in text.pop("defaults", []) for choice in choice_of(d)]
     base = OmegaConf.to_container(compose([*choices, "output_dir=/tmp/unused"]), resolve=False)
 
     def leaves(node, prefix=""):
