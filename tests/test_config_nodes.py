@@ -294,7 +294,7 @@ def test_block_settings_that_decode_pass():
         check_run_config(cfg)
         schedule = [list(p) for p in cfg.model.block_schedule]
         assert cfg.model.attention == "block_causal" and cfg.model.block_size == 4 == schedule[-1][1]
-        assert schedule[0] == [0, 1] and cfg.model.clean_stream == "causal" and cfg.loss.ar_weight == 1.0
+        assert schedule[0] == [0, 1] and cfg.model.clean_stream == "causal" and cfg.loss.ar_weight == 2.0
         assert schedule[-1][0] / cfg.trainer.max_steps == 0.25  # at block 4 for the last three quarters
         assert cfg.time_sampler.eps == 0.3  # training times clipped below (measured on SmolLM2)
     # the old default keeps every old value, the training times included
