@@ -297,6 +297,8 @@ def test_block_settings_that_decode_pass():
         assert schedule[0] == [0, 1] and cfg.model.clean_stream == "causal" and cfg.loss.ar_weight == 2.0
         assert schedule[-1][0] / cfg.trainer.max_steps == 0.25  # at block 4 for the last three quarters
         assert cfg.time_sampler.eps == 0.3  # training times clipped below (measured on SmolLM2)
+    # SmolLM2's sampler: tau 0.99 (0.9 lost 1.2 exact-match points against one token per step)
+    assert compose(["+experiment=smollm2", "output_dir=/x"]).sampler.threshold == 0.99
     # the old default keeps every old value, the training times included
     assert compose(["+experiment=smollm2_prefix_lm", "output_dir=/x"]).time_sampler.eps == 1e-3
     # +recipe=prefix_lm undoes every recipe key on any experiment; the old SmolLM2 default is that
@@ -321,7 +323,8 @@ def test_block_settings_that_decode_pass():
     )
     old = compose(["+experiment=smollm2_prefix_lm", "output_dir=/x"])
     by_hand = compose(
-        ["+experiment=smollm2", "+recipe=prefix_lm", "sampler.block_length=16", "output_dir=/x"]
+        ["+experiment=smollm2", "+recipe=prefix_lm", "sampler.block_length=16", "sampler.threshold=0.9"]
+        + ["output_dir=/x"]
     )
     assert OmegaConf.to_container(old) == OmegaConf.to_container(by_hand)
     # the quality grid's k=8 gives 2 steps for 4 blocks: not refused, the sweep keeps it as a skipped row
