@@ -73,7 +73,12 @@ def run(dlm, config: SamplerConfig, prompts=PROMPTS, seed: int = 0, eos_id: int 
 # B: p=(.55,.40,.05)    max .55  margin .15  -H -.845
 # C: p=(.50,.05 x 10)   max .50  margin .45  -H -1.84
 ABC = table_from_probs([([0.52, 0.48], 3), ([0.55, 0.40, 0.05], 4), ([0.5] + [0.05] * 10, 5)])
-EXPECTED_ORDER = {"low_confidence": [1, 0, 2], "margin": [2, 1, 0], "entropy": [0, 1, 2]}
+EXPECTED_ORDER = {
+    "low_confidence": [1, 0, 2],
+    "margin": [2, 1, 0],
+    "entropy": [0, 1, 2],
+    "left_to_right": [0, 1, 2],
+}
 
 
 @pytest.mark.parametrize("strategy", sorted(EXPECTED_ORDER))
@@ -82,6 +87,18 @@ def test_strategy_commits_expected_positions_in_order(strategy):
     order = [step.committed for step in out.trajectories[0].steps]
     assert order == [[p] for p in EXPECTED_ORDER[strategy]]
     assert out.canvas[0].tolist() == [3, 4, 5]  # greedy: each position's top token
+
+
+def test_left_to_right_ignores_confidence_and_takes_the_leftmost_mask_first():
+    # the most confident position is the last one: low_confidence decodes right to left here
+    table = table_from_probs([([0.3, 0.3, 0.4], 3), ([0.5, 0.5], 4), ([0.7, 0.3], 5), ([0.95, 0.05], 6)])
+    by_confidence = run(TableDLM(table), SamplerConfig(gen_length=4, steps=4))
+    assert [s.committed for s in by_confidence.trajectories[0].steps] == [[3], [2], [1], [0]]
+    two_per_step = run(TableDLM(table), SamplerConfig(gen_length=4, steps=2, strategy="left_to_right"))
+    assert [s.committed for s in two_per_step.trajectories[0].steps] == [[0, 1], [2, 3]]
+    assert two_per_step.canvas[0].tolist() == by_confidence.canvas[0].tolist() == [5, 4, 5, 6]
+    with pytest.raises(ValueError, match="left_to_right.*cannot take sampler.threshold"):
+        SamplerConfig(gen_length=4, strategy="left_to_right", threshold=0.9)
 
 
 def test_random_strategy_follows_the_rows_generator():

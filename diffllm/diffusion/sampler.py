@@ -159,9 +159,7 @@ class SamplerConfig:
     gen_length: int = 64  # answer positions G
     steps: int | None = None  # denoising steps in total (None = gen_length); schedule mode only
     block_length: int | None = None  # semi-AR block size (None = gen_length: one block); divides gen_length
-    strategy: str = (
-        "low_confidence"  # key of strategies.STRATEGIES: random | low_confidence | margin | entropy
-    )
+    strategy: str = "low_confidence"  # key of strategies.STRATEGIES: left_to_right | random | low_confidence | margin | entropy
     temperature: float = 0.0  # 0 = greedy argmax
     top_k: int | None = None
     top_p: float | None = None

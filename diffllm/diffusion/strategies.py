@@ -163,7 +163,24 @@ def entropy(
     return torch.xlogy(p, p).sum(dim=-1), tokens
 
 
+def left_to_right(
+    logits: torch.Tensor,
+    sampling: TokenSampling,
+    generators: Sequence[torch.Generator] | None,
+    draw_at: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """c_i = -i, the position in the block: the leftmost [MASK] first (semi-autoregressive order).
+
+    With one commit per step inside blocks of b this decodes the answer in the order that the
+    left-to-right NLL scores it; a block model of block size 1 decodes as the AR model would.
+    """
+    tokens, _ = sample_tokens(logits, sampling, generators, draw_at)
+    position = torch.arange(tokens.shape[1], dtype=torch.float64, device=tokens.device)  # (N,)
+    return (-position).expand(tokens.shape).clone(), tokens
+
+
 STRATEGIES: dict[str, Strategy] = {
+    "left_to_right": left_to_right,
     "random": random_order,
     "low_confidence": low_confidence,
     "margin": margin,
