@@ -297,8 +297,14 @@ def test_block_settings_that_decode_pass():
         assert schedule[0] == [0, 1] and cfg.model.clean_stream == "causal" and cfg.loss.ar_weight == 2.0
         assert schedule[-1][0] / cfg.trainer.max_steps == 0.25  # at block 4 for the last three quarters
         assert cfg.time_sampler.eps == 0.3  # training times clipped below (measured on SmolLM2)
-    # SmolLM2's sampler: tau 0.99 (0.9 lost 1.2 exact-match points against one token per step)
-    assert compose(["+experiment=smollm2", "output_dir=/x"]).sampler.threshold == 0.99
+    # SmolLM2's sampler: each block left to right, one token per pass (2.0 exact-match points over tau 0.99)
+    sampler = compose(["+experiment=smollm2", "output_dir=/x"]).sampler
+    assert (sampler.strategy, sampler.threshold, sampler.steps, sampler.block_length) == (
+        "left_to_right",
+        None,
+        16,
+        4,
+    )
     # the old default keeps every old value, the training times included
     assert compose(["+experiment=smollm2_prefix_lm", "output_dir=/x"]).time_sampler.eps == 1e-3
     # +recipe=prefix_lm undoes every recipe key on any experiment; the old SmolLM2 default is that
@@ -312,7 +318,11 @@ def test_block_settings_that_decode_pass():
             None,
         )
         assert (cfg.model.clean_stream, cfg.loss.ar_weight, cfg.time_sampler.eps) == ("block", 0.0, 1e-3)
-        assert (cfg.sampler.cache, cfg.sampler.block_length) == ("prefix", None)
+        assert (cfg.sampler.cache, cfg.sampler.block_length, cfg.sampler.strategy) == (
+            "prefix",
+            None,
+            "low_confidence",
+        )
     from diffllm.bench.train import PREFIX_LM, compose_run  # the step the training benchmark measures
 
     bench = compose_run(["+experiment=alpaca_lora", *PREFIX_LM])
@@ -324,6 +334,7 @@ def test_block_settings_that_decode_pass():
     old = compose(["+experiment=smollm2_prefix_lm", "output_dir=/x"])
     by_hand = compose(
         ["+experiment=smollm2", "+recipe=prefix_lm", "sampler.block_length=16", "sampler.threshold=0.9"]
+        + ["sampler.steps=null"]
         + ["output_dir=/x"]
     )
     assert OmegaConf.to_container(old) == OmegaConf.to_container(by_hand)
