@@ -97,8 +97,13 @@ def test_left_to_right_ignores_confidence_and_takes_the_leftmost_mask_first():
     two_per_step = run(TableDLM(table), SamplerConfig(gen_length=4, steps=2, strategy="left_to_right"))
     assert [s.committed for s in two_per_step.trajectories[0].steps] == [[0, 1], [2, 3]]
     assert two_per_step.canvas[0].tolist() == by_confidence.canvas[0].tolist() == [5, 4, 5, 6]
-    with pytest.raises(ValueError, match="left_to_right.*cannot take sampler.threshold"):
-        SamplerConfig(gen_length=4, strategy="left_to_right", threshold=0.9)
+    # with a threshold: the leftmost [MASK] and every other one whose probability exceeds tau
+    config = SamplerConfig(gen_length=4, strategy="left_to_right", threshold=0.9, steps=None)
+    with_tau = run(TableDLM(table), config)
+    assert [s.committed for s in with_tau.trajectories[0].steps] == [[0, 3], [1], [2]]
+    assert with_tau.canvas[0].tolist() == [5, 4, 5, 6] and with_tau.nfe == 3
+    config = SamplerConfig(gen_length=4, strategy="left_to_right", threshold=0.6, steps=None)
+    assert [s.committed for s in run(TableDLM(table), config).trajectories[0].steps] == [[0, 2, 3], [1]]
 
 
 def test_random_strategy_follows_the_rows_generator():

@@ -77,6 +77,7 @@ from torch.profiler import ProfilerActivity, profile
 from diffllm.data.reader import describe, parse_file
 from diffllm.data.template import get_format
 from diffllm.diffusion.sampler import SamplerConfig, generate
+from diffllm.diffusion.strategies import STRATEGIES
 from diffllm.evaluation.metrics import exact_match
 from diffllm.inference.inputs import InputError, check_device
 from diffllm.inference.loading import load_quietly, run_datamodule
@@ -154,17 +155,23 @@ def answer_tokens(tokens: Sequence[Sequence[int]], ended: Sequence[bool]) -> int
 
 
 def sampler_settings(
-    method: str, gen_length: int, block: int = 8, future: str = "hidden", tau: float = TAU
+    method: str,
+    gen_length: int,
+    block: int = 8,
+    future: str = "hidden",
+    tau: float = TAU,
+    strategy: str = "low_confidence",
 ) -> dict[str, Any]:
     """SamplerConfig fields of a diffusion method at length ``gen_length`` (see the module docstring).
 
-    ``block`` is clipped to ``gen_length``; it must divide it. ``tau``: the threshold methods' τ.
+    ``block`` is clipped to ``gen_length``; it must divide it. ``tau``: the threshold methods' τ;
+    ``strategy``: every diffusion row's (``strategies.STRATEGIES``; the speculative draft ignores it).
     """
     block = min(block, gen_length)
     if gen_length % block:
         raise ValueError(f"--block {block} must divide every length; {gen_length} is not a multiple")
     blocks = gen_length // block
-    common = {"gen_length": gen_length, "strategy": "low_confidence", "temperature": 0.0, "cfg_scale": 0.0}
+    common = {"gen_length": gen_length, "strategy": strategy, "temperature": 0.0, "cfg_scale": 0.0}
     common |= {"top_k": None, "top_p": None, "eos_penalty": 0.0, "stop_early": True}
     common |= {"block_length": block, "future_blocks": future}
     if method in (NAIVE, BLOCK_NAIVE):
@@ -196,13 +203,21 @@ def _block_future(method: str, block_dlm: Any, block: int, future: str) -> tuple
     return (block_dlm.block_size, "hidden") if method in BLOCK_METHODS else (block, future)
 
 
-def _short(method: str, gen_length: int, block: int = 8, future: str = "hidden", tau: float = TAU) -> str:
+def _short(
+    method: str,
+    gen_length: int,
+    block: int = 8,
+    future: str = "hidden",
+    tau: float = TAU,
+    strategy: str = "low_confidence",
+) -> str:
     if method == AR:
         return f"greedy, max {gen_length} new"
-    s = sampler_settings(method, gen_length, block, future, tau)
+    s = sampler_settings(method, gen_length, block, future, tau, strategy)
     if method in SPECULATIVE_METHODS:
         return f"single-pass draft, block {s['block_length']}, block cache, verifier {s['verifier']}"
     text = f"steps {s['steps']}" if s["threshold"] is None else f"τ {s['threshold']}"
+    text += "" if strategy == "low_confidence" else f", {strategy}"
     text += f", block {s['block_length']} ({s['future_blocks']} future)"
     if s["cache"] != "none":
         text += f", {s['cache']} cache"
@@ -427,6 +442,7 @@ def measure(
     ar_model: Any = None,
     interleave: bool = False,
     tau: float = TAU,
+    strategy: str = "low_confidence",
 ) -> list[Measurement]:
     """Run every method at every length on the same prompts; warm every method up once first.
 
@@ -436,7 +452,7 @@ def measure(
     ``block_model`` (an ``InferenceModel`` of a block-diffusion checkpoint) runs the ``BLOCK_METHODS``
     with its own block size; without it they are skipped. ``ar_model``: the AR model of the AR row
     and the speculative rows' verifier (default: ``model.dlm`` with its adapters off). ``tau``: the
-    threshold rows' τ.
+    threshold rows' τ; ``strategy``: the diffusion rows' unmasking strategy.
     """
     tok, dlm = model.tokenizer, model.dlm
     eos, pad = model.eos_id, tok.pad_token_id
@@ -450,8 +466,8 @@ def measure(
 
     def settings_of(method: str, gen_length: int) -> dict[str, Any]:
         if method in BLOCK_METHODS:
-            return sampler_settings(method, gen_length, block_dlm.block_size, "hidden", tau)
-        return sampler_settings(method, gen_length, block, future, tau)
+            return sampler_settings(method, gen_length, block_dlm.block_size, "hidden", tau, strategy)
+        return sampler_settings(method, gen_length, block, future, tau, strategy)
 
     def run(
         method: str, gen_length: int, todo: list[list[list[int]]]
@@ -498,7 +514,7 @@ def measure(
                     nfe=nfe,
                     exact_match=exact_match(preds, references),
                     settings=_short(
-                        method, gen_length, *_block_future(method, block_dlm, block, future), tau
+                        method, gen_length, *_block_future(method, block_dlm, block, future), tau, strategy
                     ),
                     batches=len(batches),
                     rows=len(prompt_ids),
@@ -598,6 +614,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=TAU,
         help=f"τ of the threshold rows (default {TAU}): commit every position more confident than τ",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=list(STRATEGIES),
+        default="low_confidence",
+        help="the unmasking strategy of every diffusion row (default low_confidence; left_to_right: the "
+        "leftmost [MASK] first, its threshold compared with the token's probability)",
     )
     p.add_argument(
         "--interleave",
@@ -816,6 +839,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         ar_model=plain_base(model, args.device),
         interleave=args.interleave,
         tau=args.threshold,
+        strategy=args.strategy,
     )
     command = "python -m diffllm.bench.sampler " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = build_report(
@@ -846,7 +870,9 @@ def main(argv: Sequence[str] | None = None) -> str:
                 dlm = source.dlm.merged_copy().eval() if not args.no_merge else source.dlm
                 width = dlm.block_size if args.profile in BLOCK_METHODS else block
                 future = "hidden" if args.profile in BLOCK_METHODS else args.future
-                config = SamplerConfig(**sampler_settings(args.profile, g, width, future, args.threshold))
+                config = SamplerConfig(
+                    **sampler_settings(args.profile, g, width, future, args.threshold, args.strategy)
+                )
                 summary = step_profile(
                     dlm, first, config, eos_id=model.eos_id, pad_id=model.tokenizer.pad_token_id
                 )

@@ -100,7 +100,7 @@ CACHE_MODES = ("none", "prefix", "dual", "block")
 FUTURE_MODES = ("visible", "hidden")
 # strategies whose confidence is a probability-like score in [0, 1], so a threshold tau in (0, 1] can
 # be compared with it; `entropy` gives c = -H <= 0 and `random` a uniform draw.
-THRESHOLD_STRATEGIES = ("low_confidence", "margin")
+THRESHOLD_STRATEGIES = ("low_confidence", "margin", "left_to_right")  # left_to_right: tau against p_i(x_i)
 
 # One range per field, each checked alone: (test, the valid values in words). How the fields go
 # together is ``SamplerConfig.check_combination``'s.
@@ -517,6 +517,9 @@ class Proposal:
 
     tokens: torch.Tensor  # token ids x_i (meaningful where the position is still [MASK])
     confidence: torch.Tensor  # float64 c_i, EOS penalty applied
+    # float64 p_i(x_i), EOS penalty applied: what a threshold is compared with when the strategy's
+    # confidence is not a probability (left_to_right); None: the confidence itself
+    probability: torch.Tensor | None = None
 
 
 def propose(
@@ -534,9 +537,14 @@ def propose(
     """
     strategy = STRATEGIES[config.strategy]
     confidence, tokens = strategy(block_logits, config.sampling, generators, masked)  # (B, b), (B, b)
+    probability = None
+    if config.threshold is not None and config.strategy == "left_to_right":
+        probability = token_probability(block_logits, config.sampling, tokens)  # (B, b)
     if config.eos_penalty:
-        confidence = confidence - config.eos_penalty * (tokens == eos_id).double()
-    return Proposal(tokens=tokens, confidence=confidence)
+        penalty = config.eos_penalty * (tokens == eos_id).double()
+        confidence = confidence - penalty
+        probability = None if probability is None else probability - penalty
+    return Proposal(tokens=tokens, confidence=confidence, probability=probability)
 
 
 def schedule_counts(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -589,11 +597,14 @@ def commit(
 ) -> torch.Tensor:
     """Write the chosen proposals into ``block`` (B, b) in place; returns the (B, b) chosen mask.
 
-    Threshold: every masked position with c_i > τ, at least the most confident. Schedule: the k_s
+    Threshold: every masked position with c_i > τ (p_i(x_i) > τ for ``left_to_right``), at least the
+    most confident (the leftmost for ``left_to_right``). Schedule: the k_s
     most confident; the schedule's last step (and remasking's extra steps) commit all that is left.
     """
     if plan.schedule is None:
-        chosen = choose_positions(proposal.confidence, masked, threshold=threshold)
+        chosen = choose_positions(
+            proposal.confidence, masked, threshold=threshold, score=proposal.probability
+        )
     else:
         last = step >= plan.schedule.shape[1] - 1
         num = block.shape[1] if last else plan.schedule[:, step]

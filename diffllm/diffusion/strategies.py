@@ -13,6 +13,12 @@ with ``x = argmax p`` when T = 0 (greedy) and ``x ~ Categorical(p)`` otherwise. 
     low_confidence  c_i = p_i(x_i)                   LLaDA low-confidence remasking / MaskGIT
     margin          c_i = p_i(top1) - p_i(top2)      Dream ``topk_margin``
     entropy         c_i = sum_v p_iv log p_iv        Dream ``entropy`` (negative entropy)
+    left_to_right   c_i = -i                         semi-autoregressive: the leftmost [MASK] first
+
+With a threshold τ the sampler commits every [MASK] whose score exceeds τ, and at least the
+highest-scoring one. ``left_to_right`` compares p_i(x_i) with τ instead of its score (the sampler's
+``Proposal.probability``), so a step commits the leftmost [MASK] and every other one the model is
+sure of.
 
 ``STRATEGIES`` maps the config name to the function, so the sampler never branches on strings.
 All randomness comes from the row's own ``torch.Generator``, drawn at the row's still-masked
@@ -210,11 +216,13 @@ def choose_positions(
     candidates: torch.Tensor,
     num: torch.Tensor | int | None = None,
     threshold: float | torch.Tensor | None = None,
+    score: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, N) bool: the candidate positions (``candidates`` (B, N)) to commit this step, per row.
 
-    With ``threshold`` τ (a float, or (B,) one per row): every candidate with c_i > τ, or the
-    single most confident candidate if none is (Fast-dLLM parallel decoding). Otherwise the ``num``
+    With ``threshold`` τ (a float, or (B,) one per row): every candidate with s_i > τ, and the
+    most confident candidate (Fast-dLLM parallel decoding); s_i is ``score`` (B, N) if given (the
+    token's probability, for a strategy whose confidence is not one), else c_i. Otherwise the ``num``
     ((B,) or one int for all rows) most confident candidates. Ties go to the lower index, so the
     choice is deterministic. A row without candidates commits nothing.
     """
@@ -223,7 +231,8 @@ def choose_positions(
             threshold = threshold[:, None]
         best = _ranking_key(confidence, candidates).argmax(dim=-1, keepdim=True)  # first of the maxima
         is_best = torch.arange(confidence.shape[-1], device=confidence.device) == best  # (B, N)
-        return candidates & ((confidence > threshold) | is_best)
+        above = (confidence if score is None else score) > threshold
+        return candidates & (above | is_best)
     if num is None:
         raise ValueError("choose_positions needs either num or threshold")
     if isinstance(num, torch.Tensor):
