@@ -297,12 +297,12 @@ def test_block_settings_that_decode_pass():
         assert schedule[0] == [0, 1] and cfg.model.clean_stream == "causal" and cfg.loss.ar_weight == 2.0
         assert schedule[-1][0] / cfg.trainer.max_steps == 0.25  # at block 4 for the last three quarters
         assert cfg.time_sampler.eps == 0.3  # training times clipped below (measured on SmolLM2)
-    # SmolLM2's sampler: each block left to right, one token per pass (2.0 exact-match points over tau 0.99)
+    # SmolLM2's sampler: each block left to right at tau 0.99 (2.0 exact-match points over confidence order)
     sampler = compose(["+experiment=smollm2", "output_dir=/x"]).sampler
     assert (sampler.strategy, sampler.threshold, sampler.steps, sampler.block_length) == (
         "left_to_right",
+        0.99,
         None,
-        16,
         4,
     )
     # the old default keeps every old value, the training times included
@@ -334,7 +334,6 @@ def test_block_settings_that_decode_pass():
     old = compose(["+experiment=smollm2_prefix_lm", "output_dir=/x"])
     by_hand = compose(
         ["+experiment=smollm2", "+recipe=prefix_lm", "sampler.block_length=16", "sampler.threshold=0.9"]
-        + ["sampler.steps=null"]
         + ["output_dir=/x"]
     )
     assert OmegaConf.to_container(old) == OmegaConf.to_container(by_hand)
