@@ -517,8 +517,8 @@ class Proposal:
 
     tokens: torch.Tensor  # token ids x_i (meaningful where the position is still [MASK])
     confidence: torch.Tensor  # float64 c_i, EOS penalty applied
-    # float64 p_i(x_i), EOS penalty applied: what a threshold is compared with when the strategy's
-    # confidence is not a probability (left_to_right); None: the confidence itself
+    # float64 p_i(x_i), EOS penalty applied: what a threshold is compared with for a strategy whose
+    # score is an order, not a probability (``threshold_on_probability``: left_to_right); None: c_i
     probability: torch.Tensor | None = None
 
 
@@ -538,7 +538,7 @@ def propose(
     strategy = STRATEGIES[config.strategy]
     confidence, tokens = strategy(block_logits, config.sampling, generators, masked)  # (B, b), (B, b)
     probability = None
-    if config.threshold is not None and config.strategy == "left_to_right":
+    if config.threshold is not None and getattr(strategy, "threshold_on_probability", False):
         probability = token_probability(block_logits, config.sampling, tokens)  # (B, b)
     if config.eos_penalty:
         penalty = config.eos_penalty * (tokens == eos_id).double()

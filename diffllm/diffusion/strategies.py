@@ -185,6 +185,10 @@ def left_to_right(
     return (-position).expand(tokens.shape).clone(), tokens
 
 
+# a threshold is compared with p_i(x_i), not with this strategy's score (which is an order)
+left_to_right.threshold_on_probability = True
+
+
 STRATEGIES: dict[str, Strategy] = {
     "left_to_right": left_to_right,
     "random": random_order,
