@@ -297,12 +297,21 @@ def test_block_settings_that_decode_pass():
         assert schedule[0] == [0, 1] and cfg.model.clean_stream == "causal" and cfg.loss.ar_weight == 2.0
         assert schedule[-1][0] / cfg.trainer.max_steps == 0.25  # at block 4 for the last three quarters
         assert cfg.time_sampler.eps == 0.3  # training times clipped below (measured on SmolLM2)
-    # SmolLM2's sampler: each block left to right at tau 0.99 (2.0 exact-match points over confidence order)
-    sampler = compose(["+experiment=smollm2", "output_dir=/x"]).sampler
+    # each block left to right (2.0 exact-match points over confidence order on SmolLM2 and on the tiny
+    # set), at tau 0.99 where measured; Llama 3.2 on Alpaca one token per step
+    for name in ("smollm2", "tiny_recipe"):
+        sampler = compose([f"+experiment={name}", "output_dir=/x"]).sampler
+        assert (sampler.strategy, sampler.threshold, sampler.steps, sampler.block_length) == (
+            "left_to_right",
+            0.99,
+            None,
+            4,
+        )
+    sampler = compose(["+experiment=alpaca_lora", "output_dir=/x"]).sampler
     assert (sampler.strategy, sampler.threshold, sampler.steps, sampler.block_length) == (
         "left_to_right",
-        0.99,
         None,
+        128,
         4,
     )
     # the old default keeps every old value, the training times included
@@ -318,10 +327,11 @@ def test_block_settings_that_decode_pass():
             None,
         )
         assert (cfg.model.clean_stream, cfg.loss.ar_weight, cfg.time_sampler.eps) == ("block", 0.0, 1e-3)
-        assert (cfg.sampler.cache, cfg.sampler.block_length, cfg.sampler.strategy) == (
+        assert (cfg.sampler.cache, cfg.sampler.block_length, cfg.sampler.strategy, cfg.sampler.threshold) == (
             "prefix",
             None,
             "low_confidence",
+            None,
         )
     from diffllm.bench.train import PREFIX_LM, compose_run  # the step the training benchmark measures
 
