@@ -92,15 +92,20 @@ from diffllm.diffusion.speculative import (
     check_speculative,
     speculative_generate,
 )
-from diffllm.diffusion.strategies import STRATEGIES, TokenSampling, choose_positions, token_probability
+from diffllm.diffusion.strategies import (
+    STRATEGIES,
+    THRESHOLD_ON,
+    TokenSampling,
+    choose_positions,
+    token_probability,
+)
 from diffllm.diffusion.trajectory import StepFrame, Trajectory, TrajectoryStep
 
 # the sampler's KV-cache modes (see the module docstring) and what a block sees of the blocks after it
 CACHE_MODES = ("none", "prefix", "dual", "block")
 FUTURE_MODES = ("visible", "hidden")
-# strategies whose confidence is a probability-like score in [0, 1], so a threshold tau in (0, 1] can
-# be compared with it; `entropy` gives c = -H <= 0 and `random` a uniform draw.
-THRESHOLD_STRATEGIES = ("low_confidence", "margin", "left_to_right")  # left_to_right: tau against p_i(x_i)
+# the strategies that take a threshold (strategies.THRESHOLD_ON says what tau is compared with)
+THRESHOLD_STRATEGIES = tuple(THRESHOLD_ON)
 
 # One range per field, each checked alone: (test, the valid values in words). How the fields go
 # together is ``SamplerConfig.check_combination``'s.
@@ -518,7 +523,7 @@ class Proposal:
     tokens: torch.Tensor  # token ids x_i (meaningful where the position is still [MASK])
     confidence: torch.Tensor  # float64 c_i, EOS penalty applied
     # float64 p_i(x_i), EOS penalty applied: what a threshold is compared with for a strategy whose
-    # score is an order, not a probability (``threshold_on_probability``: left_to_right); None: c_i
+    # score is an order, not a probability (``strategies.THRESHOLD_ON``: left_to_right); None: c_i
     probability: torch.Tensor | None = None
 
 
@@ -538,7 +543,7 @@ def propose(
     strategy = STRATEGIES[config.strategy]
     confidence, tokens = strategy(block_logits, config.sampling, generators, masked)  # (B, b), (B, b)
     probability = None
-    if config.threshold is not None and getattr(strategy, "threshold_on_probability", False):
+    if config.threshold is not None and THRESHOLD_ON.get(config.strategy) == "probability":
         probability = token_probability(block_logits, config.sampling, tokens)  # (B, b)
     if config.eos_penalty:
         penalty = config.eos_penalty * (tokens == eos_id).double()

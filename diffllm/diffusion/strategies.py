@@ -185,10 +185,6 @@ def left_to_right(
     return (-position).expand(tokens.shape).clone(), tokens
 
 
-# a threshold is compared with p_i(x_i), not with this strategy's score (which is an order)
-left_to_right.threshold_on_probability = True
-
-
 STRATEGIES: dict[str, Strategy] = {
     "left_to_right": left_to_right,
     "random": random_order,
@@ -196,6 +192,11 @@ STRATEGIES: dict[str, Strategy] = {
     "margin": margin,
     "entropy": entropy,
 }
+
+# What a threshold tau in (0, 1] is compared with, per strategy that takes one: its own score c_i where
+# that is probability-like ("score"), or p_i(x_i) where the score is an order ("probability":
+# left_to_right's c_i = -i). Absent: no threshold (entropy's c_i = -H <= 0, random's a uniform draw).
+THRESHOLD_ON: dict[str, str] = {"low_confidence": "score", "margin": "score", "left_to_right": "probability"}
 
 
 def _ranking_key(confidence: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
