@@ -68,6 +68,7 @@ class TaskSet:
     max_length: int = MAX_LENGTH  # the tokenizer's model_max_length and the encoding cap
     max_new_tokens: int = 12  # greedy evaluation budget (the longest answer + EOS, and some)
     tokenizer_from: str | None = None  # reuse the tokenizer of this asset folder's ar_base/ (None: train one)
+    generate_short_rows: Callable[[int, int], list[dict]] | None = None  # BuildConfig.short_rows draws these
     command: str = "python -m diffllm.assets --force"
     build_time: str = "about 3-4 minutes on 2 idle CPU cores"
     idle_speed: str = "about 0.09 s/step when the two cores are not shared with other jobs"  # README
@@ -92,6 +93,7 @@ TINY_LONG = TaskSet(
     max_length=256,  # the longest row is 146 tokens; a 128-token answer budget after an 82-token prompt fits
     max_new_tokens=72,  # answers of at most 63 tokens + EOS
     tokenizer_from="tiny",  # the same words and digits: the tiny tokenizer covers them
+    generate_short_rows=tiny_long_tasks.generate_short_rows,
     command="python -m diffllm.assets tiny_long --force",
     build_time="see train_seconds below: one thread under `nice` on a shared machine",
     idle_speed="not timed on idle cores",
@@ -130,21 +132,30 @@ class BuildConfig:
     weight_decay: float = 0.1
     prompt_weight: float = 0.0  # loss weight of prompt tokens; answer tokens (+EOS) weigh 1
     row_mean: bool = False  # normalise the loss per row instead of per answer token (worse, see above)
+    init_from: str | None = None  # start from this asset folder's ar_base/ weights (None: random init)
+    short_rows: int = 0  # extra base-only training rows from the task set's generate_short_rows
+    short_seed: int = 2
     threads: int = 2
     eval_rows: int | None = None  # None: all val rows
 
 
 # The long-answer base: the tiny architecture with 256 positions, on rows 3.4x longer than the tiny
-# set's (mean 95 tokens against 28), so a step costs about 3.4x more: 1200 steps at lr 1e-3 on one
-# thread (built in the background on a shared 2-core machine; build_info.json has the wall time).
+# set's (mean 95 tokens against 28), so a step costs about 3.4x more: 2000 steps at lr 1e-3 on one
+# thread (build_info.json has the wall time). It starts from the tiny base's weights and trains on
+# 3000 copy / reverse rows of 3-16-word lists beside the 6000 long rows: from random weights on the
+# long rows alone (1200 steps), no induction circuit formed (exact match 0 on copy and reverse, loss
+# flat from step 500); with both changes the copy loss was 0.02 nats/token by step 1000
+# (docs/speculative.md, "A long-world base that copies").
 BUILD_CONFIGS = {
     "tiny": BuildConfig(),
     "tiny_long": BuildConfig(
         n_train=6000,
         model={**BuildConfig().model, "max_position_embeddings": 256},
-        steps=1200,
+        steps=2000,
         lr=1e-3,
         threads=1,
+        init_from="tiny",
+        short_rows=3000,
     ),
 }
 
@@ -344,6 +355,19 @@ def build(out: str | Path, cfg: BuildConfig | None = None, task_set: TaskSet = T
         f"      vocab {len(tokenizer)}; sequence length min/mean/max {min(lengths)}/{sum(lengths) / len(lengths):.1f}/{max(lengths)}"
     )
 
+    base_rows = encoded
+    if cfg.short_rows:
+        if ts.generate_short_rows is None:
+            raise ValueError(
+                f"BuildConfig.short_rows={cfg.short_rows} but the {ts.name!r} task set has no "
+                "generate_short_rows; set short_rows=0"
+            )
+        short = ts.generate_short_rows(cfg.short_rows, cfg.short_seed)
+        base_rows = encoded + [encode_row(tokenizer, r, ts.max_length) for r in short]
+        print(
+            f"      + {len(short)} short rows for the AR base only (seed {cfg.short_seed}; not in train.jsonl)"
+        )
+
     print(f"[3/4] AR base: LlamaForCausalLM {cfg.model}; {cfg.steps} steps x batch {cfg.batch_size}")
     torch.manual_seed(cfg.model_seed)
     config = LlamaConfig(
@@ -353,11 +377,11 @@ def build(out: str | Path, cfg: BuildConfig | None = None, task_set: TaskSet = T
         pad_token_id=tokenizer.pad_token_id,
         **cfg.model,
     )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config) if cfg.init_from is None else warm_start(config, cfg.init_from)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"      {n_params:,} parameters")
+    print(f"      {n_params:,} parameters" + (f", from {cfg.init_from}/ar_base" if cfg.init_from else ""))
     t_train = time.perf_counter()
-    losses = train_ar(model, encoded, cfg, tokenizer.pad_token_id)
+    losses = train_ar(model, base_rows, cfg, tokenizer.pad_token_id)
     train_seconds = time.perf_counter() - t_train
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -405,6 +429,27 @@ def build(out: str | Path, cfg: BuildConfig | None = None, task_set: TaskSet = T
     return info
 
 
+def warm_start(config: LlamaConfig, folder: str) -> LlamaForCausalLM:
+    """The weights of ``ASSETS_DIR/folder/ar_base`` in the architecture ``config``.
+
+    Only ``max_position_embeddings`` may differ (RoPE has no position weights, so the same tensors
+    serve a longer context); any other difference is an error naming the key.
+    """
+    source = ASSETS_DIR / folder / "ar_base"
+    model = LlamaForCausalLM.from_pretrained(source, max_position_embeddings=config.max_position_embeddings)
+    mine, theirs = config.to_dict(), model.config.to_dict()
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "tie_word_embeddings", "rope_theta", "rms_norm_eps", "bos_token_id",
+            "eos_token_id", "pad_token_id")  # fmt: skip
+    differ = {k: (theirs.get(k), mine.get(k)) for k in keys if theirs.get(k) != mine.get(k)}
+    if differ:
+        raise ValueError(
+            f"BuildConfig.init_from={folder!r}: {source} differs from the build's architecture in "
+            f"{differ} (theirs, ours); build with the same model keys or set init_from=None"
+        )
+    return model
+
+
 def _publish(staging: Path, final: Path) -> None:
     """Move the built files from ``staging`` into ``final``, ``build_info.json`` last.
 
@@ -420,6 +465,18 @@ def _publish(staging: Path, final: Path) -> None:
             shutil.rmtree(target)
         shutil.move(staging / name, target)
     staging.rmdir()
+
+
+def _warm_start_text(cfg: dict) -> str:
+    parts = []
+    if cfg.get("init_from"):
+        parts.append(f"from the weights of `{cfg['init_from']}/ar_base`")
+    if cfg.get("short_rows"):
+        parts.append(
+            f"on the train rows plus {cfg['short_rows']} copy/reverse rows of 3-16-word lists "
+            f"(`generate_short_rows(seed={cfg['short_seed']})`, base only, not in `train.jsonl`)"
+        )
+    return ", " + " and ".join(parts) if parts else ""
 
 
 def _readme(info: dict, ts: TaskSet = TINY) -> str:
@@ -440,7 +497,7 @@ below come from that command (`build_info.json` holds them machine-readably).
 - `ar_base/`: tokenizer (byte-level BPE, vocab {info["vocab_size"]}, `<pad>`={info["special_tokens"]["pad"]},
   `<s>`={info["special_tokens"]["bos"]}, `</s>`={info["special_tokens"]["eos"]}, no mask token; encoding adds `<s>`)
   and `LlamaForCausalLM` ({info["parameters"]:,} parameters): {json.dumps(cfg["model"])}
-- AR training: next-token CE with prompt tokens weighted {cfg["prompt_weight"]} and answer tokens + EOS weighted 1 (mean over the batch's tokens);
+- AR training: next-token CE with prompt tokens weighted {cfg["prompt_weight"]} and answer tokens + EOS weighted 1 (mean over the batch's tokens){_warm_start_text(cfg)};
   {cfg["steps"]} steps x batch {cfg["batch_size"]}, AdamW lr {cfg["lr"]} (warmup {cfg["warmup_steps"]}, cosine to 10 %),
   {cfg["threads"]} threads: {info["train_seconds"]} s wall, {info["train_seconds"] / cfg["steps"]:.3f} s/step (torch {info["torch"]};
   {ts.idle_speed}); final train loss {m["final_train_loss"]}

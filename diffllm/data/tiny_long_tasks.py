@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping
+from functools import partial
 from pathlib import Path
 
 from diffllm.data import tiny_tasks
@@ -29,21 +30,22 @@ TASKS = ("long_copy", "long_reverse", "count_up", "count_down")
 MIN_WORDS, MAX_WORDS = 17, 32  # list lengths: answers of 2n - 1 tokens
 MIN_COUNT, MAX_COUNT = 11, 21  # integers per count: answers of 3k - 1 tokens
 LOWEST, HIGHEST = 10, 99  # two-digit numbers only: every number is 2 tokens
+MIN_SHORT_WORDS, MAX_SHORT_WORDS = 3, 16  # the AR base's warm-up lists (``generate_short_rows``)
 
 
-def _word_list(rng: random.Random) -> list[str]:
-    return rng.sample(WORDS, rng.randint(MIN_WORDS, MAX_WORDS))
+def _word_list(rng: random.Random, lo: int = MIN_WORDS, hi: int = MAX_WORDS) -> list[str]:
+    return rng.sample(WORDS, rng.randint(lo, hi))
 
 
-def _long_copy(rng: random.Random, with_input: bool) -> Problem:
-    words = ", ".join(_word_list(rng))
+def _long_copy(rng: random.Random, with_input: bool, lo: int = MIN_WORDS, hi: int = MAX_WORDS) -> Problem:
+    words = ", ".join(_word_list(rng, lo, hi))
     if with_input:
         return "Repeat the list.", words, words
     return f"Repeat this list: {words}", "", words
 
 
-def _long_reverse(rng: random.Random, with_input: bool) -> Problem:
-    words = _word_list(rng)
+def _long_reverse(rng: random.Random, with_input: bool, lo: int = MIN_WORDS, hi: int = MAX_WORDS) -> Problem:
+    words = _word_list(rng, lo, hi)
     answer = ", ".join(reversed(words))
     if with_input:
         return "Reverse the list.", ", ".join(words), answer
@@ -80,9 +82,24 @@ GENERATORS = {
 }
 
 
+# The same two list tasks with 3-16 words: training rows for the AR base only (not in train.jsonl,
+# never in val). A base trained on the long lists alone did not learn to copy or reverse them (no
+# induction circuit in 1200 steps); with these mixed in, it does (``assets/build.py``).
+SHORT_GENERATORS = {
+    task: partial(gen, lo=MIN_SHORT_WORDS, hi=MAX_SHORT_WORDS)
+    for task, gen in (("long_copy", _long_copy), ("long_reverse", _long_reverse))
+}
+
+
 def generate_rows(n: int, seed: int, split: str | None = None) -> list[dict]:
     """``n`` rows {instruction, input, output, task} of the long set (``tiny_tasks.generate_rows``)."""
     return tiny_tasks.generate_rows(n, seed, split, generators=GENERATORS)
+
+
+def generate_short_rows(n: int, seed: int, split: str | None = "train") -> list[dict]:
+    """``n`` copy / reverse rows of 3-16-word lists (``SHORT_GENERATORS``), half of each task; their
+    answers are 5-31 tokens, shorter than any row of the long set."""
+    return tiny_tasks.generate_rows(n, seed, split, generators=SHORT_GENERATORS)
 
 
 def write_jsonl(rows: Iterable[Mapping], path: str | Path) -> Path:
