@@ -331,7 +331,9 @@ def test_benchmark_methods_differ_only_in_commits_and_cache():
     for m in (THRESHOLD, CACHED, BLOCK_CACHED):
         assert sampler_settings(m, 64, block=4, tau=0.99)["threshold"] == 0.99
     assert sampler_settings(NAIVE, 64, block=4, tau=0.99)["threshold"] is None
-    assert _short(BLOCK_CACHED, 64, 4, "hidden", 0.99).startswith("τ 0.99, block 4")
+    assert _short(BLOCK_CACHED, 64, sampler_settings(BLOCK_CACHED, 64, block=4, tau=0.99)).startswith(
+        "τ 0.99, block 4"
+    )
     # --strategy reaches every diffusion row, and the settings column names any but the default
     for m in (NAIVE, THRESHOLD, BLOCK_CACHED):
         assert sampler_settings(m, 64, block=4, strategy="left_to_right")["strategy"] == "left_to_right"
@@ -339,9 +341,8 @@ def test_benchmark_methods_differ_only_in_commits_and_cache():
             SamplerConfig(**sampler_settings(m, 64, block=4, strategy="left_to_right")).strategy
             == "left_to_right"
         )
-    assert _short(BLOCK_CACHED, 64, 4, "hidden", 0.99, "left_to_right").startswith(
-        "τ 0.99, left_to_right, block 4"
-    )
+    l2r = sampler_settings(BLOCK_CACHED, 64, block=4, tau=0.99, strategy="left_to_right")
+    assert _short(BLOCK_CACHED, 64, l2r).startswith("τ 0.99, left_to_right, block 4")
     assert sampler_settings(NAIVE, 8, block=16)["block_length"] == 8  # a block never exceeds the canvas
     assert sampler_settings(CACHED, 64, block=64, future="visible")["future_blocks"] == "visible"
     with pytest.raises(ValueError, match="must divide"):

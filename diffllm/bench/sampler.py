@@ -199,25 +199,16 @@ def sampler_settings(
     raise ValueError(f"unknown diffusion method {method!r}; choose one of {list(METHODS[:-1])}")
 
 
-def _block_future(method: str, block_dlm: Any, block: int, future: str) -> tuple[int, str]:
-    return (block_dlm.block_size, "hidden") if method in BLOCK_METHODS else (block, future)
-
-
-def _short(
-    method: str,
-    gen_length: int,
-    block: int = 8,
-    future: str = "hidden",
-    tau: float = TAU,
-    strategy: str = "low_confidence",
-) -> str:
+def _short(method: str, gen_length: int, settings: dict[str, Any] | None = None) -> str:
+    """The table's settings column: ``settings`` (``sampler_settings``' fields; default: its defaults)
+    in a few words."""
     if method == AR:
         return f"greedy, max {gen_length} new"
-    s = sampler_settings(method, gen_length, block, future, tau, strategy)
+    s = settings or sampler_settings(method, gen_length)
     if method in SPECULATIVE_METHODS:
         return f"single-pass draft, block {s['block_length']}, block cache, verifier {s['verifier']}"
     text = f"steps {s['steps']}" if s["threshold"] is None else f"τ {s['threshold']}"
-    text += "" if strategy == "low_confidence" else f", {strategy}"
+    text += "" if s["strategy"] == "low_confidence" else f", {s['strategy']}"
     text += f", block {s['block_length']} ({s['future_blocks']} future)"
     if s["cache"] != "none":
         text += f", {s['cache']} cache"
@@ -514,7 +505,7 @@ def measure(
                     nfe=nfe,
                     exact_match=exact_match(preds, references),
                     settings=_short(
-                        method, gen_length, *_block_future(method, block_dlm, block, future), tau, strategy
+                        method, gen_length, None if method == AR else settings_of(method, gen_length)
                     ),
                     batches=len(batches),
                     rows=len(prompt_ids),
