@@ -295,8 +295,9 @@ def test_block_settings_that_decode_pass():
         schedule = [list(p) for p in cfg.model.block_schedule]
         assert cfg.model.attention == "block_causal" and cfg.model.block_size == 4 == schedule[-1][1]
         assert schedule[0] == [0, 1] and cfg.model.clean_stream == "causal" and cfg.loss.ar_weight == 2.0
-        assert schedule[-1][0] / cfg.trainer.max_steps == 0.25  # at block 4 for the last three quarters
+        assert schedule[-1][0] / cfg.trainer.max_steps == 0.1  # at block 4 for the last nine tenths
         assert cfg.time_sampler.eps == 0.3  # training times clipped below (measured on SmolLM2)
+        assert cfg.loss.complementary  # each row with its mask and the complement (measured on SmolLM2)
     # each block left to right (2.0 exact-match points over confidence order on SmolLM2 and on the tiny
     # set), at tau 0.99 where measured; Llama 3.2 on Alpaca one token per step
     for name in ("smollm2", "tiny_recipe"):
@@ -327,6 +328,7 @@ def test_block_settings_that_decode_pass():
             None,
         )
         assert (cfg.model.clean_stream, cfg.loss.ar_weight, cfg.time_sampler.eps) == ("block", 0.0, 1e-3)
+        assert not cfg.loss.complementary
         assert (cfg.sampler.cache, cfg.sampler.block_length, cfg.sampler.strategy, cfg.sampler.threshold) == (
             "prefix",
             None,
