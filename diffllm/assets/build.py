@@ -473,8 +473,8 @@ def _warm_start_text(cfg: dict) -> str:
         parts.append(f"from the weights of `{cfg['init_from']}/ar_base`")
     if cfg.get("short_rows"):
         parts.append(
-            f"on the train rows plus {cfg['short_rows']} copy/reverse rows of 3-16-word lists "
-            f"(`generate_short_rows(seed={cfg['short_seed']})`, base only, not in `train.jsonl`)"
+            f"on the train rows plus {cfg['short_rows']} rows of the task set's "
+            f"`generate_short_rows(seed={cfg['short_seed']})` (base only, not in `train.jsonl`)"
         )
     return ", " + " and ".join(parts) if parts else ""
 
