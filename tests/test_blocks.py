@@ -103,6 +103,54 @@ def test_block_ids_and_the_exact_two_copy_mask():
     assert torch.equal(layout.allowed[1], expected1)
 
 
+def test_two_noised_copies_share_the_clean_row_and_never_see_each_other():
+    """Row 0 of ``two_rows`` with two noisings (``copies=2``, the complementary pair): the clean row
+    once, then copy 1 and copy 2 of the answer. Each copy's block sees the prompt, the clean blocks
+    before it and its own block in its own copy; the clean stream sees no noised column, so each
+    copy's sub-pattern is exactly the one-copy pattern."""
+    x0, attention_mask, answer_mask = two_rows()
+    first = torch.where(answer_mask, MASK, x0)
+    second = torch.where(answer_mask & (torch.arange(6) % 2 == 0), MASK, x0)  # another noising
+    one = two_copy_layout(x0, first, attention_mask, answer_mask, block_size=2)
+    two = two_copy_layout(x0, torch.cat([first, second]), attention_mask, answer_mask, block_size=2, copies=2)
+    assert two.input_ids[0].tolist() == [1, 5, 20, 21, 22, 23, MASK, MASK, MASK, MASK, MASK, 21, MASK, 23]
+    assert two.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 2, 3, 4, 5]
+    #                    prompt  clean0 clean1  copy1: n0 n1  copy2: n0 n1
+    expected0 = rows_of(
+        [
+            "10 00 00 00 00 00 00",
+            "11 00 00 00 00 00 00",
+            "11 11 00 00 00 00 00",
+            "11 11 00 00 00 00 00",
+            "11 11 11 00 00 00 00",
+            "11 11 11 00 00 00 00",
+            "11 00 00 11 00 00 00",  # copy 1, block 0: prompt + itself
+            "11 00 00 11 00 00 00",
+            "11 11 00 00 11 00 00",  # copy 1, block 1: prompt + clean 0 + itself
+            "11 11 00 00 11 00 00",
+            "11 00 00 00 00 11 00",  # copy 2, block 0: prompt + itself, never copy 1's block 0
+            "11 00 00 00 00 11 00",
+            "11 11 00 00 00 00 11",  # copy 2, block 1
+            "11 11 00 00 00 00 11",
+        ]
+    )
+    assert torch.equal(two.allowed[0], expected0)
+    for b in range(2):  # each copy's columns give the one-copy pattern, in both rows (row 1 padded)
+        for copy in (0, 1):
+            width = one.input_ids.shape[1] - 6
+            cols = list(range(6)) + list(range(6 + copy * width, 6 + (copy + 1) * width))
+            assert torch.equal(two.allowed[b][cols][:, cols], one.allowed[b])
+            assert torch.equal(two.key_ok[b, cols], one.key_ok[b])
+    # the sources of both copies' targets, in the row-major order of the stacked (2B, L) targets
+    targets = torch.cat([answer_mask, answer_mask])
+    flat = two_copy_sources(answer_mask, targets, block_size=2, shift=False, length=6, copies=2)
+    assert flat.tolist() == [6, 7, 8, 9, 14 + 6, 14 + 7, 10, 11, 12, 13, 14 + 10, 14 + 11]
+    shifted = two_copy_sources(answer_mask, targets, block_size=2, shift=True, length=6, copies=2)
+    assert shifted.tolist() == [1, 6, 3, 8, 14 + 2, 14 + 6, 1, 10, 3, 12, 14 + 2, 14 + 10]
+    with pytest.raises(ValueError, match=r"xt must be \(2 \* 2, 6\)"):
+        two_copy_layout(x0, first, attention_mask, answer_mask, block_size=2, copies=2)
+
+
 def test_sampler_pattern_of_one_canvas():
     """The sampler's layout: prompt (causal), committed block 0 (clean), current block 1 (noised)."""
     canvas = torch.tensor([[0, 0, 1, 1, 1, 1]]).bool()

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LOSSES = ["loss=elbo", "loss=elbo_hidden", "loss=elbo_batch"]  # answer, hidden, batch tokens
 # + the AR term on a causal clean stream (loss.ar_weight): over the same global normaliser
 AR_TERM = "model.attention=block_causal model.block_size=4 model.clean_stream=causal loss.ar_weight=0.5"
+# + complementary masks (each row's pair in one sequence with one clean row): SmolLM2's recipe
+PAIR = AR_TERM + " loss.complementary=true"
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -43,7 +45,7 @@ def one_batch_gradient(override: str) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("override", LOSSES + [AR_TERM])
+@pytest.mark.parametrize("override", LOSSES + [AR_TERM, PAIR])
 def test_accumulated_micro_batches_give_the_gradient_of_one_batch(override):
     loss, grads = one_batch_gradient(override)
     whole, halves = run(world=1, accumulate=1, overrides=override.split()), run(1, 2, override.split())

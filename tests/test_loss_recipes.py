@@ -155,6 +155,66 @@ def test_complementary_masks_draw_no_new_numbers(block4, monkeypatch):
     assert with_pair == drawn == [("time", 1), ("mask", batch["input_ids"].shape[1])]
 
 
+@pytest.mark.parametrize("clean_stream, ar_weight", [("block", 0.0), ("causal", 2.0)])
+def test_the_pair_shares_one_clean_stream_with_the_loss_and_gradients_of_two_copies(
+    tmp_path, clean_stream, ar_weight
+):
+    """The training pass computes a pair's clean row once (``copies=2``: L + 2A columns a row). Its
+    loss and every LoRA gradient equal those of the doubled batch in which each half has its own
+    clean copy (2 (L + A) columns, ``copies=1``), the AR term included (today's SmolLM2 recipe: a
+    causal clean stream, w = 2). A noised copy that saw the other would break the equality."""
+    module = module_of(
+        tmp_path,
+        "model.attention=block_causal",
+        "model.block_size=4",
+        f"model.clean_stream={clean_stream}",
+        f"loss.ar_weight={ar_weight}",
+        "loss.complementary=true",
+    )
+    perturb_lora_b(module)
+    batch = rows(module.tokenizer.eos_token_id)
+    lora = {n: p for n, p in module.dlm.model.named_parameters() if p.requires_grad}
+
+    def gradients(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        grads = torch.autograd.grad(loss, list(lora.values()))
+        return dict(zip(lora, grads))
+
+    calls: list[int] = []
+    two_copy = type(module.dlm).two_copy_logits
+
+    def spy(self, x0, xt, *args, **kwargs):
+        calls.append((x0.shape[0], xt.shape[0], kwargs.get("copies", 1)))
+        return two_copy(self, x0, xt, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(module.dlm), "two_copy_logits", spy)
+        loss, stats = module.diffusion_loss(batch, keys=KEYS)
+    assert calls == [(3, 6, 2)]  # 3 rows, their 6 noisings, one sequence a row
+    shared = gradients(loss)
+
+    # the reference: the doubled batch, each half with its own clean copy
+    x0, attention_mask, answer = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
+    t = EPS + (1 - 2 * EPS) * KEYS.uniform("time", 1)[:, 0]
+    u = KEYS.uniform("mask", x0.shape[1])
+    hidden = torch.cat([answer & (u < t[:, None]), answer & (u >= t[:, None])])
+    x2, a2, m2 = torch.cat([x0, x0]), torch.cat([attention_mask] * 2), torch.cat([answer] * 2)
+    s2 = torch.cat([batch["score_mask"]] * 2).bool()
+    xt = torch.where(hidden, module.mask_id, x2)
+    logits, ar_logits = module.dlm.two_copy_logits(x2, xt, hidden, a2, m2, clean_targets=s2)
+    t2 = torch.cat([t, 1 - t])[:, None].expand_as(hidden)[hidden]
+    total = module.loss_fn.weighted_sum(logits, x2[hidden], t2, module.schedule)
+    total = total + ar_weight * F.cross_entropy(ar_logits, x2[s2], reduction="sum")
+    reference = total / (2 * int(answer.sum()))
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["weighted_sum"], total, rtol=1e-5, atol=1e-5)
+    if ar_weight:
+        assert int(stats["n_scored"]) == int(s2.sum())
+    doubled = gradients(reference)
+    assert max(float(g.abs().max()) for g in doubled.values()) > 1e-3  # gradients that say something
+    for name in lora:
+        torch.testing.assert_close(shared[name], doubled[name], rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------- distillation from the base
 
 

@@ -34,6 +34,10 @@ Training layout (``two_copy_layout``): one sequence per row holding the row as i
 answer, right padding: L columns) followed by the noised copy of the answer (A columns, A the
 longest answer of the batch), with the noised copy's position ids repeating the clean answer's.
 Every block learns in one pass: block k's noised copy sees exactly the clean blocks before it.
+Several noisings of the same rows (``loss.complementary``'s pair) share one clean row: the sequence
+is the row then K noised copies (L + K A columns), a noised block seeing its own copy's block only,
+so each copy's hidden states equal those of its own two-copy sequence while the clean stream, which
+sees no noised column, is computed once.
 
 With shift (position i - 1 predicts token i) the source of a noised token at answer index a is
 
@@ -149,6 +153,7 @@ def block_causal_allowed(
     clean_stream: str = "block",
     q_column: torch.Tensor | None = None,
     k_column: torch.Tensor | None = None,
+    copy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, Lq, Lk) bool "query may attend to key" of block-causal attention (module docstring).
 
@@ -156,6 +161,9 @@ def block_causal_allowed(
     k_block, k_clean, key_ok: (B, Lk) the same for the keys, and False on padding keys.
     clean_stream: ``block`` or ``causal``; ``causal`` needs the columns of the queries (Lq,) and the
     keys (Lk,), in the sequence's order (a clean key of the query's own block after it is refused).
+    copy: (Lq,) == (Lk,) the noised copy each column belongs to when one sequence holds several
+    (``two_copy_layout`` with ``copies`` > 1; any value on clean columns): a noised query sees the
+    noised keys of its own block in its own copy only. None: one noised copy.
     """
     qb, qc = q_block[:, :, None], q_clean.bool()[:, :, None]
     kb, kc = k_block[:, None, :], k_clean.bool()[:, None, :]
@@ -166,6 +174,8 @@ def block_causal_allowed(
         own_clean = own_clean & (k_column[None, None, :] <= q_column[None, :, None])
     clean_key = kc & ((kb < qb) | own_clean)
     own_noised = ~qc & ~kc & (kb == qb)
+    if copy is not None:
+        own_noised = own_noised & (copy[None, :, None] == copy[None, None, :])
     return key_ok.bool()[:, None, :] & (clean_key | own_noised)
 
 
@@ -213,15 +223,28 @@ def two_copy_layout(
     answer_mask: torch.Tensor,
     block_size: int,
     clean_stream: str = "block",
+    *,
+    copies: int = 1,
 ) -> TwoCopy:
     """Build the two-copy sequence of rows ``x0`` (clean) and ``xt`` (noised), both (B, L).
 
     ``answer_mask`` (B, L) marks one contiguous answer span per row (the prompt before it); the
     answer's blocks start at its first token. Right padding (``attention_mask`` 0) is allowed.
     ``clean_stream``: how the clean copy attends inside its own block (module docstring).
+    ``copies`` = K > 1: ``xt`` is (K * B, L), K noisings of the same B rows stacked (``xt[c * B + i]``
+    noises row i), and each row's sequence holds its clean row once then the K noised answer copies
+    (L + K * A columns; ``noised_at``: the first copy's columns). A noised copy sees the clean
+    stream and its own block of its own copy only, so each copy's hidden states are those of its own
+    two-copy sequence, and the clean stream's (which never sees a noised column) are computed once
+    for the K of them: ``loss.complementary``'s pair in (L + 2A) columns instead of 2 (L + A).
     """
     answer_mask = answer_mask.bool()
     batch, length = x0.shape
+    if copies < 1 or xt.shape != (copies * batch, length):
+        raise ValueError(
+            f"xt must be ({copies} * {batch}, {length}) for {copies} noised copies of x0's {batch} rows, "
+            f"got {tuple(xt.shape)}"
+        )
     device = x0.device
     key_ok = torch.ones_like(answer_mask) if attention_mask is None else attention_mask.bool()
     n_answer = answer_mask.sum(dim=1)  # (B,)
@@ -232,20 +255,31 @@ def two_copy_layout(
     a = torch.arange(width, device=device)  # (A,)
     in_answer = a[None, :] < n_answer[:, None]  # (B, A)
     src = (start[:, None] + a[None, :]).clamp_max(length - 1)  # (B, A) column of answer index a
-    noised = torch.where(
-        in_answer, xt.gather(1, src), x0.gather(1, src)
-    )  # pad columns: any token, masked out
+    clean_answer = x0.gather(1, src)
+    noised = [  # pad columns: any token, masked out
+        torch.where(in_answer, xt[c * batch : (c + 1) * batch].gather(1, src), clean_answer)
+        for c in range(copies)
+    ]
     base_pos = (key_ok.long().cumsum(dim=1) - 1).clamp_min(0)  # (B, L) right padding: the column index
     blocks = answer_block_ids(answer_mask, block_size)  # (B, L)
     copy_blocks = a[None, :].expand(batch, -1) // block_size  # (B, A)
-    input_ids = torch.cat([x0, noised], dim=1)
-    all_ok = torch.cat([key_ok, in_answer], dim=1)
-    position_ids = torch.cat([base_pos, base_pos.gather(1, src)], dim=1)
-    block_id = torch.cat([blocks, copy_blocks], dim=1)
-    clean = torch.cat([torch.ones_like(key_ok), torch.zeros_like(in_answer)], dim=1)
-    column = torch.arange(length + width, device=device)  # (L + A,)
+    input_ids = torch.cat([x0, *noised], dim=1)
+    all_ok = torch.cat([key_ok, *[in_answer] * copies], dim=1)
+    position_ids = torch.cat([base_pos, *[base_pos.gather(1, src)] * copies], dim=1)
+    block_id = torch.cat([blocks, *[copy_blocks] * copies], dim=1)
+    clean = torch.cat([torch.ones_like(key_ok), *[torch.zeros_like(in_answer)] * copies], dim=1)
+    column = torch.arange(length + copies * width, device=device)  # (L + K A,)
+    copy = None if copies == 1 else (column - length).clamp_min(0) // max(width, 1)  # (L + K A,)
     allowed = block_causal_allowed(
-        block_id, clean, block_id, clean, all_ok, clean_stream=clean_stream, q_column=column, k_column=column
+        block_id,
+        clean,
+        block_id,
+        clean,
+        all_ok,
+        clean_stream=clean_stream,
+        q_column=column,
+        k_column=column,
+        copy=copy,
     )
     answer_index = answer_mask.long().cumsum(dim=1) - 1
     noised_at = torch.where(answer_mask, length + answer_index, torch.full_like(answer_index, -1))
@@ -253,7 +287,13 @@ def two_copy_layout(
 
 
 def two_copy_sources(
-    answer_mask: torch.Tensor, targets: torch.Tensor, block_size: int, shift: bool, length: int
+    answer_mask: torch.Tensor,
+    targets: torch.Tensor,
+    block_size: int,
+    shift: bool,
+    length: int,
+    *,
+    copies: int = 1,
 ) -> torch.Tensor:
     """(N,) columns of the two-copy sequence whose hidden states predict the N True ``targets``.
 
@@ -261,21 +301,30 @@ def two_copy_sources(
     the (B * (L + A)) hidden states, ``row * (L + A) + column``, with A the longest answer.
     With shift the first token of a block is read from the clean copy of the token before it
     (module docstring); a plain roll by one would read the noised copy of the previous block.
+    ``copies`` = K > 1 (``two_copy_layout``'s): ``answer_mask`` is the B rows', ``targets`` is
+    (K * B, L), row ``c * B + i`` a target of row i's copy c, read from copy c's columns of the
+    (B * (L + K A)) hidden states, in the row-major order of the (K * B, L) targets.
     """
     answer_mask, targets = answer_mask.bool(), targets.bool()
-    if (targets & ~answer_mask).any():
+    if targets.shape != (copies * answer_mask.shape[0], answer_mask.shape[1]):
+        raise ValueError(
+            f"targets must be ({copies} * {answer_mask.shape[0]}, {answer_mask.shape[1]}) for {copies} noised "
+            f"copies of answer_mask's rows, got {tuple(targets.shape)}"
+        )
+    if (targets & ~answer_mask.repeat(copies, 1)).any():
         raise ValueError("targets must lie inside answer_mask (only answer tokens are predicted)")
     width = int(answer_mask.sum(dim=1).max())
     answer_index = answer_mask.long().cumsum(dim=1) - 1  # (B, L)
     rows, cols = targets.nonzero(as_tuple=True)
+    copy, rows = rows // answer_mask.shape[0], rows % answer_mask.shape[0]
     a = answer_index[rows, cols]  # (N,)
-    column = length + a  # the noised copy of the target
+    column = length + copy * width + a  # the noised copy of the target
     if shift:
         if ((a == 0) & (cols == 0)).any():
             raise ValueError("with shift=True the answer needs at least one prompt token before it")
         first = a % block_size == 0
         column = torch.where(first, cols - 1, column - 1)
-    return rows * (length + width) + column
+    return rows * (length + copies * width) + column
 
 
 def clean_copy_sources(targets: torch.Tensor, width: int) -> torch.Tensor:

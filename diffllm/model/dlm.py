@@ -224,6 +224,7 @@ class DiffusionLM(nn.Module):
         *,
         extra_mask: torch.Tensor | None = None,
         block_size: int | None = None,
+        copies: int = 1,
     ) -> torch.Tensor:
         """(N, V) predictions at the N True ``targets`` (B, L) of the noised rows ``xt``, row-major.
 
@@ -233,6 +234,11 @@ class DiffusionLM(nn.Module):
         ``two_copy_sources`` (the first token of a block from the clean copy of the token before it).
         ``block_size``: the blocks of this pass (a block-size curriculum's size in force); default
         the model's own (the final size: validation, bounds, sampling).
+        ``copies`` = K: ``x0``, ``attention_mask``, ``answer_mask`` (and ``extra_mask``) are B rows,
+        ``xt`` and ``targets`` (K * B, L) K noisings of them stacked (``loss.complementary``'s pair);
+        the predictions are those of the (K * B) rows each with its own copy of the clean row. A block
+        model computes the clean row once for the K (``two_copy_layout``'s ``copies``); the others
+        repeat it.
         """
         if self.block_size is None:
             if block_size is not None:
@@ -240,13 +246,19 @@ class DiffusionLM(nn.Module):
                     f"block_size={block_size} needs a block model (model.attention=block_causal); this one is "
                     f"{self.attention!r}"
                 )
+            if copies > 1:
+                attention_mask = None if attention_mask is None else attention_mask.repeat(copies, 1)
+                answer_mask = answer_mask.repeat(copies, 1)
+                extra_mask = None if extra_mask is None else extra_mask.repeat(copies, 1, 1)
             return self.logits_at(xt, targets, attention_mask, canvas_mask=answer_mask, extra_mask=extra_mask)
         if extra_mask is not None:
             raise ValueError(
                 "model.attention=block_causal does not compose with attention annealing (its mask is "
                 "over the two-copy layout); set anneal=none"
             )
-        return self.two_copy_logits(x0, xt, targets, attention_mask, answer_mask, block_size=block_size)[0]
+        return self.two_copy_logits(
+            x0, xt, targets, attention_mask, answer_mask, block_size=block_size, copies=copies
+        )[0]
 
     def two_copy_logits(
         self,
@@ -258,6 +270,7 @@ class DiffusionLM(nn.Module):
         *,
         block_size: int | None = None,
         clean_targets: torch.Tensor | None = None,
+        copies: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A block model's one pass over the two-copy sequence: (the (N, V) denoising predictions at
         ``targets``, as ``noised_logits``; the (M, V) next-token predictions of the clean copy at the
@@ -265,25 +278,28 @@ class DiffusionLM(nn.Module):
         the clean copy at i - 1 whatever ``shift`` is: with ``clean_stream="causal"`` that is the causal
         model's next-token prediction (the AR loss of ``loss.ar_weight``); with ``block`` it sees its
         own block, the token it predicts included.
+        ``copies`` = K: ``xt`` and ``targets`` are (K * B, L), K noisings of the B rows of ``x0``
+        stacked, in one sequence per row (``two_copy_layout``); ``clean_targets`` stays (B, L): the
+        clean stream is computed once, so its predictions are the B rows' once.
         """
         if self.block_size is None:
             raise ValueError(
                 f"two_copy_logits needs a block model (model.attention=block_causal), not {self.attention!r}"
             )
         size = self.block_size if block_size is None else int(block_size)
-        layout = two_copy_layout(x0, xt, attention_mask, answer_mask, size, self.clean_stream)
+        layout = two_copy_layout(x0, xt, attention_mask, answer_mask, size, self.clean_stream, copies=copies)
         hidden = self.hidden_states(
             layout.input_ids,
             layout.key_ok.long(),
             attention="bidirectional",  # every constraint is in the layout's block-causal pattern
             extra_mask=layout.allowed,
             position_ids=layout.position_ids,
-        ).flatten(0, 1)  # (B * (L + A), H)
-        sources = two_copy_sources(answer_mask, targets, size, self.shift, x0.shape[1])
+        ).flatten(0, 1)  # (B * (L + K A), H)
+        sources = two_copy_sources(answer_mask, targets, size, self.shift, x0.shape[1], copies=copies)
         logits = self.lm_head(hidden[sources])
         if clean_targets is None:
             return logits, None
-        width = layout.input_ids.shape[1] - x0.shape[1]  # A, the noised copy's columns
+        width = layout.input_ids.shape[1] - x0.shape[1]  # K A, the noised copies' columns
         return logits, self.lm_head(hidden[clean_copy_sources(clean_targets, width)])
 
 

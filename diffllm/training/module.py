@@ -222,7 +222,9 @@ class DiffusionLitModule(L.LightningModule):
         stats: n_answer, n_hidden, the loss's numerator ``weighted_sum`` and normaliser ``count``, and
         with the AR term ``ar_sum`` (its unweighted CE sum, nats) and ``n_scored``.
         ``loss.complementary``: the rows are doubled after the draws (``complementary_pair``), so
-        every count covers both halves; ``loss.distill_weight``: ``distill_sum``'s KL joins the numerator.
+        every count covers both halves, while the forward pass takes the rows once with their two
+        noisings (``copies=2``: a block model computes a pair's clean stream once, L + 2A columns a
+        row instead of 2 (L + A)); ``loss.distill_weight``: ``distill_sum``'s KL joins the numerator.
         """
         x0, attention_mask, answer_mask = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
         if keys is not None:
@@ -237,6 +239,8 @@ class DiffusionLitModule(L.LightningModule):
         visible = self.annealing.visible(
             *x0.shape, self.global_step, device=x0.device, generator=generator, keys=keys
         )
+        # the rows as drawn: the forward pass computes their clean stream once for every noising
+        row_x0, row_attention, row_answer, row_visible, copies = x0, attention_mask, answer_mask, visible, 1
         if self.loss_fn.complementary:  # each row again, with the complement of its mask at 1 - t
             batch, t, xt, hidden = complementary_pair(batch, t, hidden, self.mask_id)
             x0, attention_mask, answer_mask = (
@@ -244,18 +248,35 @@ class DiffusionLitModule(L.LightningModule):
                 batch["attention_mask"],
                 batch["answer_mask"],
             )
-            visible = None if visible is None else torch.cat([visible, visible])
+            copies = 2  # the pair's two noisings share one clean row (DiffusionLM.noised_logits)
         ar_weight, ar_stats = self.loss_fn.ar_weight, {}
         if ar_weight > 0:  # one pass: the denoising logits and the clean copy's next-token ones
-            scored = batch.get("score_mask", answer_mask).bool()  # (B, L) answer + its first end token
+            scored = batch.get("score_mask", answer_mask).bool()  # (K B, L) answer + its first end token
+            one = scored[: row_x0.shape[0]]  # the clean stream's rows, computed once
             logits, ar_logits = self.dlm.two_copy_logits(
-                x0, xt, hidden, attention_mask, answer_mask, block_size=block_size, clean_targets=scored
-            )  # (N, V) at hidden positions, (M, V) at scored ones
-            ar_sum = F.cross_entropy(ar_logits.float(), x0[scored], reduction="sum")  # nats, scored tokens
+                row_x0,
+                xt,
+                hidden,
+                row_attention,
+                row_answer,
+                block_size=block_size,
+                clean_targets=one,
+                copies=copies,
+            )  # (N, V) at hidden positions, (M, V) at the rows' scored ones
+            # nats over the scored tokens of every row of the (doubled) batch: a pair's clean stream is one
+            # computation, its next-token loss counted for both rows, as when each had its own copy
+            ar_sum = copies * F.cross_entropy(ar_logits.float(), row_x0[one], reduction="sum")
             ar_stats = {"ar_sum": ar_sum.detach(), "n_scored": scored.sum()}
         else:
             logits = self.dlm.noised_logits(
-                x0, xt, hidden, attention_mask, answer_mask, extra_mask=visible, block_size=block_size
+                row_x0,
+                xt,
+                hidden,
+                row_attention,
+                row_answer,
+                extra_mask=row_visible,
+                block_size=block_size,
+                copies=copies,
             )  # (N, V) only at hidden positions
         t_pos = t[:, None].expand_as(x0)[hidden]  # (N,) the t of each hidden token's row
         n_answer = answer_mask.sum()
