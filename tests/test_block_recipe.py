@@ -191,6 +191,35 @@ def test_the_order_nll_of_a_block_model_averages_to_its_exact_elbo(clean_stream)
     assert order_nll(dlm, ids, None, answer).item() != pytest.approx(exact.item(), rel=1e-3)
 
 
+@pytest.mark.parametrize(
+    "block_size, clean_stream, shift", [(4, "causal", True), (2, "block", True), (4, "block", False)]
+)
+def test_blockwise_left_to_right_nll_equals_the_per_token_chain(block_size, clean_stream, shift):
+    """A block model's L2R NLL in ``block_size`` passes (every block's token j at once) equals the
+    per-token chain (one forward row per answer token, forced by explicit left-to-right orders),
+    row by row, on padded rows whose answers end mid-block. Another order differs."""
+    dlm = lora_block_dlm(block_size=block_size, clean_stream=clean_stream, shift=shift)
+    x0, attention_mask, answer_mask, _ = padded_rows()
+    answer_mask[0, 9] = False  # row 0: 7 answer positions (ends inside a block)
+    calls = []
+    real = dlm.noised_logits
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return real(*args, **kwargs)
+
+    dlm.noised_logits = counting
+    fast = order_nll(dlm, x0, attention_mask, answer_mask)
+    assert calls == [2] * block_size  # block_size passes over the 2 rows
+    n = answer_mask.sum(dim=1).tolist()
+    chain = order_nll(dlm, x0, attention_mask, answer_mask, [list(range(k)) for k in n])
+    assert len(calls) == block_size + 1 and calls[-1] == sum(n)  # one row per answer token
+    torch.testing.assert_close(fast, chain, rtol=1e-6, atol=1e-6)
+    assert (fast > 0.5).all()
+    backwards = order_nll(dlm, x0, attention_mask, answer_mask, [list(range(k))[::-1] for k in n])
+    assert not torch.allclose(fast, backwards, rtol=1e-3)
+
+
 # -- the loss --------------------------------------------------------------------------------------
 BLOCK = ["model.attention=block_causal", "model.block_size=4", "lora.lora_dropout=0", "output_dir=unused"]
 

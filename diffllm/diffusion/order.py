@@ -38,8 +38,11 @@ def order_nll(
     """(B,) float64 NLL sums of each row's answer revealed one token at a time in a fixed order.
 
     ``orders[b]``: a permutation of ``range(n_b)`` over row b's answer positions (in position order);
-    None: left to right. One forward row per answer token (n_b per row), chunked by ``chunk_size``.
+    None: left to right. One forward row per answer token (n_b per row), chunked by ``chunk_size``;
+    left to right on a block model, ``block_size`` passes over all rows (``blockwise_l2r_nll``).
     """
+    if orders is None and dlm.block_size is not None:
+        return blockwise_l2r_nll(dlm, input_ids, attention_mask, answer_mask)
     answer_mask = answer_mask.bool()
     batch_size, length = input_ids.shape
     device = input_ids.device
@@ -83,6 +86,33 @@ def order_nll(
         )
         ce[sl] = F.cross_entropy(logits.float(), x0[sl][tgt[sl]], reduction="none").double().cpu()
     return out.index_add_(0, torch.tensor(owner), ce)
+
+
+@torch.no_grad()
+def blockwise_l2r_nll(
+    dlm: DiffusionLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, answer_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B,) float64 left-to-right NLL sums of a block model, in ``block_size`` passes instead of n.
+
+    A noised block sees the prompt, the clean copies of the blocks before it and itself, never
+    another noised block (``diffllm.model.blocks``). So the step that reveals answer token i (index
+    j inside its block) has the same context in its block whatever the other blocks' canvases hold,
+    and pass j scores every block's token j at once: answer tokens at block index >= j masked,
+    targets the tokens at index j. The per-token chain of ``order_nll`` with explicit left-to-right
+    orders gives the same numbers (tested) with one forward row per answer token.
+    """
+    answer_mask = answer_mask.bool()
+    index = (answer_mask.long().cumsum(dim=1) - 1) % int(dlm.block_size)  # (B, L) index inside the block
+    out = torch.zeros(input_ids.shape[0], dtype=torch.float64)
+    for j in range(int(dlm.block_size)):
+        target = answer_mask & (index == j)
+        if not target.any():
+            continue
+        xt = torch.where(answer_mask & (index >= j), dlm.mask_id, input_ids)
+        logits = dlm.noised_logits(input_ids, xt, target, attention_mask, answer_mask)
+        ce = F.cross_entropy(logits.float(), input_ids[target], reduction="none").double().cpu()
+        out.index_add_(0, target.nonzero()[:, 0].cpu(), ce)
+    return out
 
 
 def mean_over_orders(
