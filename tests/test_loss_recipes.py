@@ -313,6 +313,44 @@ def test_distillation_term_is_the_hand_kl_over_the_masked_scored_positions(block
     assert int(stats["count"]) == int(plain["count"])  # the same normaliser
 
 
+def test_the_pair_runs_the_teacher_once_on_its_clean_rows(block4, monkeypatch):
+    """With complementary masks the teacher (which sees only the clean rows) runs once on the B rows
+    at the positions either half distils; each half's KL equals the doubled rows' own teacher's."""
+    import diffllm.diffusion.distill as distill
+
+    module = block4
+    batch = rows(module.tokenizer.eos_token_id)
+    x0, attention_mask, answer = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
+    t = torch.tensor([0.3, 0.5, 0.8])
+    u = torch.rand(answer.shape, generator=torch.Generator().manual_seed(1))
+    pairs, _, xt, hidden = complementary_pair(batch, t, answer & (u < t[:, None]), module.mask_id)
+    x2, a2, s2 = pairs["input_ids"], pairs["attention_mask"], pairs["score_mask"]
+    saved = {n: p.detach().clone() for n, p in module.dlm.model.named_parameters() if "lora_B" in n}
+    perturb_lora_b(module)
+    teacher_rows: list[int] = []
+    real = distill.base_next_token_logits
+
+    def spy(dlm, input_ids, *args):
+        teacher_rows.append(input_ids.shape[0])
+        return real(dlm, input_ids, *args)
+
+    monkeypatch.setattr(distill, "base_next_token_logits", spy)
+    try:
+        with torch.no_grad():
+            student = module.dlm.noised_logits(x0, xt, hidden, attention_mask, answer, copies=2)
+            shared = distill_sum(module.dlm, x2, a2, hidden, s2, student, copies=2)
+            doubled = distill_sum(module.dlm, x2, a2, hidden, s2, student)
+    finally:
+        with torch.no_grad():
+            for n, p in module.dlm.model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+    assert teacher_rows == [3, 6]  # once on the 3 clean rows; the reference on the 6 doubled ones
+    assert int(shared[1]) == int(doubled[1]) == int(batch["score_mask"].sum())
+    assert float(doubled[0]) > 1e-2
+    torch.testing.assert_close(shared[0], doubled[0], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- checked at start
 
 

@@ -66,16 +66,28 @@ def distill_sum(
     hidden: torch.Tensor,
     score_mask: torch.Tensor,
     student_logits: torch.Tensor,
+    *,
+    copies: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of KL_i over D = hidden ∩ score_mask, |D|): the numerator of the distillation term.
 
     x0, attention_mask, hidden, score_mask: (B, L); ``student_logits`` (N, V) the converted model's
     predictions at the N True positions of ``hidden``, row-major (``DiffusionLM.noised_logits``).
+    ``copies`` = K: the (B, L) rows are K noisings of the same B / K clean rows stacked
+    (``loss.complementary``'s pair): the teacher, which sees only the clean rows, runs once on them
+    at the positions any copy distils, and each copy reads its own.
     """
     hidden = hidden.bool()
     distilled = hidden & score_mask.bool()  # (B, L)
     if not distilled.any():
         return student_logits.sum() * 0.0, distilled.sum()  # keeps the graph: every rank backwards alike
-    teacher = base_next_token_logits(dlm, x0, attention_mask, distilled)  # (D, V)
+    rows = x0.shape[0] // copies
+    wanted = distilled.view(copies, rows, -1).any(dim=0)  # (B / K, L) positions some copy distils
+    mask = None if attention_mask is None else attention_mask[:rows]
+    teacher = base_next_token_logits(dlm, x0[:rows], mask, wanted)  # (W, V), row-major over ``wanted``
+    if copies > 1:  # copy c's distilled positions, in the stacked row-major order, as rows of ``teacher``
+        order = torch.full(wanted.shape, -1, dtype=torch.long, device=wanted.device)
+        order[wanted] = torch.arange(int(wanted.sum()), device=wanted.device)
+        teacher = teacher[order.repeat(copies, 1)[distilled]]  # (D, V)
     student = student_logits[distilled[hidden]]  # (D, V): hidden's row-major order restricted to D
     return kl_without_mask(teacher, student, dlm.mask_id).sum(), distilled.sum()

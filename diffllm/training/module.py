@@ -287,7 +287,9 @@ class DiffusionLitModule(L.LightningModule):
         recipe = {}
         if self.loss_fn.distill_weight > 0:  # the teacher: the inner model with its adapters off, no grad
             score_mask = batch.get("score_mask", answer_mask)
-            kl_sum, n_distilled = distill_sum(self.dlm, x0, attention_mask, hidden, score_mask, logits)
+            kl_sum, n_distilled = distill_sum(
+                self.dlm, x0, attention_mask, hidden, score_mask, logits, copies=copies
+            )
             weighted_sum = weighted_sum + self.loss_fn.distill_weight * kl_sum
             recipe = {"distill_kl": kl_sum.detach(), "n_distilled": n_distilled}
         loss = weighted_sum / count.clamp_min(1)
