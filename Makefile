@@ -18,6 +18,7 @@ WHEEL_PYTHON ?= 3.12
 ONLY ?=
 BENCH_GPU_TRAIN_S ?= 330
 BENCH_GPU_SAMPLER_S ?= 180
+BENCH_GPU_RECIPE_S ?= 150
 SAMPLER_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -78,10 +79,11 @@ bench-sampler: $(STAMP)  ## sampler speed/quality table on the embedded default 
 bench-train: $(STAMP)  ## training throughput table (GPU: Llama-3.2-1B shape; CPU: tiny model + Lightning/bare ratio)
 	$(PY) -m diffllm.bench.train $(ARGS)
 
-bench-gpu:  ## the GPU benchmark, time-limited: training variants + sampler at G=256; offline deps from ./wheelhouse
+bench-gpu:  ## the GPU benchmark, time-limited: training variants + sampler at G=256 + the recipe's step; offline deps from ./wheelhouse
 	@if [ -f $(WHEELHOUSE)/requirements.txt ]; then $(BENCH_PY) -m diffllm.bench.wheelhouse install --dest $(WHEELHOUSE) || true; fi
 	PYTHONPATH=$(CURDIR) timeout $(BENCH_GPU_TRAIN_S) $(BENCH_PY) -m diffllm.bench.train --device cuda --time-limit $$(( $(BENCH_GPU_TRAIN_S) - 90 )) --out bench-gpu-train.md $(ARGS)
 	PYTHONPATH=$(CURDIR) timeout $(BENCH_GPU_SAMPLER_S) $(BENCH_PY) -m diffllm.bench.sampler --device cuda --lengths 256 --out bench-gpu-sampler.md $(SAMPLER_ARGS)
+	PYTHONPATH=$(CURDIR) timeout $(BENCH_GPU_RECIPE_S) $(BENCH_PY) -m diffllm.bench.train --device cuda --recipe experiment --variants grouped "bf16 adapters" --time-limit $$(( $(BENCH_GPU_RECIPE_S) - 60 )) --out bench-gpu-recipe.md
 
 wheelhouse: $(STAMP)  ## wheels for an offline GPU node: WHEEL_PYTHON=3.12, ONLY='hydra-core ...' keeps a few
 	$(PY) -m diffllm.bench.wheelhouse download --dest $(WHEELHOUSE) --python $(WHEEL_PYTHON) $(if $(ONLY),--only $(ONLY))

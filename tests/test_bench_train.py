@@ -87,6 +87,45 @@ def test_cpu_run_counts_tokens_and_probes_the_same_function(tmp_path):
     assert probe["padding mask"] != probe["today"]  # the prompt now sees the canvas
 
 
+def test_recipe_overrides_compose_the_experiments_final_step():
+    from diffllm.bench.train import compose_run, recipe_overrides
+
+    published = compose_run(recipe_overrides("prefix_lm", "llama"))
+    recipe = compose_run(recipe_overrides("experiment", "llama"))
+    assert published["model"]["attention"] == "prefix_lm" and not published["loss"]["complementary"]
+    assert recipe["model"]["attention"] == "block_causal" and recipe["model"]["block_schedule"] is None
+    assert (recipe["model"]["block_size"], recipe["model"]["clean_stream"]) == (4, "causal")
+    assert recipe["loss"]["complementary"] and recipe["loss"]["ar_weight"] > 0
+    tiny = compose_run(recipe_overrides("experiment", "tiny"))
+    assert tiny["model"]["attention"] == "block_causal" and tiny["model"]["block_schedule"] is None
+    assert compose_run(recipe_overrides("prefix_lm", "tiny"))["model"]["attention"] == "prefix_lm"
+    with pytest.raises(ValueError, match="--recipe 'ar'"):
+        recipe_overrides("ar", "llama")
+
+
+@pytest.mark.slow
+def test_the_recipe_step_is_timed_with_its_own_loss(tmp_path):
+    """--recipe experiment fits the experiment's block-4 step: the probe is the recipe's loss (the
+    same in both orders of rows), not the prefix-LM one, and the mask variants are refused."""
+    argv = ["--device", "cpu", "--model", "llama", "--arch", *SMALL, "--steps", "1", "--warmup", "1"]
+    argv += ["--micro-batch", "4", "--accumulate", "1"]
+    table = bench.main(argv + ["--recipe", "experiment", "--variants", "today", "grouped"])
+    assert "recipe experiment (block_causal, block 4)" in table
+    probe = {
+        line.split(" | ")[0].strip("| "): float(line.split(" | ")[-1].rstrip(" |"))
+        for line in table.splitlines()
+        if line.startswith("| ") and "variant" not in line and "---" not in line
+    }
+    assert probe["today"] == probe["grouped"]
+    prefix = bench.main(argv + ["--variants", "today"])
+    prefix_probe = float(
+        next(line for line in prefix.splitlines() if line.startswith("| today")).split(" | ")[-1].rstrip(" |")
+    )
+    assert prefix_probe != probe["today"]
+    with pytest.raises(SystemExit, match="padding mask"):
+        bench.main(argv + ["--recipe", "experiment", "--variants", "padding mask"])
+
+
 def test_timer_counts_exactly_the_timed_micro_batches():
     timer = bench.StepTimer(warmup_micro=2, sync=lambda: None)
     masks = [torch.ones(2, 5), torch.ones(2, 3), torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.ones(1, 4)]

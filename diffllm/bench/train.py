@@ -8,10 +8,13 @@ On a GPU: Llama-3.2-1B's architecture (``conf/model/llama3_2_1b.yaml``) with ran
 (throughput does not depend on their values) is saved to a temporary folder with a 128,256-token
 word-level tokenizer, then converted by the real code path (``DiffusionLitModule`` with the
 ``alpaca_lora`` experiment with the prefix-LM recipe (``PREFIX_LM``: the step these variants and the
-figures in docs/performance.md measure; the experiment's default is now block diffusion with a causal
-clean stream, issue 18, whose two-copy step is not benchmarked here yet): [MASK] row, prefix-LM, LoRA
-r=8 on q/k/v/o, bf16 base, bf16-mixed
-Lightning trainer, micro-batch 16 x 4 accumulation). Rows are drawn from Alpaca's length
+figures in docs/performance.md measure): [MASK] row, prefix-LM, LoRA r=8 on q/k/v/o, bf16 base,
+bf16-mixed Lightning trainer, micro-batch 16 x 4 accumulation). ``--recipe experiment`` times the
+experiment's own default instead (issue 18's conversion recipe: block diffusion in blocks of 4, the
+clean copy token-causal with its next-token loss, complementary masks sharing one clean row; the
+curriculum left out so that the final block size is the one timed), with the variants that do not
+rewrite its mask (``RECIPE_VARIANTS``). Its tokens/s count the rows' tokens (what the model learns
+from), not the two-copy layout's columns. Rows are drawn from Alpaca's length
 histogram (``alpaca_lengths.json``, see ``diffllm.bench.lengths``): prompt and answer lengths as a
 tokenizer gives them, answers + EOS padded to a multiple of 64 as ``data=alpaca`` does, random
 token ids. Every variant runs the same rows through ``lightning.Trainer.fit`` on the same module:
@@ -83,6 +86,8 @@ GPU_VARIANTS = (
     Variant("compiled", compiled=True),
 )
 CPU_VARIANTS = (Variant("today", grouped=False), Variant("grouped"), Variant("padding mask", mask="padding"))
+# --recipe experiment: the block model's mask is its own, so the mask variants do not apply
+RECIPE_VARIANTS = tuple(v for v in GPU_VARIANTS if v.mask == "prefix_lm")
 
 
 @dataclass
@@ -350,6 +355,25 @@ PREFIX_LM = [
 ]
 
 
+# --recipe experiment: the experiment's default step at its final block size (no curriculum)
+EXPERIMENT = ["model.block_schedule=null"]
+RECIPES = {
+    "prefix_lm": {"llama": PREFIX_LM, "tiny": []},
+    "experiment": {"llama": EXPERIMENT, "tiny": EXPERIMENT},
+}
+# the experiment each model's run starts from
+EXPERIMENTS = {"llama": ["+experiment=alpaca_lora"], "tiny": ["+experiment=tiny_recipe"]}
+
+
+def recipe_overrides(recipe: str, model: str) -> list[str]:
+    """The overrides a benchmark run composes: ``prefix_lm`` the published step (the bare default on
+    the tiny model), ``experiment`` the experiment's own recipe at its final block size."""
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe {recipe!r}: choose from {sorted(RECIPES)}")
+    start = EXPERIMENTS[model] if (model == "llama" or recipe == "experiment") else []
+    return start + RECIPES[recipe][model]
+
+
 def compose_run(overrides: list[str]) -> dict[str, Any]:
     from diffllm.config.resolvers import compose, to_plain
 
@@ -456,6 +480,13 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument(
         "--accumulate", type=int, default=None, help="micro-batches per step (default: the config's)"
     )
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="prefix_lm",
+        help="prefix_lm: the published step; experiment: the experiment's conversion recipe (block 4, "
+        "causal clean stream, complementary pair)",
+    )
     args = p.parse_args(argv)
     device_name = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device_name = "cpu" if device_name == "auto" else device_name
@@ -466,7 +497,11 @@ def main(argv: list[str] | None = None) -> str:
     L.seed_everything(0, verbose=False)
     cuda = device.type == "cuda"
     llama = (args.model or ("llama" if cuda else "tiny")) == "llama"
-    variants = GPU_VARIANTS if llama else CPU_VARIANTS
+    model_name = "llama" if llama else "tiny"
+    if args.recipe == "experiment":
+        variants = RECIPE_VARIANTS if llama else tuple(v for v in CPU_VARIANTS if v.mask == "prefix_lm")
+    else:
+        variants = GPU_VARIANTS if llama else CPU_VARIANTS
     if args.variants:
         unknown = set(args.variants) - {v.name for v in variants}
         if unknown:
@@ -480,7 +515,7 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         if llama:
             cfg = compose_run(
-                ["+experiment=alpaca_lora", *PREFIX_LM]
+                recipe_overrides(args.recipe, model_name)
                 + ([] if cuda else ["trainer=cpu", "trainer.precision=bf16-mixed"])
             )
             arch = {**cfg["model"]["config"], **{k: int(v) for k, v in (a.split("=", 1) for a in args.arch)}}
@@ -505,7 +540,7 @@ def main(argv: list[str] | None = None) -> str:
             what = "Llama-3.2-1B shape" + (f" ({' '.join(args.arch)})" if args.arch else "")
             what += ", random weights, Alpaca length histogram"
         else:
-            cfg = compose_run([])
+            cfg = compose_run(recipe_overrides(args.recipe, model_name))
             module = DiffusionLitModule.from_run_config(cfg)
             tok = module.tokenizer
             from hydra.utils import instantiate
@@ -517,6 +552,9 @@ def main(argv: list[str] | None = None) -> str:
             what = "embedded tiny model, its own training split"
         micro_batch, accumulate = data["batch_size"], cfg["trainer"]["accumulate_grad_batches"]
         precision = cfg["trainer"]["precision"]
+        what += f"; recipe {args.recipe}" + (
+            f" ({module.dlm.attention}, block {module.dlm.block_size})" if args.recipe == "experiment" else ""
+        )
         log(f"{what}; {len(rows)} rows; device {device}")
         t_all = time.perf_counter()
         results = measure(
