@@ -121,7 +121,7 @@ def test_shipped_lists_train_one_ar_sft_per_budget_and_data(tmp_path):
     """A dry run of each staged list: every recipe's command carries the base, its shared keys and
     its overrides verbatim; AR-SFT is planned once per (base, shared): smollm2-task's 100-step
     recipes share one, its 200-step recipes another."""
-    expected_ar = {"tiny": 1, "smollm2-task": 2, "smollm2-selfgen": 1}
+    expected_ar = {"tiny": 1, "smollm2-task": 2, "smollm2-selfgen": 1, "smollm2-selfgen-40": 1}
     for name, n_ar in expected_ar.items():
         lst = rc.load_recipes(name)
         said: list[str] = []
@@ -165,7 +165,7 @@ def test_bad_lists_and_names_fail_with_one_line(tmp_path):
         rc.load_recipes(write_list(tmp_path / "a.yaml", {"x": "model.block_size 4"}))
     with pytest.raises(rc.RecipeError, match="must not|does not start"):
         rc.load_recipes(write_list(tmp_path / "b.yaml", {"ar-sft-x": ""}))
-    with pytest.raises(rc.RecipeError, match="shipped lists: smollm2-selfgen, smollm2-task, tiny"):
+    with pytest.raises(rc.RecipeError, match="shipped lists: smollm2-selfgen, smollm2-selfgen-40, smollm2-task, tiny"):
         rc.load_recipes("nope")
     lst = rc.load_recipes(write_list(tmp_path / "c.yaml", {"a": "", "b": ""}))
     with pytest.raises(rc.RecipeError, match="--only c: not in"):

@@ -138,7 +138,7 @@ def split_overrides(text: str | Sequence[str] | None, where: str) -> tuple[str, 
 
 
 def resolve_list_path(recipes: str | Path) -> Path:
-    """A shipped list name (``tiny``, ``smollm2-task``, ``smollm2-selfgen``) or a YAML file."""
+    """A shipped list name (``tiny``, ``smollm2-task``, ``smollm2-selfgen``, ``smollm2-selfgen-40``) or a YAML file."""
     path = Path(recipes)
     if path.is_file():
         return path
@@ -813,7 +813,7 @@ def main(argv: list[str] | None = None, launcher: Launcher = launch) -> int:
     ap.add_argument(
         "--recipes",
         default="tiny",
-        help="a shipped list (tiny, smollm2-task, smollm2-selfgen) or a YAML file",
+        help="a shipped list (tiny, smollm2-task, smollm2-selfgen, smollm2-selfgen-40) or a YAML file",
     )
     ap.add_argument("--base", default=None, help="overrides for every run, replacing the list's base")
     ap.add_argument("--only", default=None, help="comma-separated recipe names, run in that order")
