@@ -8,6 +8,7 @@ user turn's end), and the assistant's turn asks it to repeat them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -324,6 +325,67 @@ def test_the_cache_key_same_settings_reuse_other_settings_build(built, monkeypat
     assert dataset_dir(replace(settings, model=str(copy)), MAX_LENGTH, TEST_TEMPLATE) == folder
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
     assert dataset_dir(replace(settings, model=str(copy)), MAX_LENGTH, TEST_TEMPLATE) != folder
+
+
+def test_a_shipped_set_is_copied_in_instead_of_built(built, monkeypatch, tmp_path):
+    settings, folder, info = built
+    shipped_root = tmp_path / "shipped"
+    shutil.copytree(folder, shipped_root / folder.name)
+    monkeypatch.setattr(sg, "SHIPPED_DIR", shipped_root)
+    calls = []
+
+    def fake_build(s, max_length, out, **kwargs):
+        calls.append(s.seed)
+        out.mkdir(parents=True)
+        (out / BUILD_INFO).write_text("{}")
+        return {}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was read for a shipped set")
+
+    monkeypatch.setattr(sg, "build", fake_build)
+    monkeypatch.setattr(sg, "check_chat_model", no_model)
+    other = replace(settings, cache=str(tmp_path / "empty_cache"))  # the cache is not keyed
+    got = ensure_self_generated(other, MAX_LENGTH, chat_template=TEST_TEMPLATE)
+    assert got.name == folder.name and got.parent != folder.parent and calls == []
+    for name in SPLIT_FILES.values():
+        assert (got / name).read_bytes() == (folder / name).read_bytes()
+    installed = json.loads((got / BUILD_INFO).read_text())
+    assert installed.pop("installed_from") == str(shipped_root / folder.name)
+    assert installed.pop("folder") == str(got)
+    assert installed == {k: v for k, v in info.items() if k != "folder"}
+    assert not (got.parent / f".{got.name}.partial").exists()
+    # another key finds no shipped set and builds; force builds even where one is shipped
+    monkeypatch.setattr(sg, "check_chat_model", lambda *a, **k: None)
+    ensure_self_generated(replace(other, seed=1), MAX_LENGTH, chat_template=TEST_TEMPLATE)
+    ensure_self_generated(
+        replace(settings, cache=str(tmp_path / "c3")), MAX_LENGTH, chat_template=TEST_TEMPLATE, force=True
+    )
+    assert calls == [1, 0]
+
+
+def test_the_shipped_sets_are_complete_and_keyed_by_their_settings():
+    """Every shipped set has the rows its build_info counts; the SmolLM2 one is the folder that
+    ``+experiment=smollm2 data=self_generated`` resolves to (when SmolLM2 is built here)."""
+    from diffllm.assets.smollm2 import is_built, smollm2_dir
+
+    shipped = sorted(p for p in sg.SHIPPED_DIR.iterdir() if sg.is_built(p))
+    assert shipped, f"no shipped set in {sg.SHIPPED_DIR}"
+    for folder in shipped:
+        info = json.loads((folder / BUILD_INFO).read_text())
+        counts = {split: len(read_rows(folder, split)) for split in SPLIT_FILES}
+        assert counts == info["rows"] and sum(counts.values()) == info["settings"]["rows"]
+        assert counts["val"] == info["settings"]["val_rows"]
+        digest = hashlib.sha256(json.dumps(info["key"], sort_keys=True).encode()).hexdigest()[:16]
+        assert folder.name.endswith("-" + digest)
+    if not is_built(smollm2_dir()):
+        pytest.skip("SmolLM2 not built here (make real-model): its key cannot be recomputed")
+    cfg = compose(["+experiment=smollm2", "data=self_generated", "output_dir=unused"])
+    settings, max_length = sg.settings_of(cfg.data)
+    name = dataset_dir(settings, max_length).name
+    assert name in {p.name for p in shipped}
+    info = json.loads((sg.SHIPPED_DIR / name / BUILD_INFO).read_text())
+    assert info["key"] == sg.build_key(settings, max_length)
 
 
 # ----------------------------------------------------------------------------------- the config

@@ -78,7 +78,10 @@ def build_self_generated(overrides: list[str], force: bool = False) -> None:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     info = json.loads((folder / BUILD_INFO).read_text())
-    print(f"self-generated data ({info['rows']['train']} train + {info['rows']['val']} val rows): {folder}")
+    shipped = f" (copied from the shipped set {info['installed_from']})" if "installed_from" in info else ""
+    print(
+        f"self-generated data ({info['rows']['train']} train + {info['rows']['val']} val rows): {folder}{shipped}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ machine and cached (like the SmolLM2 folder):
    ``build_info.json`` (settings, counts per reason, timings, samples), written last: a folder
    without it is an interrupted build. ``key`` hashes every setting, ``data.max_length``, this
    builder's version and the model's content (the SHA-256 of its folder's files), not its path.
+4. **Shipped sets**: a folder of the same name under ``SHIPPED_DIR`` (``diffllm/assets/
+   self_generated_sets/``, in the package) is a set built once and committed; a cache without the
+   folder is filled from it by a copy (the files byte for byte, ``build_info.json`` gains
+   ``installed_from``) instead of a build. The name is the key, so a shipped set is only found for
+   exactly the settings and model content it was built from; anything else builds as before.
 
 Cost (upper bounds on a loaded 2-core machine, one thread): docs/self-generated-data.md.
 """
@@ -65,6 +70,7 @@ FOLDER = "self_generated"
 BUILD_INFO = "build_info.json"
 SPLIT_FILES = {"train": "train.jsonl", "val": "val.jsonl"}
 MARGIN = 8  # answer tokens generated past data.max_length: the cut falls inside the text, not at its end
+SHIPPED_DIR = Path(__file__).resolve().parent / "self_generated_sets"  # sets built once, committed
 SAMPLES_SHOWN = 5  # rejected samples per reason kept in build_info.json
 
 # reason -> what it means (instructions; the first that applies, in this order)
@@ -385,6 +391,25 @@ def is_built(folder: str | Path) -> bool:
     return (Path(folder) / BUILD_INFO).is_file()
 
 
+def shipped_copy(folder: str | Path) -> Path | None:
+    """The shipped set of the same name as the cache folder ``folder`` (same key), or None."""
+    shipped = SHIPPED_DIR / Path(folder).name
+    return shipped if is_built(shipped) else None
+
+
+def install_shipped(shipped: Path, staged: Path) -> dict[str, Any]:
+    """Copy a shipped set into ``staged`` (its files byte for byte; ``build_info.json`` written last,
+    with ``installed_from`` added); returns that build info."""
+    if staged.exists():
+        shutil.rmtree(staged)
+    staged.mkdir(parents=True)
+    for name in SPLIT_FILES.values():
+        shutil.copyfile(shipped / name, staged / name)
+    info = json.loads((shipped / BUILD_INFO).read_text())
+    info["installed_from"] = str(shipped)
+    return info
+
+
 def split_rows(rows: Sequence[dict[str, str]], val_rows: int, seed: int) -> tuple[list, list]:
     """(train, val): ``val_rows`` rows picked by a ``random.Random(seed)`` shuffle; both keep their order."""
     order = list(range(len(rows)))
@@ -614,7 +639,8 @@ def ensure_self_generated(
     quiet: bool = False,
 ) -> Path:
     """The data set's folder, built first if absent (or ``force``); one build per key at a time
-    (a file lock: ranks or runs that start together wait for the first).
+    (a file lock: ranks or runs that start together wait for the first). A shipped set of the same
+    key (``SHIPPED_DIR``) is copied in instead of a build, unless ``force``.
 
     The build happens in ``.<folder name>.partial`` beside it, renamed when complete, so the folder
     appears complete or not at all; a stopped build resumes there (``force`` starts it afresh).
@@ -622,7 +648,9 @@ def ensure_self_generated(
     folder = dataset_dir(settings, max_length, chat_template)
     if is_built(folder) and not force:
         return folder
-    check_chat_model(settings, chat_template)  # a model without chat template: one line, nothing written
+    shipped = None if force else shipped_copy(folder)
+    if shipped is None:
+        check_chat_model(settings, chat_template)  # a model without chat template: one line, nothing written
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if is_built(folder) and not force:
@@ -630,7 +658,10 @@ def ensure_self_generated(
         staged = folder.parent / f".{folder.name}.partial"
         if force and staged.exists():
             shutil.rmtree(staged)
-        info = build(settings, max_length, staged, chat_template=chat_template, quiet=quiet)
+        if shipped is not None:
+            info = install_shipped(shipped, staged)
+        else:
+            info = build(settings, max_length, staged, chat_template=chat_template, quiet=quiet)
         info["folder"] = str(folder)
         (staged / BUILD_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
         if folder.exists():
