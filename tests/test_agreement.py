@@ -107,6 +107,9 @@ def test_the_shipped_alpaca_sample_reads_and_resolves():
         ["ckpt_path=x", "agreement_file=${asset:alpaca/alpaca_sample.json}"], config_name="evaluate"
     )
     assert cfg.agreement_file == str(ALPACA_SAMPLE)
+    from diffllm.cli.evaluate import arguments  # what the command passes on: resolved, not the text
+
+    assert arguments(cfg)["agreement_file"] == str(ALPACA_SAMPLE)
 
 
 def test_a_model_equal_to_the_base_agrees_fully(tmp_path):

@@ -36,9 +36,12 @@ from diffllm.model.load import ModelLoadError
 
 def arguments(cfg: DictConfig) -> dict[str, Any]:
     """``evaluate``'s keyword arguments from the node (all keys but ``ckpt_path``, ``out_dir`` and
-    Hydra's); ``sampler.*`` keys left at ??? keep the checkpoint's value."""
+    Hydra's), interpolations resolved (``agreement_file='${asset:...}'``); ``sampler.*`` keys left at
+    ??? keep the checkpoint's value."""
     kwargs = {
-        k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("ckpt_path", "out_dir", "sampler")
+        k: v
+        for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+        if k not in ("ckpt_path", "out_dir", "sampler")
     }
     kwargs["sampler"] = set_keys(cfg.sampler)
     kwargs["trust_remote_code"] = bool(kwargs["trust_remote_code"])
