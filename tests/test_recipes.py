@@ -165,7 +165,9 @@ def test_bad_lists_and_names_fail_with_one_line(tmp_path):
         rc.load_recipes(write_list(tmp_path / "a.yaml", {"x": "model.block_size 4"}))
     with pytest.raises(rc.RecipeError, match="must not|does not start"):
         rc.load_recipes(write_list(tmp_path / "b.yaml", {"ar-sft-x": ""}))
-    with pytest.raises(rc.RecipeError, match="shipped lists: smollm2-selfgen, smollm2-selfgen-40, smollm2-task, tiny"):
+    with pytest.raises(
+        rc.RecipeError, match="shipped lists: smollm2-selfgen, smollm2-selfgen-40, smollm2-task, tiny"
+    ):
         rc.load_recipes("nope")
     lst = rc.load_recipes(write_list(tmp_path / "c.yaml", {"a": "", "b": ""}))
     with pytest.raises(rc.RecipeError, match="--only c: not in"):

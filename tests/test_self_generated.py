@@ -8,7 +8,6 @@ user turn's end), and the assistant's turn asks it to repeat them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections import Counter
@@ -376,8 +375,7 @@ def test_the_shipped_sets_are_complete_and_keyed_by_their_settings():
         counts = {split: len(read_rows(folder, split)) for split in SPLIT_FILES}
         assert counts == info["rows"] and sum(counts.values()) == info["settings"]["rows"]
         assert counts["val"] == info["settings"]["val_rows"]
-        digest = hashlib.sha256(json.dumps(info["key"], sort_keys=True).encode()).hexdigest()[:16]
-        assert folder.name.endswith("-" + digest)
+        assert folder.name.endswith("-" + sg.key_digest(info["key"]))
     if not is_built(smollm2_dir()):
         pytest.skip("SmolLM2 not built here (make real-model): its key cannot be recomputed")
     cfg = compose(["+experiment=smollm2", "data=self_generated", "output_dir=unused"])

@@ -378,10 +378,14 @@ def build_key(
     }
 
 
+def key_digest(key: Mapping[str, Any]) -> str:
+    """The first 16 hex digits of the SHA-256 of a build key (the folder name's suffix)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def dataset_dir(settings: SelfGeneratedNode, max_length: int, chat_template: str | None = None) -> Path:
     """``<cache>/self_generated/<model folder name>-<first 16 hex digits of the key's SHA-256>``."""
-    key = json.dumps(build_key(settings, max_length, chat_template), sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    digest = key_digest(build_key(settings, max_length, chat_template))
     cache = Path(settings.cache).expanduser() if settings.cache else cache_dir()
     name = Path(str(settings.model).rstrip("/")).name or "model"
     return cache / FOLDER / f"{name}-{digest}"

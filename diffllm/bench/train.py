@@ -355,23 +355,19 @@ PREFIX_LM = [
 ]
 
 
-# --recipe experiment: the experiment's default step at its final block size (no curriculum)
-EXPERIMENT = ["model.block_schedule=null"]
-RECIPES = {
-    "prefix_lm": {"llama": PREFIX_LM, "tiny": []},
-    "experiment": {"llama": EXPERIMENT, "tiny": EXPERIMENT},
-}
-# the experiment each model's run starts from
-EXPERIMENTS = {"llama": ["+experiment=alpaca_lora"], "tiny": ["+experiment=tiny_recipe"]}
+# --recipe: prefix_lm, the published step (the bare default on the tiny model); experiment, the
+# experiment's own recipe at its final block size (no curriculum)
+RECIPES = ("prefix_lm", "experiment")
+EXPERIMENTS = {"llama": "+experiment=alpaca_lora", "tiny": "+experiment=tiny_recipe"}
 
 
 def recipe_overrides(recipe: str, model: str) -> list[str]:
-    """The overrides a benchmark run composes: ``prefix_lm`` the published step (the bare default on
-    the tiny model), ``experiment`` the experiment's own recipe at its final block size."""
-    if recipe not in RECIPES:
-        raise ValueError(f"--recipe {recipe!r}: choose from {sorted(RECIPES)}")
-    start = EXPERIMENTS[model] if (model == "llama" or recipe == "experiment") else []
-    return start + RECIPES[recipe][model]
+    """The overrides a benchmark run of ``model`` (llama | tiny) composes for ``recipe``."""
+    if recipe == "prefix_lm":
+        return [EXPERIMENTS["llama"], *PREFIX_LM] if model == "llama" else []
+    if recipe == "experiment":
+        return [EXPERIMENTS[model], "model.block_schedule=null"]
+    raise ValueError(f"--recipe {recipe!r}: choose from {list(RECIPES)}")
 
 
 def compose_run(overrides: list[str]) -> dict[str, Any]:
@@ -482,7 +478,7 @@ def main(argv: list[str] | None = None) -> str:
     )
     p.add_argument(
         "--recipe",
-        choices=sorted(RECIPES),
+        choices=RECIPES,
         default="prefix_lm",
         help="prefix_lm: the published step; experiment: the experiment's conversion recipe (block 4, "
         "causal clean stream, complementary pair)",
